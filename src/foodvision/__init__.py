@@ -1,0 +1,1 @@
+"""FoodVision: a reproducible DVC pipeline for transfer-learning image classifiers."""

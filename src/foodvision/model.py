@@ -1,0 +1,183 @@
+"""Backbones from torchvision's registry, a new head for our classes, and a frozen feature extractor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.models
+from torch import nn
+from torchvision.models import get_model, get_model_weights, list_models
+from torchvision.models._api import WeightsEnum
+
+from foodvision.errors import FoodVisionError
+
+CHECKPOINT_FORMAT = 1
+
+
+class ModelError(FoodVisionError):
+    pass
+
+
+def backbone_names() -> list[str]:
+    """Classification models that torchvision publishes weights for."""
+    return list_models(module=torchvision.models)
+
+
+def resolve_weights(name: str, weights: str | None) -> WeightsEnum | None:
+    """Map params `model.name`/`model.weights` to torchvision's weights enum member (None = random init)."""
+    names = backbone_names()
+    if name not in names:
+        raise ModelError(f"model.name {name!r} is not a torchvision classification model; accepted: {', '.join(names)}")
+    enum = get_model_weights(name)
+    if weights is None:
+        return None
+    try:
+        return enum[weights]
+    except KeyError:
+        members = ", ".join(["DEFAULT", *enum.__members__])
+        raise ModelError(f"model.weights {weights!r} is not a member of {enum.__name__}; accepted: {members}, or null") from None
+
+
+def eval_transform(name: str, weights: str | None) -> dict[str, Any]:
+    """The preprocessing the weights were trained with, as plain data for the spec.
+
+    With `weights: null` the default weights' transform is used: it is metadata, no download.
+    """
+    member = resolve_weights(name, weights) or get_model_weights(name).DEFAULT
+    t = member.transforms()
+    return {
+        "resize_size": int(t.resize_size[0]),
+        "crop_size": int(t.crop_size[0]),
+        "interpolation": t.interpolation.value,
+        "mean": [float(m) for m in t.mean],
+        "std": [float(s) for s in t.std],
+        "antialias": bool(t.antialias),
+    }
+
+
+def build_backbone(name: str) -> nn.Module:
+    """The architecture with its original ImageNet head, uninitialised weights (random)."""
+    return get_model(name, weights=None)
+
+
+def replace_head(model: nn.Module, num_classes: int, dropout: float) -> str:
+    """Swap the last Linear layer for Dropout + Linear(in -> num_classes); return the head's name.
+
+    Works for `classifier` (EfficientNet, MobileNet, ConvNeXt), `fc` (ResNet) and `heads` (ViT).
+    When the last Linear sits in a container of only Dropout and that Linear (EfficientNet's
+    `classifier`), the whole container is the head, exactly as in the article.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"{type(model).__name__} has no Linear layer to replace")
+    name, last = linears[-1]
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    head = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(last.in_features, num_classes))
+    if parent_name and all(isinstance(m, (nn.Dropout, nn.Linear)) for m in parent.children()) and len(
+        [m for m in parent.children() if isinstance(m, nn.Linear)]
+    ) == 1:
+        grand_name, _, attr = parent_name.rpartition(".")
+        setattr(model.get_submodule(grand_name) if grand_name else model, attr, head)
+        return parent_name
+    setattr(parent, child, head)
+    return name
+
+
+def freeze_all_but(model: nn.Module, head: str) -> None:
+    """No gradients outside the head; `set_train_mode` keeps those layers in eval mode too."""
+    for pname, param in model.named_parameters():
+        param.requires_grad = pname.startswith(head + ".")
+
+
+def set_train_mode(model: nn.Module, head: str) -> None:
+    """Train only the head: the frozen backbone stays in eval mode, so BatchNorm stats never drift."""
+    model.eval()
+    model.get_submodule(head).train()
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found: run `dvc repro` to create it") from None
+    except Exception as exc:  # torch raises several types for truncated / foreign files
+        raise ModelError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}); delete it and run `dvc repro`") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_pretrained(name: str, path: Path) -> nn.Module:
+    """Build `name` and load the pretrained file strictly: a wrong file fails here, by name."""
+    model = build_backbone(name)
+    state = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelError(f"{path} does not fit model.name {name!r} ({first}); fix model.weights_url or model.name") from None
+    return model
+
+
+def classifier_for(name: str, pretrained: Path, num_classes: int, dropout: float, seed: int) -> tuple[nn.Module, str]:
+    """The pretrained backbone, frozen, with a freshly seeded head for our classes."""
+    model = load_pretrained(name, pretrained)
+    torch.manual_seed(seed)
+    head = replace_head(model, num_classes, dropout)
+    freeze_all_but(model, head)
+    return model, head
+
+
+def save_checkpoint(path: Path, model: nn.Module, *, name: str, head: str, dropout: float,
+                    class_names: list[str], transform: dict[str, Any]) -> None:
+    """State dict plus everything predict needs; plain types only, so weights_only loading works."""
+    from foodvision.atomic import atomic_path
+
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": name,
+        "head": head,
+        "dropout": dropout,
+        "class_names": list(class_names),
+        "transform": transform,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained classifier from models/model.pt; every failure names the file."""
+    path = Path(path)
+    ckpt = load_state_dict_file(path)
+    missing = {"format", "model_name", "head", "dropout", "class_names", "transform", "state_dict"} - set(ckpt)
+    if missing or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path} is not a FoodVision checkpoint (missing {', '.join(sorted(missing)) or 'format'}); run `dvc repro train`")
+    model = build_backbone(ckpt["model_name"])
+    replace_head(model, len(ckpt["class_names"]), ckpt["dropout"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{path} does not match its own backbone {ckpt['model_name']!r} and "
+                         f"{len(ckpt['class_names'])} classes ({str(exc).splitlines()[0]}); run `dvc repro train`") from None
+    model.eval()
+    return model, ckpt
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` = CUDA, then Apple MPS, then CPU."""
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"train.device is {device!r} but CUDA is not available; use auto or cpu")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ModelError("train.device is 'mps' but MPS is not available; use auto or cpu")
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

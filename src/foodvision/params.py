@@ -1,0 +1,145 @@
+"""params.yaml, parsed into frozen dataclasses and validated before any heavy work starts.
+
+Every key is checked (unknown keys catch typos like `train.epoch`), every value typed and
+range-checked, and every error names the dotted key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from foodvision.errors import FoodVisionError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ParamsError(FoodVisionError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None:
+            digest = self.sha256.lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ParamsError("data.sha256 must be 64 hex digits or null")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = "efficientnet_b0"
+    weights: str | None = "DEFAULT"
+    weights_url: str | None = None
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ParamsError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.001
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ParamsError(f"train.{key} must be a positive integer, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ParamsError(f"train.lr must be > 0, got {self.lr}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ParamsError(f"train.device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    num_samples: int = 3
+    images: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0:
+            raise ParamsError(f"predict.num_samples must be >= 0, got {self.num_samples}")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    seed: int = 42
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    predict: PredictParams = PredictParams()
+
+
+def load_params(path: Path = Path("params.yaml")) -> Params:
+    """Read and validate the whole file: a stage fails in a second, not after an hour of work."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the project root, where params.yaml lives")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    return parse(Params, raw if raw is not None else {}, "")
+
+
+def parse(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and value types recursively."""
+    where = prefix.rstrip(".") or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where} must be a mapping of keys, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"unknown key {prefix}{unknown[0]}; accepted keys here: {', '.join(prefix + k for k in fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        key = prefix + name
+        if name not in raw:
+            if field.default is dataclasses.MISSING:
+                raise ParamsError(f"missing key {key} in params.yaml")
+            continue
+        values[name] = _coerce(hints[name], raw[name], key)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is tuple:
+        if value is None:  # `images:` with nothing under it
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ParamsError(f"{key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise ParamsError(f"{key} must be {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value

@@ -1,0 +1,67 @@
+"""The PNGs: loss/accuracy curves, confusion matrix, one titled photo per prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: stages run in terminals and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from foodvision.atomic import atomic_path  # noqa: E402
+
+# A fixed date in PNG metadata would otherwise vary per run; keep PNGs byte-identical.
+PNG_METADATA = {"Software": None}
+
+
+def _save(fig: plt.Figure, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
+def loss_curves(history: list[dict[str, Any]], dest: Path) -> None:
+    """Two panels as in the article: loss and accuracy per epoch, train against test."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], marker="o", label=f"train_{key}")
+        ax.plot(epochs, [r[f"test_{key}"] for r in history], marker="o", label=f"test_{key}")
+        ax.set_title(title)
+        ax.set_xlabel("Epoch")
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, dest)
+
+
+def confusion(matrix: list[list[int]], classes: list[str], dest: Path) -> None:
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.2 * n + 2))
+    ax.imshow(matrix, cmap="Blues")
+    peak = max(max(row) for row in matrix) or 1
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
+                    color="white" if matrix[i][j] > peak / 2 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("Actual")
+    ax.set_title("Confusion matrix (test)")
+    fig.tight_layout()
+    _save(fig, dest)
+
+
+def prediction(image: Image.Image, title: str, correct: bool | None, dest: Path) -> None:
+    """The photo, titled `Pred: sushi | Prob: 0.943` (+ `| True: ...`), green/red when known."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(image)
+    ax.set_title(title, color={True: "green", False: "red", None: "black"}[correct])
+    ax.axis("off")
+    fig.tight_layout()
+    _save(fig, dest)

@@ -1,0 +1,119 @@
+"""predict stage and command: class and probability for test samples and the user's own photos.
+
+    python -m foodvision.predict IMAGE [IMAGE ...] [--model models/model.pt] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from foodvision.atomic import atomic_dir, write_json
+from foodvision.data import build_transform, load_spec, open_rgb
+from foodvision.errors import FoodVisionError
+from foodvision.fetch import fetch, is_url, local_path, source_name
+from foodvision.model import load_checkpoint, pick_device
+from foodvision.plots import prediction
+
+
+def classify(model: nn.Module, transform: nn.Module, image: Image.Image, device: torch.device) -> torch.Tensor:
+    """Softmax probabilities for one upright RGB image."""
+    with torch.inference_mode():
+        logits = model(transform(image).unsqueeze(0).to(device))
+    return torch.softmax(logits, dim=1)[0].cpu()
+
+
+def describe(probs: torch.Tensor, classes: list[str], source: str, true: str | None) -> dict[str, Any]:
+    idx = int(probs.argmax())
+    return {"source": source, "pred": classes[idx], "prob": round(float(probs[idx]), 6), "true": true,
+            "probs": {c: round(float(p), 6) for c, p in zip(classes, probs)}}
+
+
+def title(result: dict[str, Any]) -> str:
+    """The article's title, `Pred: sushi | Prob: 0.943`, plus the true class where known."""
+    text = f"Pred: {result['pred']} | Prob: {result['prob']:.3f}"
+    return text + (f" | True: {result['true']}" if result["true"] is not None else "")
+
+
+def predict(model_path: Path, spec_path: Path, *, num_samples: int, images: tuple[str, ...], seed: int,
+            device: str, out_dir: Path, json_out: Path) -> list[dict[str, Any]]:
+    """Predict `num_samples` seeded test images plus every path/URL in `images`; one PNG each."""
+    spec = load_spec(spec_path)
+    model, ckpt = load_checkpoint(model_path)
+    dev = pick_device(device)
+    model.to(dev)
+    transform = build_transform(ckpt["transform"])
+    classes = ckpt["class_names"]
+    test = spec["splits"]["test"]
+    picked = random.Random(seed).sample(test, k=min(num_samples, len(test)))
+    results = []
+    with atomic_dir(out_dir) as tmp_out, tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in:
+        jobs = [(Path(spec["root"]) / s["path"], s["path"], spec["classes"][s["label"]], f"test_{i}")
+                for i, s in enumerate(picked)]
+        for i, source in enumerate(images):
+            path = _materialise(source, Path(tmp_in) / f"{i}_{source_name(source)}")
+            jobs.append((path, source, None, f"image_{i}"))
+        for path, source, true, stem in jobs:
+            try:
+                image = open_rgb(path)
+            except (OSError, ValueError) as exc:
+                raise FoodVisionError(f"cannot read image {source} ({exc}); fix predict.images in params.yaml") from None
+            result = describe(classify(model, transform, image, dev), classes, source, true)
+            result["plot"] = f"{stem}_{Path(source_name(source)).stem}.png"
+            prediction(image, title(result), None if true is None else result["pred"] == true,
+                       tmp_out / result["plot"])
+            print(f"{source}: {title(result)}")
+            results.append(result)
+    write_json(json_out, results)
+    return results
+
+
+def _materialise(source: str, dest: Path) -> Path:
+    """A URL is fetched to `dest`; a local path is used where it is."""
+    path = local_path(source)
+    if path is not None and not is_url(source):
+        return path
+    fetch(source, dest, what="image")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print class and probability per image; a bad file gets its own error line, the rest still run."""
+    parser = argparse.ArgumentParser(prog="python -m foodvision.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", help="image files or URLs")
+    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="trained checkpoint")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    args = parser.parse_args(argv)
+    try:
+        model, ckpt = load_checkpoint(args.model)
+        dev = pick_device(args.device)
+    except FoodVisionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model.to(dev)
+    transform = build_transform(ckpt["transform"])
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp:
+        for i, source in enumerate(args.images):
+            try:
+                path = _materialise(source, Path(tmp) / f"{i}_{source_name(source)}")
+                probs = classify(model, transform, open_rgb(path), dev)
+            except (FoodVisionError, OSError, ValueError) as exc:
+                print(f"error: {source}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            result = describe(probs, ckpt["class_names"], source, None)
+            print(f"{source}\t{result['pred']}\t{result['prob']:.3f}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""prepare stage: scan the extracted dataset and write the spec every later stage builds from.
+
+The spec pins the class order, every sample (relative path, label), the exact eval transform of
+the chosen weights, the batch size and the seed, so train, evaluate and predict cannot disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from foodvision.atomic import write_json
+from foodvision.data import IMG_EXTENSIONS
+from foodvision.download import SPLITS
+from foodvision.errors import FoodVisionError
+
+
+class DatasetError(FoodVisionError):
+    pass
+
+
+def prepare(raw_dir: Path, spec_path: Path, *, transform: dict[str, Any], batch_size: int, seed: int) -> dict[str, Any]:
+    """Validate `raw_dir/{train,test}/<class>/*` and write the spec JSON; return it."""
+    raw_dir = Path(raw_dir)
+    classes = _class_names(raw_dir)
+    index = {c: i for i, c in enumerate(classes)}
+    splits: dict[str, list[dict[str, Any]]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    ignored = 0
+    unreadable: list[str] = []
+    for split in SPLITS:
+        samples = []
+        for cls in classes:
+            for path in sorted((raw_dir / split / cls).rglob("*")):
+                if not path.is_file():
+                    continue
+                if path.suffix.lower() not in IMG_EXTENSIONS:
+                    ignored += 1
+                    continue
+                if not _readable(path):
+                    unreadable.append(str(path))
+                    continue
+                samples.append({"path": path.relative_to(raw_dir).as_posix(), "label": index[cls]})
+        splits[split] = samples
+        counts[split] = {c: sum(s["label"] == i for s in samples) for c, i in index.items()}
+    if unreadable:
+        raise DatasetError(f"{len(unreadable)} unreadable image(s), e.g. {unreadable[0]}; "
+                           f"remove or replace them: {', '.join(unreadable[:10])}")
+    empty = [f"{split}/{c}" for split in SPLITS for c, n in counts[split].items() if n == 0]
+    if empty:
+        raise DatasetError(f"no images in {raw_dir}/{empty[0]}; every class needs images in train and test")
+    spec = {
+        "root": raw_dir.as_posix(),
+        "classes": classes,
+        "class_to_idx": index,
+        "splits": splits,
+        "counts": counts,
+        "ignored_files": ignored,
+        "transform": transform,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    write_json(spec_path, spec)
+    summary = ", ".join(f"{s}: {sum(counts[s].values())}" for s in SPLITS)
+    print(f"wrote {spec_path}: {len(classes)} classes ({', '.join(classes)}), {summary}, {ignored} non-image file(s) ignored")
+    return spec
+
+
+def _class_names(raw_dir: Path) -> list[str]:
+    found = {}
+    for split in SPLITS:
+        folder = raw_dir / split
+        if not folder.is_dir():
+            raise DatasetError(f"{folder} is missing; the dataset needs train/<class>/ and test/<class>/ folders")
+        found[split] = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if found["train"] != found["test"]:
+        only_train = sorted(set(found["train"]) - set(found["test"]))
+        only_test = sorted(set(found["test"]) - set(found["train"]))
+        raise DatasetError(f"train and test classes differ in {raw_dir} (only in train: {only_train or 'none'}, "
+                           f"only in test: {only_test or 'none'}); give both splits the same class folders")
+    if len(found["train"]) < 2:
+        raise DatasetError(f"{raw_dir}/train has {len(found['train'])} class folder(s); a classifier needs at least 2")
+    return found["train"]
+
+
+def _readable(path: Path) -> bool:
+    """Decode the whole image (verify() misses truncation); cheap enough for the dataset sizes here."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # Pillow raises many types for corrupt files
+        return False

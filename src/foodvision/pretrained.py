@@ -1,0 +1,52 @@
+"""pretrained stage: the backbone's weights file, a tracked artifact under models/pretrained/.
+
+Fetched from the URL torchvision's weights enum publishes (or `model.weights_url`), checked
+against the sha256 prefix in its file name (torchvision's `name-<sha256 prefix>.pth` convention),
+then loaded strictly into the architecture so a wrong file fails here, not mid-training. Nothing is
+downloaded into torch's cache outside the project.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.hub import HASH_REGEX
+
+from foodvision.atomic import atomic_path
+from foodvision.fetch import fetch, source_name
+from foodvision.model import ModelError, build_backbone, load_pretrained, resolve_weights
+
+
+RANDOM_INIT_SEED = 0
+
+
+def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, dest: Path) -> Path:
+    """Write the backbone's state dict to `dest`.
+
+    `weights: null` writes torchvision's random init under a fixed seed, so the file is reproducible
+    and does not depend on params `seed` (which would re-fetch real weights whenever it changed).
+    """
+    member = resolve_weights(name, weights)
+    if member is None:
+        if weights_url is not None:
+            raise ModelError("model.weights_url is set but model.weights is null; set model.weights "
+                             "to the member the file was trained as (e.g. DEFAULT) or clear weights_url")
+        torch.manual_seed(RANDOM_INIT_SEED)
+        with atomic_path(dest) as tmp:
+            torch.save(build_backbone(name).state_dict(), tmp)
+        print(f"model.weights is null: wrote a randomly initialised {name} to {dest}")
+        return dest
+    url = weights_url or member.url
+    match = HASH_REGEX.search(source_name(url))
+    prefix = match.group(1) if match and match.group(1) else None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pretrained.") as tmp:
+        staged = Path(tmp) / "weights.pth"
+        digest = fetch(url, staged, sha256_prefix=prefix, what=f"pretrained weights for {name}")
+        load_pretrained(name, staged)  # strict: refuse a file for another architecture
+        staged.replace(dest)
+    check = f"matches its name's prefix {prefix}" if prefix else "no hash in its file name to check"
+    print(f"fetched {member} from {url} to {dest} (sha256 {digest[:12]}…, {check})")
+    return dest

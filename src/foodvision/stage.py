@@ -1,0 +1,16 @@
+"""What every stage script shares: a one-line error and a non-zero exit for problems users can fix."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from foodvision.errors import FoodVisionError
+
+
+def run(main: Callable[[], object]) -> None:
+    try:
+        main()
+    except FoodVisionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,111 @@
+"""train stage: a frozen pretrained backbone, a new head, Adam + cross-entropy, per-epoch history."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchinfo import summary
+from tqdm import tqdm
+
+from foodvision.atomic import write_json, write_text
+from foodvision.data import load_spec, make_loader
+from foodvision.model import classifier_for, pick_device, save_checkpoint, set_train_mode
+from foodvision.params import ModelParams, TrainParams
+from foodvision.plots import loss_curves
+
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch RNGs plus deterministic kernels: same params, same bytes."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def run_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device,
+              optimizer: torch.optim.Optimizer | None = None, head: str = "", desc: str = "") -> tuple[float, float]:
+    """One pass; returns (mean loss, accuracy) over samples, not averaged over batches."""
+    training = optimizer is not None
+    if training:
+        set_train_mode(model, head)
+    else:
+        model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    with torch.set_grad_enabled(training):
+        for images, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total_loss += loss.item() * labels.numel()
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            seen += labels.numel()
+    return total_loss / seen, correct / seen
+
+
+def model_summary(model: nn.Module, batch_size: int, crop_size: int) -> str:
+    """torchinfo's table as in the article; eval mode, so summarising never touches BN stats."""
+    stats = summary(model, input_size=(batch_size, 3, crop_size, crop_size), verbose=0, mode="eval",
+                    col_names=["input_size", "output_size", "num_params", "trainable"],
+                    col_width=20, row_settings=["var_names"], device="cpu")
+    return str(stats) + "\n"
+
+
+def train(spec_path: Path, pretrained_path: Path, model_params: ModelParams, train_params: TrainParams, *,
+          seed: int, model_out: Path, summary_out: Path, metrics_out: Path, history_out: Path,
+          curves_out: Path) -> list[dict[str, Any]]:
+    """Train the head; write the checkpoint, summary, metrics, history CSV and curves; return history."""
+    spec = load_spec(spec_path)
+    seed_everything(seed)
+    device = pick_device(train_params.device)
+    model, head = classifier_for(model_params.name, pretrained_path, len(spec["classes"]),
+                                 model_params.dropout, seed)
+    write_text(summary_out, model_summary(model, spec["batch_size"], spec["transform"]["crop_size"]))
+    model.to(device)
+    train_loader = make_loader(spec, "train", shuffle=True, seed=seed)
+    test_loader = make_loader(spec, "test", shuffle=False, seed=seed)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=train_params.lr)
+
+    history = []
+    start = time.perf_counter()
+    for epoch in tqdm(range(1, train_params.epochs + 1), desc="epochs", unit="epoch"):
+        train_loss, train_acc = run_epoch(model, train_loader, loss_fn, device, optimizer, head, desc=f"train {epoch}")
+        test_loss, test_acc = run_epoch(model, test_loader, loss_fn, device, desc=f"test {epoch}")
+        history.append({"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
+                        "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6)})
+        tqdm.write(f"epoch {epoch} | train_loss {train_loss:.4f} | train_acc {train_acc:.4f} | "
+                   f"test_loss {test_loss:.4f} | test_acc {test_acc:.4f}")
+    print(f"trained {train_params.epochs} epoch(s) on {device} in {time.perf_counter() - start:.1f} s")
+
+    save_checkpoint(model_out, model.cpu(), name=model_params.name, head=head, dropout=model_params.dropout,
+                    class_names=spec["classes"], transform=spec["transform"])
+    params_total = sum(p.numel() for p in model.parameters())
+    params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    write_json(metrics_out, {**history[-1], "seed": seed,
+                             "params_total": params_total, "params_trainable": params_trainable})
+    write_history(history, history_out)
+    loss_curves(history, curves_out)
+    return history
+
+
+def write_history(history: list[dict[str, Any]], dest: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(dest, buf.getvalue())

@@ -1,0 +1,16 @@
+"""DVC stage `download`: the dataset archive at data.url, extracted to data/raw/pizza_steak_sushi."""
+
+from pathlib import Path
+
+from foodvision.download import download_dataset
+from foodvision.params import load_params
+from foodvision.stage import run
+
+
+def main() -> None:
+    params = load_params()
+    download_dataset(params.data.url, Path("data/raw/pizza_steak_sushi"), sha256=params.data.sha256)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,19 @@
+"""DVC stage `prepare`: validate the images and write data/prepared/spec.json."""
+
+from pathlib import Path
+
+from foodvision.model import eval_transform
+from foodvision.params import load_params
+from foodvision.prepare import prepare
+from foodvision.stage import run
+
+
+def main() -> None:
+    params = load_params()
+    prepare(Path("data/raw/pizza_steak_sushi"), Path("data/prepared/spec.json"),
+            transform=eval_transform(params.model.name, params.model.weights),
+            batch_size=params.train.batch_size, seed=params.seed)
+
+
+if __name__ == "__main__":
+    run(main)
