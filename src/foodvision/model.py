@@ -36,7 +36,7 @@ def resolve_weights(name: str, weights: str | None) -> WeightsEnum | None:
     try:
         return enum[weights]
     except KeyError:
-        members = ", ".join(["DEFAULT", *enum.__members__])
+        members = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
         raise ModelError(f"model.weights {weights!r} is not a member of {enum.__name__}; accepted: {members}, or null") from None
 
 

@@ -1,0 +1,143 @@
+"""Fixtures: a tiny generated image dataset and backbone file, served by a real loopback HTTP server.
+
+The real download and loading code runs against them; only the bytes are local.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from foodvision.download import download_dataset
+from foodvision.model import build_backbone, eval_transform
+from foodvision.params import ModelParams, TrainParams
+from foodvision.prepare import prepare
+from foodvision.pretrained import fetch_pretrained
+from foodvision.train import train
+
+CLASSES = ("pizza", "steak", "sushi")
+COLOURS = {"pizza": (200, 60, 40), "steak": (90, 50, 30), "sushi": (240, 240, 230)}
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def make_image(cls: str, seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A noisy patch in the class's colour: learnable by a head on random features, but not trivially."""
+    rng = np.random.default_rng(seed)
+    base = np.array(COLOURS[cls], dtype=np.float32)
+    pixels = base + rng.normal(0, 25, size=(size[1], size[0], 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_dataset(root: Path, n_train: int = 4, n_test: int = 2) -> None:
+    for s, (split, n) in enumerate((("train", n_train), ("test", n_test))):
+        for c, cls in enumerate(CLASSES):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                make_image(cls, seed=1000 * s + 100 * c + i).save(folder / f"{i:03d}.jpg", quality=90)
+    (root / "train" / "pizza" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+
+
+def zip_dir(folder: Path, archive: Path, prefix: str = "") -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, prefix + path.relative_to(folder).as_posix())
+    return archive
+
+
+def save_with_hash_name(state: dict, folder: Path, stem: str) -> Path:
+    """torchvision's convention: `<stem>-<first 8 hex of sha256>.pth`."""
+    tmp = folder / f"{stem}.tmp"
+    torch.save(state, tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    return tmp.rename(folder / f"{stem}-{digest[:8]}.pth")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the loopback server serves; tests drop files in it."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="session")
+def server_url(served: Path) -> Iterator[str]:
+    handler = functools.partial(QuietHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def dataset_zip(served: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_dataset")
+    write_dataset(folder)
+    return zip_dir(folder, served / "tiny_food.zip")
+
+
+@pytest.fixture(scope="session")
+def backbone_file(served: Path) -> Path:
+    """A randomly initialised efficientnet_b0 state dict, named the way torchvision names its files."""
+    torch.manual_seed(123)
+    return save_with_hash_name(build_backbone("efficientnet_b0").state_dict(), served, "efficientnet_b0_test")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "pizza_steak_sushi.zip").is_file():
+        pytest.skip(f"real dataset not present at {SHARED_DATA} (only on development machines)")
+    return SHARED_DATA
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A project directory where download, pretrained, prepare and train have run on the tiny data."""
+
+    root: Path
+    raw: Path
+    spec: Path
+    pretrained: Path
+    model: Path
+    metrics: Path
+    history: Path
+    summary: Path
+    curves: Path
+
+
+def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 2, seed: int = 42) -> Trained:
+    t = Trained(root, root / "raw", root / "spec.json", root / "backbone.pth", root / "model.pt",
+                root / "train.json", root / "history.csv", root / "summary.txt", root / "curves.png")
+    download_dataset(archive_url, t.raw)
+    fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained)
+    prepare(t.raw, t.spec, transform=eval_transform("efficientnet_b0", "DEFAULT"), batch_size=4, seed=seed)
+    train(t.spec, t.pretrained, ModelParams(), TrainParams(epochs=epochs, batch_size=4, lr=0.01, device="cpu"),
+          seed=seed, model_out=t.model, summary_out=t.summary, metrics_out=t.metrics, history_out=t.history,
+          curves_out=t.curves)
+    return t
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, server_url: str, dataset_zip: Path, backbone_file: Path) -> Trained:
+    return train_tiny(tmp_path_factory.mktemp("trained"), f"{server_url}/{dataset_zip.name}",
+                      f"{server_url}/{backbone_file.name}")

@@ -1,0 +1,49 @@
+import torch
+
+import pytest
+
+from conftest import save_with_hash_name
+from foodvision.fetch import FetchError
+from foodvision.model import ModelError, build_backbone, load_state_dict_file, resolve_weights
+from foodvision.pretrained import fetch_pretrained
+
+
+def test_fetch_over_http_checks_hash_and_loads(server_url, backbone_file, tmp_path):
+    dest = fetch_pretrained("efficientnet_b0", "DEFAULT", f"{server_url}/{backbone_file.name}", tmp_path / "b.pth")
+    assert dest.read_bytes() == backbone_file.read_bytes()
+    state = load_state_dict_file(dest)
+    assert len(state) == len(build_backbone("efficientnet_b0").state_dict())
+
+
+def test_default_source_is_torchvisions_published_url():
+    member = resolve_weights("efficientnet_b0", "DEFAULT")
+    assert member.url.endswith("efficientnet_b0_rwightman-7f5810bc.pth")
+
+
+def test_hash_in_name_must_match(backbone_file, tmp_path):
+    liar = tmp_path / "efficientnet_b0-0badc0de.pth"
+    liar.write_bytes(backbone_file.read_bytes())
+    with pytest.raises(FetchError, match="promises a hash starting 0badc0de"):
+        fetch_pretrained("efficientnet_b0", "DEFAULT", liar.as_uri(), tmp_path / "b.pth")
+    assert not (tmp_path / "b.pth").exists()
+
+
+def test_weights_of_another_architecture_are_refused(served, server_url, tmp_path):
+    other = save_with_hash_name(build_backbone("resnet18").state_dict(), served, "resnet18_test")
+    with pytest.raises(ModelError, match="does not fit model.name 'efficientnet_b0'"):
+        fetch_pretrained("efficientnet_b0", "DEFAULT", f"{server_url}/{other.name}", tmp_path / "b.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_null_weights_write_a_reproducible_random_init(tmp_path):
+    a = fetch_pretrained("resnet18", None, None, tmp_path / "a.pth")
+    b = fetch_pretrained("resnet18", None, None, tmp_path / "b.pth")
+    sa, sb = load_state_dict_file(a), load_state_dict_file(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_unknown_backbone_or_member_lists_accepted():
+    with pytest.raises(ModelError, match="accepted: .*efficientnet_b0.*resnet50"):
+        resolve_weights("efficientnet_b9", "DEFAULT")
+    with pytest.raises(ModelError, match="accepted: DEFAULT, IMAGENET1K_V1, or null"):
+        resolve_weights("efficientnet_b0", "IMAGENET21K")
