@@ -1,0 +1,130 @@
+"""End to end: the real `dvc` commands in a fresh git repo, on the tiny dataset served over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_image
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = [
+    "data/raw/pizza_steak_sushi/train/pizza/000.jpg", "models/pretrained/backbone.pth", "data/prepared/spec.json",
+    "models/model.pt", "models/summary.txt", "metrics/train.json", "plots/train/history.csv",
+    "plots/train/loss_curves.png", "metrics/eval.json", "plots/eval/confusion.csv", "plots/eval/confusion.png",
+    "plots/predictions.json", "plots/predictions/image_0_own.png",
+]
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's tracked and new (not ignored) files, as a fresh clone would have them."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def set_params(project: Path, **changes: object) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = params
+        for p in parents:
+            node = node[p]
+        node[key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stages_to_run(project: Path) -> set[str]:
+    status = json.loads(sh(project, "dvc", "status", "--json").stdout)
+    return set(status)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, server_url, dataset_zip, backbone_file):
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    own = project / "own.png"
+    make_image("sushi", 3).convert("P").save(own)
+    set_params(project, data__url=f"{server_url}/{dataset_zip.name}",
+               model__weights_url=f"{server_url}/{backbone_file.name}", train__epochs=2, train__batch_size=4,
+               train__device="cpu", predict__num_samples=2, predict__images=["own.png"])
+    sh(project, "git", "init", "-q")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "init")
+    sh(project, "dvc", "repro")
+    return project
+
+
+def test_repro_writes_every_declared_output(project):
+    missing = [o for o in OUTPUTS if not (project / o).exists()]
+    assert missing == []
+    assert len(list((project / "plots/predictions").glob("*.png"))) == 3
+
+
+def test_second_repro_runs_nothing(project):
+    out = sh(project, "dvc", "repro").stdout
+    assert "Running stage" not in out and "up to date" in out
+    assert stages_to_run(project) == set()
+
+
+def test_metrics_show_lists_the_figures(project):
+    shown = json.loads(sh(project, "dvc", "metrics", "show", "--json").stdout)
+    (workspace,) = shown.values()
+    data = workspace["data"]
+    assert set(data["metrics/eval.json"]["data"]) >= {"accuracy", "macro_f1", "loss", "samples", "per_class"}
+    assert data["metrics/train.json"]["data"]["params_trainable"] == 3843
+    table = sh(project, "dvc", "metrics", "show").stdout
+    assert "accuracy" in table and "per_class.sushi.f1" in table
+
+
+def test_plots_show_renders_every_plot(project):
+    sh(project, "dvc", "plots", "show", "-o", "dvc_plots")
+    html = (project / "dvc_plots/index.html").read_text()
+    for name in ("Loss", "Accuracy", "Confusion matrix", "train_loss", "test_loss", "loss_curves.png",
+                 "confusion.png", "image_0_own.png"):
+        assert name in html, name
+
+
+def test_param_changes_rerun_only_what_reads_them(project):
+    original = (project / "params.yaml").read_text()
+    try:
+        set_params(project, predict__num_samples=1)
+        assert stages_to_run(project) == {"predict"}
+        set_params(project, model__dropout=0.3)
+        # evaluate is downstream of train's model, so it reruns once train does; nothing upstream moves
+        assert stages_to_run(project) == {"train", "predict"}
+        diff = json.loads(sh(project, "dvc", "params", "diff", "--json").stdout)["params.yaml"]
+        assert diff["model.dropout"] == {"old": 0.2, "new": 0.3}
+        assert diff["predict.num_samples"] == {"old": 2, "new": 1}
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def test_bad_params_fail_the_stage_with_one_line(project, tmp_path):
+    clone = copy_project(tmp_path)
+    shutil.copy2(project / "params.yaml", clone / "params.yaml")
+    set_params(clone, train__epoch=3)
+    result = sh(clone, sys.executable, "stages/train.py", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown key train.epoch; accepted keys here: train.epochs, train.batch_size, train.lr, train.device"]

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import make_image
+from foodvision.data import open_rgb
+from foodvision.predict import main, predict
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16", "1"])
+def test_any_pillow_mode_becomes_rgb(tmp_path, mode):
+    path = tmp_path / f"x_{mode.replace(';', '')}.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    make_image("sushi", 0).convert(mode).save(path)
+    im = open_rgb(path)
+    assert im.mode == "RGB" and im.size == (48, 40)
+
+
+def test_exif_rotated_photo_is_upright(tmp_path):
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    make_image("pizza", 0, size=(60, 20)).save(path, exif=exif)
+    assert open_rgb(path).size == (20, 60)
+
+
+def test_predict_stage_writes_titled_pngs_and_json(trained, tmp_path):
+    own = tmp_path / "own.png"
+    make_image("sushi", 5).convert("RGBA").save(own)
+    results = predict(trained.model, trained.spec, num_samples=2, images=(str(own),), seed=42, device="cpu",
+                      out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json")
+    assert json.loads((tmp_path / "predictions.json").read_text()) == results
+    assert [r["true"] is None for r in results] == [False, False, True]
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(r["plot"] for r in results)
+    for r in results:
+        assert r["pred"] in ("pizza", "steak", "sushi") and r["prob"] == max(r["probs"].values())
+        assert abs(sum(r["probs"].values()) - 1) < 1e-4
+    again = predict(trained.model, trained.spec, num_samples=2, images=(), seed=42, device="cpu",
+                    out_dir=tmp_path / "p2", json_out=tmp_path / "p2.json")
+    assert [r["source"] for r in again] == [r["source"] for r in results[:2]], "the seed picks the samples"
+
+
+def test_predict_fetches_image_urls(trained, tmp_path, served, server_url):
+    make_image("steak", 9).save(served / "steak photo.jpg")
+    (r,) = predict(trained.model, trained.spec, num_samples=0, images=(f"{server_url}/steak%20photo.jpg",), seed=1,
+                   device="cpu", out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
+    assert r["plot"] == "image_0_steak photo.png" and (tmp_path / "p" / r["plot"]).is_file()
+
+
+def test_cli_prints_each_image_and_reports_bad_ones(trained, tmp_path, capsys):
+    good = tmp_path / "good.jpg"
+    make_image("pizza", 1).save(good)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    rc = main([str(good), str(tmp_path / "missing.jpg"), str(tmp_path), str(text), "--model", str(trained.model),
+               "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert out.startswith(f"{good}\t") and out.count("\n") == 1
+    assert len(err.strip().splitlines()) == 3 and "missing.jpg" in err and "notes.txt" in err
+
+
+def test_cli_all_good_exits_zero_and_bad_model_is_clear(trained, tmp_path, capsys):
+    good = tmp_path / "good.jpg"
+    make_image("pizza", 1).save(good)
+    assert main([str(good), "--model", str(trained.model)]) == 0
+    assert main([str(good), "--model", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt not found" in capsys.readouterr().err

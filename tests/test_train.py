@@ -1,0 +1,67 @@
+import csv
+import json
+
+import torch
+
+from conftest import train_tiny
+from foodvision.model import load_checkpoint, load_state_dict_file
+
+
+def test_outputs_history_and_metrics(trained):
+    rows = list(csv.DictReader(trained.history.open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
+    for r in rows:
+        # accuracy is over samples: 12 train and 6 test images, so it is a multiple of 1/12 and 1/6
+        assert abs(float(r["train_acc"]) * 12 - round(float(r["train_acc"]) * 12)) < 1e-4
+        assert abs(float(r["test_acc"]) * 6 - round(float(r["test_acc"]) * 6)) < 1e-4
+    metrics = json.loads(trained.metrics.read_text())
+    assert metrics["test_acc"] == float(rows[-1]["test_acc"]) and metrics["epoch"] == 2
+    assert (metrics["params_total"], metrics["params_trainable"], metrics["seed"]) == (4_011_391, 3_843, 42)
+    assert trained.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_is_the_articles_torchinfo_table(trained):
+    text = trained.summary.read_text()
+    assert "Total params: 4,011,391" in text and "Trainable params: 3,843" in text
+    assert "[4, 3, 224, 224]" in text and "[4, 3]" in text  # input and output sizes for the spec's batch
+
+
+def test_frozen_backbone_params_and_buffers_are_bit_identical_after_training(trained):
+    before = load_state_dict_file(trained.pretrained)
+    ckpt = torch.load(trained.model, map_location="cpu", weights_only=True)
+    after = ckpt["state_dict"]
+    frozen = [k for k in after if not k.startswith("classifier.")]
+    assert len(frozen) == len(before) - 2  # all but the old head's weight and bias
+    assert any(k.endswith("running_mean") for k in frozen)
+    changed = [k for k in frozen if not torch.equal(before[k], after[k])]
+    assert changed == []
+    assert not torch.equal(after["classifier.1.weight"], torch.zeros_like(after["classifier.1.weight"]))
+
+
+def test_checkpoint_has_what_predict_needs(trained):
+    model, ckpt = load_checkpoint(trained.model)
+    assert ckpt["class_names"] == ["pizza", "steak", "sushi"]
+    assert ckpt["model_name"] == "efficientnet_b0" and ckpt["head"] == "classifier"
+    assert ckpt["transform"]["crop_size"] == 224
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 3)
+
+
+def test_head_learns_the_tiny_dataset(tmp_path, server_url, dataset_zip, backbone_file):
+    t = train_tiny(tmp_path, f"{server_url}/{dataset_zip.name}", f"{server_url}/{backbone_file.name}", epochs=6)
+    rows = list(csv.DictReader(t.history.open()))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_same_seed_same_bytes_other_seed_differs(trained, tmp_path, server_url, dataset_zip, backbone_file):
+    urls = f"{server_url}/{dataset_zip.name}", f"{server_url}/{backbone_file.name}"
+    again = train_tiny(tmp_path / "again", *urls)
+    assert again.history.read_bytes() == trained.history.read_bytes()
+    assert again.metrics.read_bytes() == trained.metrics.read_bytes()
+    a = torch.load(again.model, weights_only=True)["state_dict"]
+    b = torch.load(trained.model, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = train_tiny(tmp_path / "other", *urls, seed=7)
+    c = torch.load(other.model, weights_only=True)["state_dict"]
+    assert not torch.equal(a["classifier.1.weight"], c["classifier.1.weight"])
+    assert json.loads(other.metrics.read_text())["seed"] == 7
