@@ -114,8 +114,8 @@ def test_param_changes_rerun_only_what_reads_them(project):
         # evaluate is downstream of train's model, so it reruns once train does; nothing upstream moves
         assert stages_to_run(project) == {"train", "predict"}
         diff = json.loads(sh(project, "dvc", "params", "diff", "--json").stdout)["params.yaml"]
-        assert diff["model.dropout"] == {"old": 0.2, "new": 0.3}
-        assert diff["predict.num_samples"] == {"old": 2, "new": 1}
+        assert (diff["model.dropout"]["old"], diff["model.dropout"]["new"]) == (0.2, 0.3)
+        assert (diff["predict.num_samples"]["old"], diff["predict.num_samples"]["new"]) == (2, 1)
     finally:
         (project / "params.yaml").write_text(original)
 

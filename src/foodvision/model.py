@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,8 @@ import torch
 import torchvision.models
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
-from torchvision.models._api import WeightsEnum
 
+from foodvision import lite0
 from foodvision.errors import FoodVisionError
 
 CHECKPOINT_FORMAT = 1
@@ -20,33 +22,42 @@ class ModelError(FoodVisionError):
     pass
 
 
+@dataclass(frozen=True)
+class Weights:
+    """Where a backbone's pretrained file comes from and how its inputs must be preprocessed."""
+
+    label: str  # e.g. EfficientNet_B0_Weights.IMAGENET1K_V1
+    url: str
+    transform: dict[str, Any]
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # to torchvision keys
+
+
 def backbone_names() -> list[str]:
-    """Classification models that torchvision publishes weights for."""
-    return list_models(module=torchvision.models)
+    """Classification models torchvision publishes weights for, plus EfficientNet-Lite0."""
+    return sorted([*list_models(module=torchvision.models), lite0.NAME])
 
 
-def resolve_weights(name: str, weights: str | None) -> WeightsEnum | None:
-    """Map params `model.name`/`model.weights` to torchvision's weights enum member (None = random init)."""
+def resolve_weights(name: str, weights: str | None) -> Weights | None:
+    """Map params `model.name`/`model.weights` to a weights source (None = random init)."""
     names = backbone_names()
     if name not in names:
-        raise ModelError(f"model.name {name!r} is not a torchvision classification model; accepted: {', '.join(names)}")
-    enum = get_model_weights(name)
+        raise ModelError(f"model.name {name!r} is not a known classification backbone; accepted: {', '.join(names)}")
+    if name == lite0.NAME:
+        members, label = lite0.WEIGHTS, "efficientnet_lite0"
+    else:
+        enum = get_model_weights(name)
+        members, label = tuple(dict.fromkeys(["DEFAULT", *enum.__members__])), enum.__name__
     if weights is None:
         return None
-    try:
-        return enum[weights]
-    except KeyError:
-        members = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
-        raise ModelError(f"model.weights {weights!r} is not a member of {enum.__name__}; accepted: {members}, or null") from None
+    if weights not in members:
+        raise ModelError(f"model.weights {weights!r} is not a member of {label}; accepted: {', '.join(members)}, or null")
+    if name == lite0.NAME:
+        return Weights("efficientnet_lite0.IMAGENET1K", lite0.default_source(), lite0.TRANSFORM, lite0.convert)
+    member = enum[weights]
+    return Weights(str(member), member.url, _transform_dict(member.transforms()))
 
 
-def eval_transform(name: str, weights: str | None) -> dict[str, Any]:
-    """The preprocessing the weights were trained with, as plain data for the spec.
-
-    With `weights: null` the default weights' transform is used: it is metadata, no download.
-    """
-    member = resolve_weights(name, weights) or get_model_weights(name).DEFAULT
-    t = member.transforms()
+def _transform_dict(t: Any) -> dict[str, Any]:
     return {
         "resize_size": int(t.resize_size[0]),
         "crop_size": int(t.crop_size[0]),
@@ -57,9 +68,18 @@ def eval_transform(name: str, weights: str | None) -> dict[str, Any]:
     }
 
 
+def eval_transform(name: str, weights: str | None) -> dict[str, Any]:
+    """The preprocessing the weights were trained with, as plain data for the spec.
+
+    With `weights: null` the default weights' transform is used: it is metadata, no download.
+    """
+    source = resolve_weights(name, weights) or resolve_weights(name, "DEFAULT")
+    return source.transform
+
+
 def build_backbone(name: str) -> nn.Module:
     """The architecture with its original ImageNet head, uninitialised weights (random)."""
-    return get_model(name, weights=None)
+    return lite0.build() if name == lite0.NAME else get_model(name, weights=None)
 
 
 def replace_head(model: nn.Module, num_classes: int, dropout: float) -> str:
@@ -118,8 +138,8 @@ def load_pretrained(name: str, path: Path) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ModelError(f"{path} does not fit model.name {name!r} ({first}); fix model.weights_url or model.name") from None
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelError(f"{path} does not fit model.name {name!r} ({detail}); fix model.weights_url or model.name") from None
     return model
 
 

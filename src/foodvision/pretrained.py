@@ -9,6 +9,7 @@ downloaded into torch's cache outside the project.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from torch.hub import HASH_REGEX
 
 from foodvision.atomic import atomic_path
 from foodvision.fetch import fetch, source_name
-from foodvision.model import ModelError, build_backbone, load_pretrained, resolve_weights
+from foodvision.model import ModelError, build_backbone, load_pretrained, load_state_dict_file, resolve_weights
 
 
 RANDOM_INIT_SEED = 0
@@ -28,8 +29,8 @@ def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, de
     `weights: null` writes torchvision's random init under a fixed seed, so the file is reproducible
     and does not depend on params `seed` (which would re-fetch real weights whenever it changed).
     """
-    member = resolve_weights(name, weights)
-    if member is None:
+    source = resolve_weights(name, weights)
+    if source is None:
         if weights_url is not None:
             raise ModelError("model.weights_url is set but model.weights is null; set model.weights "
                              "to the member the file was trained as (e.g. DEFAULT) or clear weights_url")
@@ -38,15 +39,27 @@ def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, de
             torch.save(build_backbone(name).state_dict(), tmp)
         print(f"model.weights is null: wrote a randomly initialised {name} to {dest}")
         return dest
-    url = weights_url or member.url
+    url = weights_url or source.url
     match = HASH_REGEX.search(source_name(url))
     prefix = match.group(1) if match and match.group(1) else None
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pretrained.") as tmp:
         staged = Path(tmp) / "weights.pth"
         digest = fetch(url, staged, sha256_prefix=prefix, what=f"pretrained weights for {name}")
+        if source.convert is not None:
+            _convert_file(staged, source.convert, url)
         load_pretrained(name, staged)  # strict: refuse a file for another architecture
         staged.replace(dest)
     check = f"matches its name's prefix {prefix}" if prefix else "no hash in its file name to check"
-    print(f"fetched {member} from {url} to {dest} (sha256 {digest[:12]}…, {check})")
+    print(f"fetched {source.label} from {url} to {dest} (sha256 {digest[:12]}…, {check})")
     return dest
+
+
+def _convert_file(path: Path, convert: Callable[[dict], dict], url: str) -> None:
+    """Rename a foreign checkpoint's keys to torchvision's, in place."""
+    try:
+        state = convert(load_state_dict_file(path))
+    except KeyError as exc:
+        raise ModelError(f"{url} has an unexpected tensor {exc}; it is not a weights file for this backbone") from None
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
