@@ -87,3 +87,12 @@ def test_empty_and_layoutless_archives(tmp_path):
     with pytest.raises(ArchiveError, match="no train/ and test/ folders"):
         extract_dataset(flat, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_outputs_get_the_usual_permissions(tmp_path, dataset_zip):
+    from foodvision.atomic import write_text
+
+    write_text(tmp_path / "a.txt", "x")
+    extract_dataset(dataset_zip, tmp_path / "out")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o044 == 0o044, "readable by group and others"
+    assert (tmp_path / "out").stat().st_mode & 0o055 == 0o055
