@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-from foodvision.model import eval_transform
 from foodvision.params import load_params
 from foodvision.prepare import prepare
 from foodvision.stage import run
@@ -11,7 +10,7 @@ from foodvision.stage import run
 def main() -> None:
     params = load_params()
     prepare(Path("data/raw/pizza_steak_sushi"), Path("data/prepared/spec.json"),
-            transform=eval_transform(params.model.name, params.model.weights),
+            transform_path=Path("models/pretrained/transform.json"),
             batch_size=params.train.batch_size, seed=params.seed)
 
 

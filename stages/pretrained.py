@@ -1,4 +1,4 @@
-"""DVC stage `pretrained`: the backbone's ImageNet weights file, models/pretrained/backbone.pth."""
+"""DVC stage `pretrained`: the backbone's weights, models/pretrained/backbone.pth, and its transform.json."""
 
 from pathlib import Path
 
@@ -10,7 +10,8 @@ from foodvision.stage import run
 def main() -> None:
     params = load_params()
     m = params.model
-    fetch_pretrained(m.name, m.weights, m.weights_url, Path("models/pretrained/backbone.pth"))
+    fetch_pretrained(m.name, m.weights, m.weights_url, Path("models/pretrained/backbone.pth"),
+                     transform_out=Path("models/pretrained/transform.json"))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from foodvision.download import download_dataset
-from foodvision.model import build_backbone, eval_transform
+from foodvision.model import build_backbone
 from foodvision.params import ModelParams, TrainParams
 from foodvision.prepare import prepare
 from foodvision.pretrained import fetch_pretrained
@@ -129,8 +129,8 @@ def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 
     t = Trained(root, root / "raw", root / "spec.json", root / "backbone.pth", root / "model.pt",
                 root / "train.json", root / "history.csv", root / "summary.txt", root / "curves.png")
     download_dataset(archive_url, t.raw)
-    fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained)
-    prepare(t.raw, t.spec, transform=eval_transform("efficientnet_b0", "DEFAULT"), batch_size=4, seed=seed)
+    fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained, transform_out=root / "transform.json")
+    prepare(t.raw, t.spec, transform_path=root / "transform.json", batch_size=4, seed=seed)
     train(t.spec, t.pretrained, ModelParams(), TrainParams(epochs=epochs, batch_size=4, lr=0.01, device="cpu"),
           seed=seed, model_out=t.model, summary_out=t.summary, metrics_out=t.metrics, history_out=t.history,
           curves_out=t.curves)

@@ -103,3 +103,11 @@ def test_lite0_recognises_real_pizza_and_silu_would_ruin_it(shared_data, tmp_pat
             if isinstance(child, nn.ReLU6):
                 setattr(parent, child_name, nn.SiLU())
     assert top1(model, photos).count("pizza") <= 3
+
+
+def test_only_stride_two_convs_need_dynamic_padding():
+    model = lite0.build()
+    same = [m for m in model.modules() if isinstance(m, lite0.Conv2dSame)]
+    assert len(same) == 5 and all(m.stride == (2, 2) for m in same)
+    plain = [m for m in model.modules() if type(m) is nn.Conv2d]
+    assert all(m.padding == (m.kernel_size[0] // 2,) * 2 for m in plain)

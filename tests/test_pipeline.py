@@ -16,7 +16,8 @@ from conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [
-    "data/raw/pizza_steak_sushi/train/pizza/000.jpg", "models/pretrained/backbone.pth", "data/prepared/spec.json",
+    "data/raw/pizza_steak_sushi/train/pizza/000.jpg", "models/pretrained/backbone.pth", "models/pretrained/transform.json",
+    "data/prepared/spec.json",
     "models/model.pt", "models/summary.txt", "metrics/train.json", "plots/train/history.csv",
     "plots/train/loss_curves.png", "metrics/eval.json", "plots/eval/confusion.csv", "plots/eval/confusion.png",
     "plots/predictions.json", "plots/predictions/image_0_own.png",
@@ -127,4 +128,4 @@ def test_bad_params_fail_the_stage_with_one_line(project, tmp_path):
     result = sh(clone, sys.executable, "stages/train.py", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: unknown key train.epoch; accepted keys here: train.epochs, train.batch_size, train.lr, train.device"]
+        "error: unknown key train.epoch; accepted keys here: train.epochs, train.batch_size, train.lr, train.device, train.augment"]

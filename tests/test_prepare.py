@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -11,8 +12,9 @@ from foodvision.prepare import DatasetError, prepare
 TRANSFORM = eval_transform("efficientnet_b0", "DEFAULT")
 
 
-def run(raw, tmp_path):
-    return prepare(raw, tmp_path / "spec.json", transform=TRANSFORM, batch_size=8, seed=7)
+def run(raw: Path, tmp_path: Path) -> dict:
+    (tmp_path / "transform.json").write_text(json.dumps(TRANSFORM))
+    return prepare(raw, tmp_path / "spec.json", transform_path=tmp_path / "transform.json", batch_size=8, seed=7)
 
 
 def test_spec_pins_classes_samples_and_the_weights_transform(tmp_path):
@@ -71,3 +73,17 @@ def test_other_image_formats_are_found(tmp_path):
     write_dataset(tmp_path / "raw")
     Image.new("RGBA", (30, 30), (1, 2, 3, 4)).save(tmp_path / "raw" / "train" / "steak" / "x.PNG")
     assert run(tmp_path / "raw", tmp_path)["counts"]["train"]["steak"] == 5
+
+
+def test_missing_transform_record(tmp_path):
+    write_dataset(tmp_path / "raw")
+    with pytest.raises(DatasetError, match="run `dvc repro pretrained`"):
+        prepare(tmp_path / "raw", tmp_path / "spec.json", transform_path=tmp_path / "nope.json", batch_size=8, seed=7)
+
+
+def test_prepare_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys, foodvision.prepare; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "prepare should start in well under a second"

@@ -65,3 +65,24 @@ def test_same_seed_same_bytes_other_seed_differs(trained, tmp_path, server_url, 
     c = torch.load(other.model, weights_only=True)["state_dict"]
     assert not torch.equal(a["classifier.1.weight"], c["classifier.1.weight"])
     assert json.loads(other.metrics.read_text())["seed"] == 7
+
+
+def test_cached_features_match_the_full_loop(trained):
+    from foodvision.data import load_spec
+    from foodvision.model import classifier_for
+    from foodvision.params import TrainParams
+    from foodvision.train import fit, seed_everything
+
+    spec = load_spec(trained.spec)
+    params = TrainParams(epochs=3, batch_size=4, lr=0.01, device="cpu")
+    results = {}
+    for cached in (True, False):
+        seed_everything(42)
+        model, head = classifier_for("efficientnet_b0", trained.pretrained, 3, 0.2, seed=42)
+        history = fit(model, head, spec, params, 42, torch.device("cpu"), cache_features=cached)
+        results[cached] = (history, model.get_submodule(head)[1].weight.detach().clone())
+    (fast, w_fast), (loop, w_loop) = results[True], results[False]
+    for a, b in zip(fast, loop):
+        for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+            assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
+    assert torch.allclose(w_fast, w_loop, atol=1e-5)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torchvision.transforms as T
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
@@ -14,13 +19,15 @@ from torchvision.transforms._presets import ImageClassification
 
 from foodvision.errors import FoodVisionError
 
-# torchvision.datasets.folder.IMG_EXTENSIONS, the formats ImageFolder accepts
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
+    """Any image Pillow opens (RGBA, L, P, CMYK, EXIF-rotated phone photo) as upright RGB.
 
-
-def open_rgb(path: Path) -> Image.Image:
-    """Any image Pillow opens (RGBA, L, P, CMYK, EXIF-rotated phone photo) as upright RGB."""
+    With `min_size`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides at
+    least `min_size`: a 12-megapixel phone photo decodes 8x smaller, before the transform resizes it.
+    """
     with Image.open(path) as im:
+        if min_size:
+            im.draft("RGB", (min_size, min_size))
         im = ImageOps.exif_transpose(im)
         if im.mode in ("P", "LA", "PA") or (im.mode == "RGBA"):
             im = im.convert("RGBA")
@@ -52,23 +59,50 @@ def load_spec(path: Path) -> dict[str, Any]:
         raise FoodVisionError(f"{path} is not valid JSON ({exc}); run `dvc repro prepare`") from None
 
 
+def augment_transform(spec_transform: dict[str, Any]) -> T.Compose:
+    """torchvision's reference training preset: random resized crop and flip, then normalise."""
+    t = spec_transform
+    return T.Compose([
+        T.RandomResizedCrop(t["crop_size"], interpolation=InterpolationMode(t["interpolation"]), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.PILToTensor(),
+        T.ConvertImageDtype(torch.float32),
+        T.Normalize(mean=t["mean"], std=t["std"]),
+    ])
+
+
 class SpecDataset(Dataset):
     """One split of the spec: (image tensor, label) pairs in the spec's order."""
 
-    def __init__(self, spec: dict[str, Any], split: str) -> None:
+    def __init__(self, spec: dict[str, Any], split: str, transform: Callable | None = None) -> None:
         self.root = Path(spec["root"])
         self.samples = [(s["path"], s["label"]) for s in spec["splits"][split]]
-        self.transform = build_transform(spec["transform"])
+        self.transform = transform or build_transform(spec["transform"])
+        self.min_size = spec["transform"]["resize_size"]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.samples[i]
-        return self.transform(open_rgb(self.root / rel)), label
+        return self.transform(open_rgb(self.root / rel, self.min_size)), label
 
 
-def make_loader(spec: dict[str, Any], split: str, *, shuffle: bool, seed: int) -> DataLoader:
+def loader_workers(device: torch.device) -> int:
+    """On CPU, torch's kernels already use every core: decoding in workers would oversubscribe them."""
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32  # torch seeds each worker from the loader's generator
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(spec: dict[str, Any], split: str, *, shuffle: bool, seed: int, transform: Callable | None = None,
+                workers: int = 0, batch_size: int | None = None) -> DataLoader:
     """Batches of the spec's size; shuffling comes from its own seeded generator, reproducibly."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(SpecDataset(spec, split), batch_size=spec["batch_size"], shuffle=shuffle, generator=generator)
+    return DataLoader(SpecDataset(spec, split, transform), batch_size=batch_size or spec["batch_size"],
+                      shuffle=shuffle, generator=generator, num_workers=workers, worker_init_fn=_seed_worker,
+                      pin_memory=workers > 0 and torch.cuda.is_available())

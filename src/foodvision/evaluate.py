@@ -12,9 +12,8 @@ from torch import nn
 from tqdm import tqdm
 
 from foodvision.atomic import write_json, write_text
-from foodvision.data import load_spec, make_loader
+from foodvision.data import load_spec, loader_workers, make_loader
 from foodvision.model import ModelError, load_checkpoint, pick_device
-from foodvision.plots import confusion
 
 
 def classification_report(actual: list[int], predicted: list[int], classes: list[str]) -> dict[str, Any]:
@@ -47,13 +46,13 @@ def evaluate(model_path: Path, spec_path: Path, *, device: str, metrics_out: Pat
         raise ModelError(f"{model_path} was trained on classes {ckpt['class_names']}, but {spec_path} has "
                          f"{spec['classes']}; run `dvc repro` so train and evaluate see the same data")
     dev = pick_device(device)
-    model.to(dev)
-    loader = make_loader(spec, "test", shuffle=False, seed=spec["seed"])
+    model.to(dev, memory_format=torch.channels_last)
+    loader = make_loader(spec, "test", shuffle=False, seed=spec["seed"], workers=loader_workers(dev))
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     actual, predicted, total_loss = [], [], 0.0
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc="evaluate", unit="batch"):
-            logits = model(images.to(dev))
+            logits = model(images.to(dev, memory_format=torch.channels_last))
             total_loss += loss_fn(logits, labels.to(dev)).item()
             actual += labels.tolist()
             predicted += logits.argmax(dim=1).cpu().tolist()
@@ -69,6 +68,8 @@ def evaluate(model_path: Path, spec_path: Path, *, device: str, metrics_out: Pat
     for sample, a, p in zip(spec["splits"]["test"], actual, predicted):
         writer.writerow([sample["path"], classes[a], classes[p]])
     write_text(confusion_csv, buf.getvalue())
+    from foodvision.plots import confusion  # matplotlib is slow to import; only needed here
+
     confusion(report["matrix"], classes, confusion_png)
     print(f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
           f"on {metrics['samples']} images")

@@ -4,7 +4,7 @@ Lite0 is B0 without squeeze-excitation and with ReLU6 instead of SiLU; every con
 matches torchvision's `efficientnet_b0`, so that skeleton with SE -> identity and SiLU -> ReLU6
 takes all 296 tensors of the original (lukemelas `efficientnet_pytorch` key names) strictly, once
 renamed. Like the TensorFlow original it uses BatchNorm eps 1e-3, "SAME" padding (asymmetric on
-stride 2) and inputs normalised with mean = std = 0.5. Keeping SiLU silently ruins it.
+the five stride-2 convs) and inputs normalised with mean = std = 0.5. Keeping SiLU silently ruins it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def build() -> nn.Module:
                 setattr(parent, child_name, nn.ReLU6(inplace=True))
             elif isinstance(child, nn.BatchNorm2d):
                 child.eps = 1e-3
-            elif isinstance(child, nn.Conv2d):
+            elif isinstance(child, nn.Conv2d) and child.stride != (1, 1):
+                # stride 1 with odd kernels: SAME is symmetric k // 2, torchvision's padding already
                 same = Conv2dSame(child.in_channels, child.out_channels, child.kernel_size, child.stride,
                                   padding=0, dilation=child.dilation, groups=child.groups, bias=child.bias is not None)
                 setattr(parent, child_name, same)

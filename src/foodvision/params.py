@@ -54,6 +54,7 @@ class TrainParams:
     batch_size: int = 32
     lr: float = 0.001
     device: str = "auto"
+    augment: bool = False
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -139,6 +140,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
+        bool: isinstance(value, bool),
     }[hint]
     if not ok:
         raise ParamsError(f"{key} must be {hint.__name__}, got {value!r}")

@@ -21,7 +21,14 @@ from foodvision.data import build_transform, load_spec, open_rgb
 from foodvision.errors import FoodVisionError
 from foodvision.fetch import fetch, is_url, local_path, source_name
 from foodvision.model import load_checkpoint, pick_device
-from foodvision.plots import prediction
+
+
+DISPLAY_SIZE = 600  # decode at least this big: enough for the plot and for any eval transform here
+
+
+def load_image(path: Path, transform: dict[str, Any]) -> Image.Image:
+    """The same reduced-scale decode for the stage and the command, so both predict alike."""
+    return open_rgb(path, max(DISPLAY_SIZE, transform["resize_size"]))
 
 
 def classify(model: nn.Module, transform: nn.Module, image: Image.Image, device: torch.device) -> torch.Tensor:
@@ -54,6 +61,8 @@ def predict(model_path: Path, spec_path: Path, *, num_samples: int, images: tupl
     classes = ckpt["class_names"]
     test = spec["splits"]["test"]
     picked = random.Random(seed).sample(test, k=min(num_samples, len(test)))
+    from foodvision.plots import prediction  # matplotlib is slow to import; the command does not need it
+
     results = []
     with atomic_dir(out_dir) as tmp_out, tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in:
         jobs = [(Path(spec["root"]) / s["path"], s["path"], spec["classes"][s["label"]], f"test_{i}")
@@ -63,7 +72,7 @@ def predict(model_path: Path, spec_path: Path, *, num_samples: int, images: tupl
             jobs.append((path, source, None, f"image_{i}"))
         for path, source, true, stem in jobs:
             try:
-                image = open_rgb(path)
+                image = load_image(path, ckpt["transform"])
             except (OSError, ValueError) as exc:
                 raise FoodVisionError(f"cannot read image {source} ({exc}); fix predict.images in params.yaml") from None
             result = describe(classify(model, transform, image, dev), classes, source, true)
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, source in enumerate(args.images):
             try:
                 path = _materialise(source, Path(tmp) / f"{i}_{source_name(source)}")
-                probs = classify(model, transform, open_rgb(path), dev)
+                probs = classify(model, transform, load_image(path, ckpt["transform"]), dev)
             except (FoodVisionError, OSError, ValueError) as exc:
                 print(f"error: {source}: {exc}", file=sys.stderr)
                 failed += 1

@@ -6,24 +6,35 @@ the chosen weights, the batch size and the seed, so train, evaluate and predict 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from foodvision.atomic import write_json
-from foodvision.data import IMG_EXTENSIONS
 from foodvision.download import SPLITS
 from foodvision.errors import FoodVisionError
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, the formats ImageFolder accepts (not imported from
+# there: this stage stays free of torch, which takes seconds to import)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DatasetError(FoodVisionError):
     pass
 
 
-def prepare(raw_dir: Path, spec_path: Path, *, transform: dict[str, Any], batch_size: int, seed: int) -> dict[str, Any]:
-    """Validate `raw_dir/{train,test}/<class>/*` and write the spec JSON; return it."""
+def prepare(raw_dir: Path, spec_path: Path, *, transform_path: Path, batch_size: int, seed: int) -> dict[str, Any]:
+    """Validate `raw_dir/{train,test}/<class>/*` and write the spec JSON; return it.
+
+    `transform_path` is the pretrained stage's record of the preprocessing its weights expect.
+    """
     raw_dir = Path(raw_dir)
+    try:
+        transform = json.loads(Path(transform_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"cannot read {transform_path} ({exc}); run `dvc repro pretrained`") from None
     classes = _class_names(raw_dir)
     index = {c: i for i, c in enumerate(classes)}
     splits: dict[str, list[dict[str, Any]]] = {}

@@ -15,21 +15,25 @@ from pathlib import Path
 import torch
 from torch.hub import HASH_REGEX
 
-from foodvision.atomic import atomic_path
+from foodvision.atomic import atomic_path, write_json
 from foodvision.fetch import fetch, source_name
-from foodvision.model import ModelError, build_backbone, load_pretrained, load_state_dict_file, resolve_weights
+from foodvision.model import (ModelError, build_backbone, eval_transform, load_pretrained, load_state_dict_file,
+                              resolve_weights)
 
 
 RANDOM_INIT_SEED = 0
 
 
-def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, dest: Path) -> Path:
-    """Write the backbone's state dict to `dest`.
+def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, dest: Path,
+                     transform_out: Path | None = None) -> Path:
+    """Write the backbone's state dict to `dest`, and the eval transform its weights expect to `transform_out`.
 
     `weights: null` writes torchvision's random init under a fixed seed, so the file is reproducible
     and does not depend on params `seed` (which would re-fetch real weights whenever it changed).
     """
     source = resolve_weights(name, weights)
+    if transform_out is not None:
+        write_json(transform_out, eval_transform(name, weights))
     if source is None:
         if weights_url is not None:
             raise ModelError("model.weights_url is set but model.weights is null; set model.weights "
