@@ -111,3 +111,27 @@ def test_only_stride_two_convs_need_dynamic_padding():
     assert len(same) == 5 and all(m.stride == (2, 2) for m in same)
     plain = [m for m in model.modules() if type(m) is nn.Conv2d]
     assert all(m.padding == (m.kernel_size[0] // 2,) * 2 for m in plain)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_inference_copy_folds_batchnorm_without_changing_outputs(tmp_path, name):
+    from foodvision.model import for_inference, load_pretrained
+
+    if name == "efficientnet_lite0":
+        model = load_pretrained(name, fetch_pretrained(name, "DEFAULT", None, tmp_path / "b.pth"))
+    else:
+        model = build_backbone(name)
+        for m in model.modules():  # non-trivial statistics, as trained weights have
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    fast = for_inference(model)
+    folded = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - sum(
+        isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert folded > 0
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected, got = model(x), fast(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(expected, got, rtol=1e-3, atol=1e-3)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the original is untouched"

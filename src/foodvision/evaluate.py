@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from foodvision.atomic import write_json, write_text
 from foodvision.data import load_spec, loader_workers, make_loader
-from foodvision.model import ModelError, load_checkpoint, pick_device
+from foodvision.model import ModelError, for_inference, load_checkpoint, pick_device
 
 
 def classification_report(actual: list[int], predicted: list[int], classes: list[str]) -> dict[str, Any]:
@@ -41,12 +41,12 @@ def evaluate(model_path: Path, spec_path: Path, *, device: str, metrics_out: Pat
              confusion_png: Path) -> dict[str, Any]:
     """Score the trained model on the spec's test split; write metrics JSON, confusion CSV and PNG."""
     spec = load_spec(spec_path)
-    model, ckpt = load_checkpoint(model_path)
+    trained, ckpt = load_checkpoint(model_path)
     if ckpt["class_names"] != spec["classes"]:
         raise ModelError(f"{model_path} was trained on classes {ckpt['class_names']}, but {spec_path} has "
                          f"{spec['classes']}; run `dvc repro` so train and evaluate see the same data")
     dev = pick_device(device)
-    model.to(dev, memory_format=torch.channels_last)
+    model = for_inference(trained).to(dev)
     loader = make_loader(spec, "test", shuffle=False, seed=spec["seed"], workers=loader_workers(dev))
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     actual, predicted, total_loss = [], [], 0.0

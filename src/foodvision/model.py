@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 import torchvision.models
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import get_model, get_model_weights, list_models
 
 from foodvision import lite0
@@ -116,6 +118,22 @@ def set_train_mode(model: nn.Module, head: str) -> None:
     """Train only the head: the frozen backbone stays in eval mode, so BatchNorm stats never drift."""
     model.eval()
     model.get_submodule(head).train()
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """An eval-only copy: each BatchNorm folded into the conv before it, channels-last memory.
+
+    Both measurably speed up CPU inference (BatchNorm was a third of EfficientNet's time) and change
+    results only at float rounding level. Layouts that are not conv-then-BN in a Sequential stay as is.
+    """
+    fast = copy.deepcopy(model).eval()
+    for parent in list(fast.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+    return fast.to(memory_format=torch.channels_last)
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

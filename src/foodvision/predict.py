@@ -20,7 +20,7 @@ from foodvision.atomic import atomic_dir, write_json
 from foodvision.data import build_transform, load_spec, open_rgb
 from foodvision.errors import FoodVisionError
 from foodvision.fetch import fetch, is_url, local_path, source_name
-from foodvision.model import load_checkpoint, pick_device
+from foodvision.model import for_inference, load_checkpoint, pick_device
 
 
 DISPLAY_SIZE = 600  # decode at least this big: enough for the plot and for any eval transform here
@@ -34,7 +34,7 @@ def load_image(path: Path, transform: dict[str, Any]) -> Image.Image:
 def classify(model: nn.Module, transform: nn.Module, image: Image.Image, device: torch.device) -> torch.Tensor:
     """Softmax probabilities for one upright RGB image."""
     with torch.inference_mode():
-        logits = model(transform(image).unsqueeze(0).to(device))
+        logits = model(transform(image).unsqueeze(0).to(device, memory_format=torch.channels_last))
     return torch.softmax(logits, dim=1)[0].cpu()
 
 
@@ -54,9 +54,9 @@ def predict(model_path: Path, spec_path: Path, *, num_samples: int, images: tupl
             device: str, out_dir: Path, json_out: Path) -> list[dict[str, Any]]:
     """Predict `num_samples` seeded test images plus every path/URL in `images`; one PNG each."""
     spec = load_spec(spec_path)
-    model, ckpt = load_checkpoint(model_path)
+    trained, ckpt = load_checkpoint(model_path)
     dev = pick_device(device)
-    model.to(dev)
+    model = for_inference(trained).to(dev)
     transform = build_transform(ckpt["transform"])
     classes = ckpt["class_names"]
     test = spec["splits"]["test"]
@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
     try:
-        model, ckpt = load_checkpoint(args.model)
+        trained, ckpt = load_checkpoint(args.model)
         dev = pick_device(args.device)
     except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model.to(dev)
+    model = for_inference(trained).to(dev)
     transform = build_transform(ckpt["transform"])
     failed = 0
     with tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp:

@@ -12,8 +12,6 @@ import csv
 import io
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from tqdm import tqdm
 
 from foodvision.atomic import write_json, write_text
 from foodvision.data import augment_transform, load_spec, loader_workers, make_loader
-from foodvision.model import classifier_for, pick_device, save_checkpoint, set_train_mode
+from foodvision.model import classifier_for, for_inference, pick_device, save_checkpoint, set_train_mode
 from foodvision.params import ModelParams, TrainParams
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
@@ -67,28 +65,16 @@ def run_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: 
     return total_loss / seen, correct / seen
 
 
-@contextmanager
-def headless(model: nn.Module, head: str) -> Iterator[nn.Module]:
-    """The model with its head swapped for Identity: its output is what the head would see."""
-    original = model.get_submodule(head)
-    model.set_submodule(head, nn.Identity())
-    try:
-        yield model
-    finally:
-        model.set_submodule(head, original)
-
-
 def head_inputs(model: nn.Module, head: str, loader: DataLoader, device: torch.device,
                 desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample's features, once: batched, eval mode, inference mode, channels-last."""
+    """Every sample's features (what the head sees), once: batched, inference mode, BN folded."""
+    body = for_inference(model)
+    body.set_submodule(head, nn.Identity())
     feats, labels = [], []
-    model.eval()
-    with headless(model, head) as body, torch.inference_mode():
-        body.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
         for images, target in tqdm(loader, desc=desc, leave=False, unit="batch"):
             feats.append(body(images.to(device, memory_format=torch.channels_last)).float().cpu())
             labels.append(target)
-        body.to(memory_format=torch.contiguous_format)
     return torch.cat(feats), torch.cat(labels)
 
 
