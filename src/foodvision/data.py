@@ -100,9 +100,9 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(spec: dict[str, Any], split: str, *, shuffle: bool, seed: int, transform: Callable | None = None,
-                workers: int = 0, batch_size: int | None = None) -> DataLoader:
+                workers: int = 0) -> DataLoader:
     """Batches of the spec's size; shuffling comes from its own seeded generator, reproducibly."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(SpecDataset(spec, split, transform), batch_size=batch_size or spec["batch_size"],
+    return DataLoader(SpecDataset(spec, split, transform), batch_size=spec["batch_size"],
                       shuffle=shuffle, generator=generator, num_workers=workers, worker_init_fn=_seed_worker,
                       pin_memory=workers > 0 and torch.cuda.is_available())

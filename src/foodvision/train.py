@@ -27,7 +27,6 @@ from foodvision.model import classifier_for, for_inference, pick_device, save_ch
 from foodvision.params import ModelParams, TrainParams
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
-FEATURE_BATCH = 64  # feature extraction only: larger batches run faster, memory stays < 1 GB
 
 
 def seed_everything(seed: int) -> None:
@@ -103,7 +102,7 @@ def fit(model: nn.Module, head: str, spec: dict[str, Any], params: TrainParams, 
         test_loader = make_loader(spec, "test", shuffle=False, seed=seed, workers=workers)
         net, trainable = model, head
     else:
-        batches = {split: make_loader(spec, split, shuffle=False, seed=seed, workers=workers, batch_size=FEATURE_BATCH)
+        batches = {split: make_loader(spec, split, shuffle=False, seed=seed, workers=workers)
                    for split in ("train", "test")}
         train_x, train_y = head_inputs(model, head, batches["train"], device, desc="features train")
         test_x, test_y = head_inputs(model, head, batches["test"], device, desc="features test")
