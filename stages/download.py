@@ -9,7 +9,8 @@ from foodvision.stage import run
 
 def main() -> None:
     params = load_params()
-    download_dataset(params.data.url, Path("data/raw/pizza_steak_sushi"), sha256=params.data.sha256)
+    download_dataset(params.data.url, Path("data/raw/pizza_steak_sushi"), sha256=params.data.sha256,
+                     max_extract_mb=params.data.max_extract_mb)
 
 
 if __name__ == "__main__":

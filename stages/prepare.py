@@ -11,7 +11,7 @@ def main() -> None:
     params = load_params()
     prepare(Path("data/raw/pizza_steak_sushi"), Path("data/prepared/spec.json"),
             transform_path=Path("models/pretrained/transform.json"),
-            batch_size=params.train.batch_size, seed=params.seed)
+            batch_size=params.train.batch_size, seed=params.seed, skip_corrupt=params.data.skip_corrupt)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,17 @@ def test_bad_params_fail_the_stage_with_one_line(project, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: unknown key train.epoch; accepted keys here: train.epochs, train.batch_size, train.lr, train.device, train.augment"]
+
+
+def test_rerun_from_scratch_is_byte_identical(project):
+    import torch
+
+    files = ["metrics/train.json", "metrics/eval.json", "plots/train/history.csv", "plots/eval/confusion.csv",
+             "plots/predictions.json", "models/summary.txt", "data/prepared/spec.json"]
+    before = {f: (project / f).read_bytes() for f in files}
+    state = torch.load(project / "models/model.pt", weights_only=True)["state_dict"]
+    out = sh(project, "dvc", "repro", "--force").stdout
+    assert "Running stage 'download'" in out and "Running stage 'train'" in out
+    assert {f: (project / f).read_bytes() for f in files} == before
+    again = torch.load(project / "models/model.pt", weights_only=True)["state_dict"]
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)

@@ -17,11 +17,22 @@ def _umask() -> int:
     return mask
 
 
+def remove_stale(dest: Path) -> None:
+    """Delete what a killed earlier run left beside `dest` (temporaries are only ever ours)."""
+    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    shutil.rmtree(dest.with_name(f".{dest.name}.old"), ignore_errors=True)
+
+
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
@@ -38,6 +49,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `dest`; swap it in for `dest` on success."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
         yield tmp

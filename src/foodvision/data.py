@@ -29,11 +29,23 @@ def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
         if min_size:
             im.draft("RGB", (min_size, min_size))
         im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+            im = _to_8bit(im)
         if im.mode in ("P", "LA", "PA") or (im.mode == "RGBA"):
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(background, im)
         return im.convert("RGB")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and float grayscale to 8-bit L; Pillow's own convert would clip everything above 255."""
+    pixels = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and pixels.max() > 255):
+        pixels = pixels / 257.0
+    elif im.mode == "F" and pixels.max() <= 1.0:
+        pixels = pixels * 255.0
+    return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
 
 
 def build_transform(spec_transform: dict[str, Any]) -> ImageClassification:

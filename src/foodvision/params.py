@@ -28,8 +28,12 @@ class ParamsError(FoodVisionError):
 class DataParams:
     url: str
     sha256: str | None = None
+    max_extract_mb: int = 5000
+    skip_corrupt: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_extract_mb <= 0:
+            raise ParamsError(f"data.max_extract_mb must be a positive integer, got {self.max_extract_mb}")
         if self.sha256 is not None:
             digest = self.sha256.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):

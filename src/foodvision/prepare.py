@@ -25,7 +25,8 @@ class DatasetError(FoodVisionError):
     pass
 
 
-def prepare(raw_dir: Path, spec_path: Path, *, transform_path: Path, batch_size: int, seed: int) -> dict[str, Any]:
+def prepare(raw_dir: Path, spec_path: Path, *, transform_path: Path, batch_size: int, seed: int,
+            skip_corrupt: bool = False) -> dict[str, Any]:
     """Validate `raw_dir/{train,test}/<class>/*` and write the spec JSON; return it.
 
     `transform_path` is the pretrained stage's record of the preprocessing its weights expect.
@@ -51,14 +52,14 @@ def prepare(raw_dir: Path, spec_path: Path, *, transform_path: Path, batch_size:
                     ignored += 1
                     continue
                 if not _readable(path):
-                    unreadable.append(str(path))
+                    unreadable.append(path.relative_to(raw_dir).as_posix())
                     continue
                 samples.append({"path": path.relative_to(raw_dir).as_posix(), "label": index[cls]})
         splits[split] = samples
         counts[split] = {c: sum(s["label"] == i for s in samples) for c, i in index.items()}
-    if unreadable:
-        raise DatasetError(f"{len(unreadable)} unreadable image(s), e.g. {unreadable[0]}; "
-                           f"remove or replace them: {', '.join(unreadable[:10])}")
+    if unreadable and not skip_corrupt:
+        raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {', '.join(unreadable[:10])}"
+                           f"{' …' if len(unreadable) > 10 else ''}; replace them, or set data.skip_corrupt: true")
     empty = [f"{split}/{c}" for split in SPLITS for c, n in counts[split].items() if n == 0]
     if empty:
         raise DatasetError(f"no images in {raw_dir}/{empty[0]}; every class needs images in train and test")
@@ -69,13 +70,15 @@ def prepare(raw_dir: Path, spec_path: Path, *, transform_path: Path, batch_size:
         "splits": splits,
         "counts": counts,
         "ignored_files": ignored,
+        "skipped_corrupt": unreadable,
         "transform": transform,
         "batch_size": batch_size,
         "seed": seed,
     }
     write_json(spec_path, spec)
     summary = ", ".join(f"{s}: {sum(counts[s].values())}" for s in SPLITS)
-    print(f"wrote {spec_path}: {len(classes)} classes ({', '.join(classes)}), {summary}, {ignored} non-image file(s) ignored")
+    print(f"wrote {spec_path}: {len(classes)} classes ({', '.join(classes)}), {summary}, "
+          f"{ignored} non-image file(s) ignored, {len(unreadable)} corrupt image(s) skipped")
     return spec
 
 

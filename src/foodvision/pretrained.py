@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.hub import HASH_REGEX
 
-from foodvision.atomic import atomic_path, write_json
+from foodvision.atomic import atomic_path, remove_stale, write_json
 from foodvision.fetch import fetch, source_name
 from foodvision.model import (ModelError, build_backbone, eval_transform, load_pretrained, load_state_dict_file,
                               resolve_weights)
@@ -47,7 +47,8 @@ def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, de
     match = HASH_REGEX.search(source_name(url))
     prefix = match.group(1) if match and match.group(1) else None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pretrained.") as tmp:
+    remove_stale(dest)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.fetch.", suffix=".tmp") as tmp:
         staged = Path(tmp) / "weights.pth"
         digest = fetch(url, staged, sha256_prefix=prefix, what=f"pretrained weights for {name}")
         if source.convert is not None:

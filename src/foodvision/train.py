@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from foodvision.atomic import write_json, write_text
 from foodvision.data import augment_transform, load_spec, loader_workers, make_loader
-from foodvision.model import classifier_for, for_inference, pick_device, save_checkpoint, set_train_mode
+from foodvision.model import (classifier_for, for_inference, pick_device, resolve_weights, save_checkpoint,
+                              set_train_mode)
 from foodvision.params import ModelParams, TrainParams
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
@@ -128,9 +129,10 @@ def train(spec_path: Path, pretrained_path: Path, model_params: ModelParams, tra
           seed: int, model_out: Path, summary_out: Path, metrics_out: Path, history_out: Path,
           curves_out: Path) -> list[dict[str, Any]]:
     """Train the head; write the checkpoint, summary, metrics, history CSV and curves; return history."""
+    resolve_weights(model_params.name, model_params.weights)  # a bad name fails before any work
+    device = pick_device(train_params.device)
     spec = load_spec(spec_path)
     seed_everything(seed)
-    device = pick_device(train_params.device)
     model, head = classifier_for(model_params.name, pretrained_path, len(spec["classes"]),
                                  model_params.dropout, seed)
     write_text(summary_out, model_summary(model, spec["batch_size"], spec["transform"]["crop_size"]))

@@ -1,0 +1,150 @@
+"""Bad input and faults: each ends in one clear error, and nothing half-written survives."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_dataset
+from foodvision.data import open_rgb
+from foodvision.download import ArchiveError, download_dataset, extract_dataset
+from foodvision.fetch import FetchError, fetch
+from foodvision.model import ModelError
+from foodvision.params import ModelParams, TrainParams
+from foodvision.train import train
+
+
+@pytest.fixture
+def stalling_url():
+    """A server that sends headers and half the body, then goes silent."""
+
+    class Stall(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(2**20))
+            self.end_headers()
+            self.wfile.write(b"PK" + b"\0" * 2**10)
+            self.wfile.flush()
+            time.sleep(30)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/data.zip"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_stalled_server_times_out_and_leaves_nothing(stalling_url, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=r"after 2 attempts \(.*(Timeout|timed out)"):
+        fetch(stalling_url, tmp_path / "a.zip", timeout=0.5, retries=1)
+    assert time.monotonic() - start < 10
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_download_leaves_nothing_and_the_next_run_recovers(stalling_url, dataset_zip, tmp_path):
+    target = tmp_path / "raw" / "food"
+    code = ("import sys; from pathlib import Path; from foodvision.download import download_dataset; "
+            "download_dataset(sys.argv[1], Path(sys.argv[2]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, stalling_url, str(target)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not any(target.parent.glob(".food.download.*.tmp/*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not target.exists(), "a killed download must not look complete"
+    assert any(target.parent.glob(".food.*.tmp")), "the kill really happened mid-download"
+    download_dataset(str(dataset_zip), target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["food"], "stale temporaries are cleaned up"
+    assert len(list(target.rglob("*.jpg"))) == 18
+
+
+def test_corrupt_member_is_a_clear_error(dataset_zip, tmp_path):
+    data = bytearray(dataset_zip.read_bytes())
+    with zipfile.ZipFile(dataset_zip) as zf:
+        info = zf.infolist()[3]
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 10
+    data[start:start + 64] = bytes(64)  # damage compressed bytes, keep the directory intact
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match="is a corrupt zip archive"):
+        extract_dataset(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_zip(dataset_zip, tmp_path):
+    half = tmp_path / "half.zip"
+    half.write_bytes(dataset_zip.read_bytes()[: dataset_zip.stat().st_size // 2])
+    with pytest.raises(ArchiveError, match="not a zip archive"):
+        extract_dataset(half, tmp_path / "out")
+
+
+def test_zip_bomb_is_refused(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("test/a/x.jpg", b"x")
+        zf.writestr("train/a/x.jpg", bytes(3 * 2**20))
+    assert bomb.stat().st_size < 2**16
+    with pytest.raises(ArchiveError, match=r"inflate to 3 MB, over data.max_extract_mb \(2 MB\)"):
+        extract_dataset(bomb, tmp_path / "out", max_bytes=2 * 2**20)
+    assert not (tmp_path / "out").exists()
+    extract_dataset(bomb, tmp_path / "out", max_bytes=4 * 2**20)
+
+
+def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path):
+    import json
+
+    from foodvision.model import eval_transform
+    from foodvision.prepare import prepare
+
+    write_dataset(tmp_path / "raw")
+    good = tmp_path / "raw" / "train" / "sushi" / "000.jpg"
+    (tmp_path / "raw" / "train" / "sushi" / "cut.jpg").write_bytes(good.read_bytes()[:300])
+    (tmp_path / "t.json").write_text(json.dumps(eval_transform("efficientnet_b0", "DEFAULT")))
+    spec = prepare(tmp_path / "raw", tmp_path / "spec.json", transform_path=tmp_path / "t.json", batch_size=4, seed=1,
+                   skip_corrupt=True)
+    assert spec["skipped_corrupt"] == ["train/sushi/cut.jpg"]
+    assert spec["counts"]["train"]["sushi"] == 4
+    assert all(s["path"] != "train/sushi/cut.jpg" for s in spec["splits"]["train"])
+
+
+def test_sixteen_bit_and_float_images_keep_their_brightness(tmp_path):
+    for mode, value, expected in (("I;16", 32896, 128), ("I", 65535, 255), ("F", 0.5, 128)):
+        path = tmp_path / f"{mode.replace(';', '')}.tiff"
+        Image.fromarray(np.full((8, 8), value, dtype={"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]),
+                        mode if mode != "I;16" else None).save(path)
+        im = open_rgb(path)
+        assert im.mode == "RGB" and im.getpixel((0, 0)) == (expected,) * 3, mode
+
+
+def test_train_refuses_an_unknown_backbone_before_any_work(tmp_path):
+    with pytest.raises(ModelError, match="model.name 'efficientnet_b9'.*accepted"):
+        train(tmp_path / "missing-spec.json", tmp_path / "missing.pth", ModelParams(name="efficientnet_b9"),
+              TrainParams(), seed=1, model_out=tmp_path / "m.pt", summary_out=tmp_path / "s.txt",
+              metrics_out=tmp_path / "t.json", history_out=tmp_path / "h.csv", curves_out=tmp_path / "c.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_of_outputs_are_removed(tmp_path):
+    from foodvision.atomic import write_text
+
+    (tmp_path / ".model.pt.abc123.tmp").write_bytes(b"half a model")
+    (tmp_path / ".other.txt.x.tmp").write_bytes(b"not ours to touch")
+    write_text(tmp_path / "model.pt", "done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.txt.x.tmp", "model.pt"]
