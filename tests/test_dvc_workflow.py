@@ -73,7 +73,7 @@ def test_queued_sweep_runs_every_combination(repo):
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "model.weights=null", "-S", "model.weights_url=null",
        "-S", "model.name=efficientnet_b0,mobilenet_v3_small", "-S", "train.lr=0.001,0.01")
     assert sh(repo, "dvc", "queue", "status").stdout.count("Queued") == 4
-    sh(repo, "dvc", "queue", "start")
+    sh(repo, "dvc", "queue", "start", "--jobs", "2")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = sh(repo, "dvc", "queue", "status").stdout

@@ -7,12 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import make_image
+from conftest import QuietHandler, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [
@@ -143,3 +144,69 @@ def test_rerun_from_scratch_is_byte_identical(project):
     assert {f: (project / f).read_bytes() for f in files} == before
     again = torch.load(project / "models/model.pt", weights_only=True)["state_dict"]
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+
+
+class _PlotDivs(HTMLParser):
+    """Which of the page's vega plot <div>s got a rendered <canvas>/<svg>, and any vega-embed error."""
+
+    def __init__(self, ids: set[str]) -> None:
+        super().__init__()
+        self.ids, self.stack, self.rendered, self.errors = ids, [], set(), []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag == "div":
+            self.stack.append(attrs.get("id"))
+        if tag in ("canvas", "svg"):
+            self.rendered.update(i for i in self.stack if i in self.ids)
+        if "error" in (attrs.get("class") or ""):
+            self.errors.append(attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "div" and self.stack:
+            self.stack.pop()
+
+
+def test_plots_page_renders_offline_in_headless_chromium(project, tmp_path):
+    """What a user sees: every chart of `dvc plots show` drawn by Vega, served from node_modules."""
+    import http.server
+    import re
+    import threading
+    from functools import partial
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    vendor = ROOT / "node_modules" / "vega-embed" / "build" / "vega-embed.min.js"
+    if not chromium or not vendor.is_file():
+        missing = "chromium" if not chromium else "node_modules (npm ci)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} is missing; the README's setup installs it")
+        pytest.skip(f"{missing} is not installed (see the README's plot-viewing setup)")
+    if not (project / "node_modules").exists():
+        (project / "node_modules").symlink_to(ROOT / "node_modules")
+    sh(project, "dvc", "plots", "show")
+    page = (project / "dvc_plots" / "index.html").read_text()
+    ids = set(re.findall(r"vegaEmbed\('#([^']+)'", page))
+    assert len(ids) == 3, "Loss, Accuracy and Confusion matrix, each once"
+    assert "cdn.jsdelivr" not in page.split("if (!window.vegaEmbed)")[0], "libraries load locally first"
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == len(set(images)) == 5  # curves, confusion, 2 test samples and the own photo
+    assert all((project / "dvc_plots" / src).stat().st_size > 1000 for src in images)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(project)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/dvc_plots/index.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1300,2600"]
+    try:
+        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "plots.png"
+        subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    divs = _PlotDivs(ids)
+    divs.feed(dom)
+    assert divs.rendered == ids, f"not drawn: {sorted(ids - divs.rendered)}"
+    assert divs.errors == []
+    assert shot.stat().st_size > 50_000, "a screenshot with charts in it"
