@@ -9,10 +9,12 @@ Every figure is measured in the same run, on the same data, backbone and epochs.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the figures; set before tqdm loads
+
 import argparse
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -141,7 +143,8 @@ def bench_pipeline(model_name: str) -> None:
         t_all, peak_all = run_peak(["dvc", "repro"], project)
         t_noop, _ = run_peak(["dvc", "repro"], project)
         print(f"\ndata: {archive.name}, backbone: {model_name}")
-        print(f"dvc repro after download: {t_all:.1f} s (target < 30 s); no-op dvc repro: {t_noop:.2f} s (target < 3 s)")
+        print(f"dvc repro after download: {t_all:.1f} s (target < 30 s); "
+              f"no-op dvc repro: {t_noop:.2f} s (target < 3 s)")
         print(f"{'stage':>10} {'seconds':>8} {'peak MB':>8}")
         for stage in ("download", "pretrained", "prepare", "train", "evaluate", "predict"):
             seconds, peak = run_peak([sys.executable, f"stages/{stage}.py"], project)

@@ -66,3 +66,23 @@ def test_cli_all_good_exits_zero_and_bad_model_is_clear(trained, tmp_path, capsy
     assert main([str(good), "--model", str(trained.model)]) == 0
     assert main([str(good), "--model", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt not found" in capsys.readouterr().err
+
+
+def test_predict_refuses_broken_or_foreign_checkpoints(trained, tmp_path, capsys):
+    import torch
+
+    from foodvision.model import ModelError
+
+    broken = tmp_path / "model.pt"
+    broken.write_bytes(trained.model.read_bytes()[:5000])
+    with pytest.raises(ModelError, match="model.pt is not a readable PyTorch weights file"):
+        predict(broken, trained.spec, num_samples=1, images=(), seed=1, device="cpu", out_dir=tmp_path / "p",
+                json_out=tmp_path / "p.json")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.json").exists()
+    foreign = torch.load(trained.model, weights_only=True)
+    foreign["model_name"] = "resnet18"
+    torch.save(foreign, broken)
+    good = tmp_path / "good.jpg"
+    make_image("pizza", 1).save(good)
+    assert main([str(good), "--model", str(broken)]) == 2
+    assert "does not match its own backbone 'resnet18'" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def resolve_weights(name: str, weights: str | None) -> Weights | None:
     if weights is None:
         return None
     if weights not in members:
-        raise ModelError(f"model.weights {weights!r} is not a member of {label}; accepted: {', '.join(members)}, or null")
+        raise ModelError(f"model.weights {weights!r} is not a member of {label}; "
+                         f"accepted: {', '.join(members)}, or null")
     if name == lite0.NAME:
         return Weights("efficientnet_lite0.IMAGENET1K", lite0.default_source(), lite0.TRANSFORM, lite0.convert)
     member = enum[weights]
@@ -95,17 +96,13 @@ def replace_head(model: nn.Module, num_classes: int, dropout: float) -> str:
     if not linears:
         raise ModelError(f"{type(model).__name__} has no Linear layer to replace")
     name, last = linears[-1]
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    head = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(last.in_features, num_classes))
-    if parent_name and all(isinstance(m, (nn.Dropout, nn.Linear)) for m in parent.children()) and len(
-        [m for m in parent.children() if isinstance(m, nn.Linear)]
-    ) == 1:
-        grand_name, _, attr = parent_name.rpartition(".")
-        setattr(model.get_submodule(grand_name) if grand_name else model, attr, head)
-        return parent_name
-    setattr(parent, child, head)
-    return name
+    parent_name = name.rpartition(".")[0]
+    siblings = list(model.get_submodule(parent_name).children()) if parent_name else []
+    whole_parent = parent_name and all(isinstance(m, nn.Dropout) for m in siblings if m is not last)
+    target = parent_name if whole_parent else name
+    model.set_submodule(target, nn.Sequential(nn.Dropout(p=dropout, inplace=True),
+                                              nn.Linear(last.in_features, num_classes)))
+    return target
 
 
 def freeze_all_but(model: nn.Module, head: str) -> None:
@@ -143,7 +140,8 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ModelError(f"{path} not found: run `dvc repro` to create it") from None
     except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise ModelError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}); delete it and run `dvc repro`") from None
+        raise ModelError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}); "
+                         "delete it and run `dvc repro`") from None
     if not isinstance(state, dict):
         raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
@@ -157,7 +155,8 @@ def load_pretrained(name: str, path: Path) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
-        raise ModelError(f"{path} does not fit model.name {name!r} ({detail}); fix model.weights_url or model.name") from None
+        raise ModelError(f"{path} does not fit model.name {name!r} ({detail}); "
+                         "fix model.weights_url or model.name") from None
     return model
 
 
@@ -194,14 +193,16 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     ckpt = load_state_dict_file(path)
     missing = {"format", "model_name", "head", "dropout", "class_names", "transform", "state_dict"} - set(ckpt)
     if missing or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is not a FoodVision checkpoint (missing {', '.join(sorted(missing)) or 'format'}); run `dvc repro train`")
+        raise ModelError(f"{path} is not a FoodVision checkpoint (missing {', '.join(sorted(missing)) or 'format'}); "
+                         "run `dvc repro train`")
     model = build_backbone(ckpt["model_name"])
     replace_head(model, len(ckpt["class_names"]), ckpt["dropout"])
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise ModelError(f"{path} does not match its own backbone {ckpt['model_name']!r} and "
-                         f"{len(ckpt['class_names'])} classes ({str(exc).splitlines()[0]}); run `dvc repro train`") from None
+                         f"{len(ckpt['class_names'])} classes ({str(exc).splitlines()[0]}); "
+                         "run `dvc repro train`") from None
     model.eval()
     return model, ckpt
 

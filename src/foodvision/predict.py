@@ -74,7 +74,8 @@ def predict(model_path: Path, spec_path: Path, *, num_samples: int, images: tupl
             try:
                 image = load_image(path, ckpt["transform"])
             except (OSError, ValueError) as exc:
-                raise FoodVisionError(f"cannot read image {source} ({exc}); fix predict.images in params.yaml") from None
+                raise FoodVisionError(f"cannot read image {source} ({exc}); "
+                                      "fix predict.images in params.yaml") from None
             result = describe(classify(model, transform, image, dev), classes, source, true)
             result["plot"] = f"{stem}_{Path(source_name(source)).stem}.png"
             prediction(image, title(result), None if true is None else result["pred"] == true,
