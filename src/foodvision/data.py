@@ -19,6 +19,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from foodvision.errors import FoodVisionError
 
+
 def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     """Any image Pillow opens (RGBA, L, P, CMYK, EXIF-rotated phone photo) as upright RGB.
 
@@ -31,7 +32,7 @@ def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I;16") or im.mode in ("I", "F"):
             im = _to_8bit(im)
-        if im.mode in ("P", "LA", "PA") or (im.mode == "RGBA"):
+        if im.mode in ("P", "LA", "PA", "RGBA"):  # transparency goes onto white, not black
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(background, im)
