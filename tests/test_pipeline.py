@@ -212,3 +212,13 @@ def test_plots_page_renders_offline_in_headless_chromium(project, tmp_path):
     assert divs.rendered == ids, f"not drawn: {sorted(ids - divs.rendered)}"
     assert divs.errors == []
     assert shot.stat().st_size > 50_000, "a screenshot with charts in it"
+
+
+def test_a_backbone_typo_fails_before_the_dataset_download(tmp_path, server_url, dataset_zip):
+    clone = copy_project(tmp_path)
+    set_params(clone, data__url=f"{server_url}/{dataset_zip.name}", model__name="efficientnet_b00")
+    sh(clone, "git", "init", "-q")
+    result = sh(clone, "dvc", "repro", check=False)
+    assert result.returncode != 0
+    assert "error: model.name 'efficientnet_b00' is not a known classification backbone; accepted:" in result.stderr
+    assert not (clone / "data/raw").exists()
