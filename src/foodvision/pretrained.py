@@ -17,8 +17,8 @@ from torch.hub import HASH_REGEX
 
 from foodvision.atomic import atomic_path, remove_stale, write_json
 from foodvision.fetch import fetch, source_name
-from foodvision.model import (ModelError, build_backbone, eval_transform, load_pretrained, load_state_dict_file,
-                              resolve_weights)
+from foodvision.model import (ModelError, Weights, build_backbone, eval_transform, load_pretrained,
+                              load_state_dict_file, resolve_weights)
 
 
 RANDOM_INIT_SEED = 0
@@ -32,8 +32,6 @@ def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, de
     and does not depend on params `seed` (which would re-fetch real weights whenever it changed).
     """
     source = resolve_weights(name, weights)
-    if transform_out is not None:
-        write_json(transform_out, eval_transform(name, weights))
     if source is None:
         if weights_url is not None:
             raise ModelError("model.weights_url is set but model.weights is null; set model.weights "
@@ -42,8 +40,15 @@ def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, de
         with atomic_path(dest) as tmp:
             torch.save(build_backbone(name).state_dict(), tmp)
         print(f"model.weights is null: wrote a randomly initialised {name} to {dest}")
-        return dest
-    url = weights_url or source.url
+    else:
+        _fetch(name, source, weights_url or source.url, dest)
+    if transform_out is not None:  # last: it exists only beside a complete weights file
+        write_json(transform_out, eval_transform(name, weights))
+    return dest
+
+
+def _fetch(name: str, source: Weights, url: str, dest: Path) -> None:
+    """Download, hash-check, convert and strictly load the weights before `dest` appears."""
     match = HASH_REGEX.search(source_name(url))
     prefix = match.group(1) if match and match.group(1) else None
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +62,6 @@ def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, de
         staged.replace(dest)
     check = f"matches its name's prefix {prefix}" if prefix else "no hash in its file name to check"
     print(f"fetched {source.label} from {url} to {dest} (sha256 {digest[:12]}…, {check})")
-    return dest
 
 
 def _convert_file(path: Path, convert: Callable[[dict], dict], url: str) -> None:
