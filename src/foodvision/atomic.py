@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -69,6 +71,15 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
 def write_text(dest: Path, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv(dest: Path, header: list[str], rows: list[list[object]]) -> None:
+    """Unix line endings, so reruns on any platform give the same bytes."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(dest, buf.getvalue())
 
 
 def write_json(dest: Path, data: object) -> None:

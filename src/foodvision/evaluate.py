@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +9,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from foodvision.atomic import write_json, write_text
+from foodvision.atomic import write_csv, write_json
 from foodvision.data import load_spec, loader_workers, make_loader
 from foodvision.model import ModelError, for_inference, load_checkpoint, pick_device
+from foodvision.plots import confusion
 
 
 def classification_report(actual: list[int], predicted: list[int], classes: list[str]) -> dict[str, Any]:
@@ -62,14 +61,8 @@ def evaluate(model_path: Path, spec_path: Path, *, device: str, metrics_out: Pat
                "macro_f1": report["macro_f1"], "samples": len(actual), "per_class": report["per_class"]}
     write_json(metrics_out, metrics)
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "actual", "predicted"])
-    for sample, a, p in zip(spec["splits"]["test"], actual, predicted):
-        writer.writerow([sample["path"], classes[a], classes[p]])
-    write_text(confusion_csv, buf.getvalue())
-    from foodvision.plots import confusion  # matplotlib is slow to import; only needed here
-
+    write_csv(confusion_csv, ["path", "actual", "predicted"],
+              [[s["path"], classes[a], classes[p]] for s, a, p in zip(spec["splits"]["test"], actual, predicted)])
     confusion(report["matrix"], classes, confusion_png)
     print(f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
           f"on {metrics['samples']} images")

@@ -147,10 +147,13 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(name: str, path: Path) -> nn.Module:
-    """Build `name` and load the pretrained file strictly: a wrong file fails here, by name."""
+def load_pretrained(name: str, path: Path, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Build `name` and load the pretrained file (or its already loaded `state`) strictly.
+
+    A wrong file fails here, by name.
+    """
     model = build_backbone(name)
-    state = load_state_dict_file(path)
+    state = load_state_dict_file(path) if state is None else state
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -13,7 +13,7 @@ from PIL import Image  # noqa: E402
 
 from foodvision.atomic import atomic_path  # noqa: E402
 
-# A fixed date in PNG metadata would otherwise vary per run; keep PNGs byte-identical.
+# No "Software" text chunk: the PNG bytes then depend only on the pixels, not the matplotlib version.
 PNG_METADATA = {"Software": None}
 
 

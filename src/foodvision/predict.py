@@ -19,7 +19,7 @@ from torch import nn
 from foodvision.atomic import atomic_dir, write_json
 from foodvision.data import build_transform, load_spec, open_rgb
 from foodvision.errors import FoodVisionError
-from foodvision.fetch import fetch, is_url, local_path, source_name
+from foodvision.fetch import fetch, local_path, source_name
 from foodvision.model import for_inference, load_checkpoint, pick_device
 
 
@@ -87,9 +87,9 @@ def predict(model_path: Path, spec_path: Path, *, num_samples: int, images: tupl
 
 
 def _materialise(source: str, dest: Path) -> Path:
-    """A URL is fetched to `dest`; a local path is used where it is."""
+    """An http(s) URL is fetched to `dest`; a path or file:// URL is read where it is."""
     path = local_path(source)
-    if path is not None and not is_url(source):
+    if path is not None:
         return path
     fetch(source, dest, what="image")
     return dest

@@ -9,7 +9,6 @@ downloaded into torch's cache outside the project.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,19 +55,16 @@ def _fetch(name: str, source: Weights, url: str, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.fetch.", suffix=".tmp") as tmp:
         staged = Path(tmp) / "weights.pth"
         digest = fetch(url, staged, sha256_prefix=prefix, what=f"pretrained weights for {name}")
-        if source.convert is not None:
-            _convert_file(staged, source.convert, url)
-        load_pretrained(name, staged)  # strict: refuse a file for another architecture
+        state = load_state_dict_file(staged)
+        if source.convert is not None:  # a foreign layout: store it with torchvision's keys
+            try:
+                state = source.convert(state)
+            except KeyError as exc:
+                raise ModelError(f"{url} has an unexpected tensor {exc}; "
+                                 "it is not a weights file for this backbone") from None
+            torch.save(state, staged)
+        load_pretrained(name, staged, state)  # strict: refuse a file for another architecture
         staged.replace(dest)
     check = f"matches its name's prefix {prefix}" if prefix else "no hash in its file name to check"
     print(f"fetched {source.label} from {url} to {dest} (sha256 {digest[:12]}…, {check})")
 
-
-def _convert_file(path: Path, convert: Callable[[dict], dict], url: str) -> None:
-    """Rename a foreign checkpoint's keys to torchvision's, in place."""
-    try:
-        state = convert(load_state_dict_file(path))
-    except KeyError as exc:
-        raise ModelError(f"{url} has an unexpected tensor {exc}; it is not a weights file for this backbone") from None
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)

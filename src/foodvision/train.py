@@ -8,8 +8,6 @@ Both give the same metrics (within float tolerance), which a test checks.
 
 from __future__ import annotations
 
-import csv
-import io
 import random
 import time
 from pathlib import Path
@@ -19,13 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchinfo import summary
 from tqdm import tqdm
 
-from foodvision.atomic import write_json, write_text
+from foodvision.atomic import write_csv, write_json, write_text
 from foodvision.data import augment_transform, load_spec, loader_workers, make_loader
 from foodvision.model import (classifier_for, for_inference, pick_device, resolve_weights, save_checkpoint,
                               set_train_mode)
 from foodvision.params import ModelParams, TrainParams
+from foodvision.plots import loss_curves
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -65,11 +65,12 @@ def run_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: 
     return total_loss / seen, correct / seen
 
 
-def head_inputs(model: nn.Module, head: str, loader: DataLoader, device: torch.device,
+def head_inputs(body: nn.Module, loader: DataLoader, device: torch.device,
                 desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample's features (what the head sees), once: batched, inference mode, BN folded."""
-    body = for_inference(model)
-    body.set_submodule(head, nn.Identity())
+    """Every sample's features (what the head sees), once: batched, inference mode.
+
+    `body` is the model without its head, e.g. `for_inference(model)` with the head set to Identity.
+    """
     feats, labels = [], []
     with torch.inference_mode():
         for images, target in tqdm(loader, desc=desc, leave=False, unit="batch"):
@@ -80,8 +81,6 @@ def head_inputs(model: nn.Module, head: str, loader: DataLoader, device: torch.d
 
 def model_summary(model: nn.Module, batch_size: int, crop_size: int) -> str:
     """torchinfo's table as in the article; eval mode, so summarising never touches BN stats."""
-    from torchinfo import summary  # imported here: only train needs it, and it is slow to import
-
     stats = summary(model, input_size=(batch_size, 3, crop_size, crop_size), verbose=0, mode="eval",
                     col_names=["input_size", "output_size", "num_params", "trainable"],
                     col_width=20, row_settings=["var_names"], device="cpu")
@@ -105,8 +104,11 @@ def fit(model: nn.Module, head: str, spec: dict[str, Any], params: TrainParams, 
     else:
         batches = {split: make_loader(spec, split, shuffle=False, seed=seed, workers=workers)
                    for split in ("train", "test")}
-        train_x, train_y = head_inputs(model, head, batches["train"], device, desc="features train")
-        test_x, test_y = head_inputs(model, head, batches["test"], device, desc="features test")
+        body = for_inference(model)
+        body.set_submodule(head, nn.Identity())
+        train_x, train_y = head_inputs(body, batches["train"], device, desc="features train")
+        test_x, test_y = head_inputs(body, batches["test"], device, desc="features test")
+        del body
         generator = torch.Generator().manual_seed(seed)  # the same shuffle order the image loader draws
         train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=spec["batch_size"], shuffle=True,
                                   generator=generator)
@@ -148,16 +150,6 @@ def train(spec_path: Path, pretrained_path: Path, model_params: ModelParams, tra
     params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     write_json(metrics_out, {**history[-1], "seed": seed, "params_total": params_total,
                              "params_trainable": params_trainable})
-    write_history(history, history_out)
-    from foodvision.plots import loss_curves  # matplotlib is slow to import; only needed here
-
+    write_csv(history_out, list(HISTORY_FIELDS), [[row[k] for k in HISTORY_FIELDS] for row in history])
     loss_curves(history, curves_out)
     return history
-
-
-def write_history(history: list[dict[str, Any]], dest: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(dest, buf.getvalue())
