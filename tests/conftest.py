@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import subprocess
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -28,7 +29,15 @@ from foodvision.train import train
 
 CLASSES = ("pizza", "steak", "sushi")
 COLOURS = {"pizza": (200, 60, 40), "steak": (90, 50, 30), "sushi": (240, 240, 230)}
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def default_params_text() -> str:
+    """The committed params.yaml: the tests check the product's defaults, not the experiment a
+    developer last applied to the workspace (`dvc exp run` rewrites params.yaml)."""
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else (ROOT / "params.yaml").read_text()
 
 
 def make_image(cls: str, seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import default_params_text
 from foodvision.params import ParamsError, load_params
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -14,8 +14,8 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_project_params_load_with_the_article_recipe():
-    p = load_params(ROOT / "params.yaml")
+def test_project_params_load_with_the_article_recipe(tmp_path):
+    p = load_params(write(tmp_path, default_params_text()))
     assert (p.seed, p.model.name, p.model.weights, p.model.dropout) == (42, "efficientnet_b0", "DEFAULT", 0.2)
     assert (p.train.epochs, p.train.batch_size, p.train.lr, p.train.device) == (5, 32, 0.001, "auto")
     assert p.predict.num_samples == 3 and len(p.predict.images) == 1
@@ -38,7 +38,7 @@ def test_project_params_load_with_the_article_recipe():
     ],
 )
 def test_bad_params_name_the_key(tmp_path, edit, message):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load(default_params_text())
     edit(params)
     with pytest.raises(ParamsError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_params(write(tmp_path, yaml.safe_dump(params)))

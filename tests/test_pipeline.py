@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import QuietHandler, make_image
+from conftest import QuietHandler, default_params_text, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [
@@ -33,6 +33,7 @@ def copy_project(dest: Path) -> Path:
         if (ROOT / rel).is_file() and not rel.startswith("tests/"):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
+    (dest / "params.yaml").write_text(default_params_text())
     return dest
 
 
