@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import signal
 import http.server
 import subprocess
 import threading
@@ -150,3 +152,25 @@ def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 
 def trained(tmp_path_factory: pytest.TempPathFactory, server_url: str, dataset_zip: Path, backbone_file: Path) -> Trained:
     return train_tiny(tmp_path_factory.mktemp("trained"), f"{server_url}/{dataset_zip.name}",
                       f"{server_url}/{backbone_file.name}")
+
+
+def kill_processes_in(folder: Path) -> list[int]:
+    """SIGKILL every process whose working directory is inside `folder` (e.g. `dvc queue` workers).
+
+    DVC's queue workers are daemons; one that misses the shutdown message lives on with an empty
+    queue. Linux-only (/proc); elsewhere nothing is killed.
+    """
+    folder = folder.resolve()
+    killed = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:
+            continue
+        if (cwd == folder or folder in cwd.parents) and int(proc.name) != os.getpid():
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+            except ProcessLookupError:
+                pass
+    return killed

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image
+from conftest import kill_processes_in, make_image
 from foodvision.model import load_checkpoint
 from test_pipeline import copy_project, set_params, sh
+
+# A stuck `dvc` (a queue worker that never exits) fails one test with pytest-timeout's message, not the run.
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,8 @@ def repo(tmp_path_factory, server_url, dataset_zip, backbone_file) -> Path:
     sh(project, "dvc", "repro")
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
-    return project
+    yield project
+    kill_processes_in(project)  # whatever a failed test left behind: no worker outlives the module
 
 
 def exp_rows(project: Path) -> list[dict]:
@@ -69,18 +73,22 @@ def test_experiment_runs_and_compares(repo):
     assert len(plots["Accuracy"]) == 1
 
 
-def test_queued_sweep_runs_every_combination(repo):
+def test_queued_sweep_runs_every_combination(repo, tmp_path):
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "model.weights=null", "-S", "model.weights_url=null",
        "-S", "model.name=efficientnet_b0,mobilenet_v3_small", "-S", "train.lr=0.001,0.01")
     assert sh(repo, "dvc", "queue", "status").stdout.count("Queued") == 4
-    sh(repo, "dvc", "queue", "start", "--jobs", "2")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = sh(repo, "dvc", "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    sh(repo, "dvc", "queue", "stop", check=False)
+    try:
+        # the workers are daemons: their output goes to a file, never to a pipe this test would wait on
+        sh(repo, "dvc", "queue", "start", "--jobs", "2", log=tmp_path / "queue.log")
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            status = sh(repo, "dvc", "queue", "status").stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+    finally:
+        sh(repo, "dvc", "queue", "stop", "--kill", check=False, timeout=60)
+        kill_processes_in(repo)
     assert status.count("Success") == 4, status
     grid = {(r["params"]["model"]["name"], r["params"]["train"]["lr"]) for r in exp_rows(repo)
             if r["params"].get("model", {}).get("weights") is None and "metrics/eval.json" in r["metrics"]}

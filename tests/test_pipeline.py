@@ -37,10 +37,24 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def sh(cwd: Path, *args: str, check: bool = True, timeout: float = 300,
+       log: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a command with a hard time limit; a stuck `dvc` fails this test, by name, instead of the run.
+
+    `log`: send the output to this file instead of a pipe. Commands that leave daemons behind (`dvc
+    queue start`) must use it: a daemon inherits the pipe and would keep `subprocess.run` waiting.
+    """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    try:
+        if log is None:
+            result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        else:
+            with open(log, "a") as out:
+                result = subprocess.run(list(args), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{' '.join(args)} did not finish within {timeout:.0f} s (stuck?)") from None
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
