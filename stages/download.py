@@ -1,4 +1,4 @@
-"""DVC stage `download`: the dataset archive at data.url, extracted to data/raw/pizza_steak_sushi."""
+"""DVC stage `download`: the dataset archive at data.url, extracted to paths.raw."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from foodvision.stage import run
 
 def main() -> None:
     params = load_params()
-    download_dataset(params.data.url, Path("data/raw/pizza_steak_sushi"), sha256=params.data.sha256,
+    download_dataset(params.data.url, Path(params.paths.raw), sha256=params.data.sha256,
                      max_extract_mb=params.data.max_extract_mb)
 
 

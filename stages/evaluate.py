@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: metrics/eval.json and plots/eval/confusion.{csv,png}."""
+"""DVC stage `evaluate`: the trained head on the stored test features; paths.eval_metrics and the confusion matrix."""
 
 from pathlib import Path
 
@@ -9,9 +9,10 @@ from foodvision.stage import run
 
 def main() -> None:
     params = load_params()
-    evaluate(Path("models/model.pt"), Path("data/prepared/spec.json"), device=params.train.device,
-             metrics_out=Path("metrics/eval.json"), confusion_csv=Path("plots/eval/confusion.csv"),
-             confusion_png=Path("plots/eval/confusion.png"))
+    paths = params.paths
+    evaluate(Path(paths.model), Path(paths.features), device=params.train.device,
+             metrics_out=Path(paths.eval_metrics),
+             confusion_csv=Path(paths.confusion_csv), confusion_png=Path(paths.confusion_png))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DVC stage `predict`: plots/predictions/*.png and plots/predictions.json."""
+"""DVC stage `predict`: the whole saved model on test images and the user's photos; paths.predictions(_json)."""
 
 from pathlib import Path
 
@@ -9,9 +9,10 @@ from foodvision.stage import run
 
 def main() -> None:
     params = load_params()
-    predict(Path("models/model.pt"), Path("data/prepared/spec.json"), num_samples=params.predict.num_samples,
+    paths = params.paths
+    predict(Path(paths.model), Path(paths.features), num_samples=params.predict.num_samples,
             images=params.predict.images, seed=params.seed, device=params.train.device,
-            out_dir=Path("plots/predictions"), json_out=Path("plots/predictions.json"))
+            out_dir=Path(paths.predictions), json_out=Path(paths.predictions_json))
 
 
 if __name__ == "__main__":

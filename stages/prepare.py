@@ -1,4 +1,4 @@
-"""DVC stage `prepare`: validate the images and write data/prepared/spec.json."""
+"""DVC stage `prepare`: find the dataset's layout and classes, check the images, write paths.spec."""
 
 from pathlib import Path
 
@@ -9,9 +9,9 @@ from foodvision.stage import run
 
 def main() -> None:
     params = load_params()
-    prepare(Path("data/raw/pizza_steak_sushi"), Path("data/prepared/spec.json"),
-            transform_path=Path("models/pretrained/transform.json"),
-            batch_size=params.train.batch_size, seed=params.seed, skip_corrupt=params.data.skip_corrupt)
+    d = params.data
+    prepare(Path(params.paths.raw), Path(params.paths.spec), classes=d.classes, test_fraction=d.test_fraction,
+            seed=params.seed, skip_corrupt=d.skip_corrupt)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DVC stage `pretrained`: the backbone's weights, models/pretrained/backbone.pth, and its transform.json."""
+"""DVC stage `pretrained`: the backbone's weights (paths.pretrained) and their eval transform (paths.transform)."""
 
 from pathlib import Path
 
@@ -9,9 +9,8 @@ from foodvision.stage import run
 
 def main() -> None:
     params = load_params()
-    m = params.model
-    fetch_pretrained(m.name, m.weights, m.weights_url, Path("models/pretrained/backbone.pth"),
-                     transform_out=Path("models/pretrained/transform.json"))
+    m, paths = params.model, params.paths
+    fetch_pretrained(m.name, m.weights, m.weights_url, Path(paths.pretrained), transform_out=Path(paths.transform))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DVC stage `train`: models/model.pt, models/summary.txt, metrics/train.json, plots/train/*."""
+"""DVC stage `train`: the head on the stored features; paths.model, paths.train_metrics, paths.history, paths.curves."""
 
 from pathlib import Path
 
@@ -9,10 +9,10 @@ from foodvision.train import train
 
 def main() -> None:
     params = load_params()
-    train(Path("data/prepared/spec.json"), Path("models/pretrained/backbone.pth"), params.model, params.train,
-          seed=params.seed, model_out=Path("models/model.pt"), summary_out=Path("models/summary.txt"),
-          metrics_out=Path("metrics/train.json"), history_out=Path("plots/train/history.csv"),
-          curves_out=Path("plots/train/loss_curves.png"))
+    paths = params.paths
+    train(Path(paths.features), Path(paths.pretrained), Path(paths.transform), Path(paths.spec), params.model,
+          params.train, seed=params.seed, model_out=Path(paths.model), metrics_out=Path(paths.train_metrics),
+          history_out=Path(paths.history), curves_out=Path(paths.curves))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from foodvision.download import download_dataset
+from foodvision.featurize import featurize
 from foodvision.model import build_backbone
 from foodvision.params import ModelParams, TrainParams
 from foodvision.prepare import prepare
@@ -123,12 +124,14 @@ def shared_data() -> Path:
 
 @dataclass(frozen=True)
 class Trained:
-    """A project directory where download, pretrained, prepare and train have run on the tiny data."""
+    """A project directory where download, pretrained, prepare, featurize and train have run on the tiny data."""
 
     root: Path
     raw: Path
     spec: Path
     pretrained: Path
+    transform: Path
+    features: Path
     model: Path
     metrics: Path
     history: Path
@@ -137,14 +140,17 @@ class Trained:
 
 
 def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 2, seed: int = 42) -> Trained:
-    t = Trained(root, root / "raw", root / "spec.json", root / "backbone.pth", root / "model.pt",
-                root / "train.json", root / "history.csv", root / "summary.txt", root / "curves.png")
+    t = Trained(root, root / "raw", root / "spec.json", root / "backbone.pth", root / "transform.json",
+                root / "features", root / "model.pt", root / "train.json", root / "history.csv", root / "summary.txt",
+                root / "curves.png")
     download_dataset(archive_url, t.raw)
-    fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained, transform_out=root / "transform.json")
-    prepare(t.raw, t.spec, transform_path=root / "transform.json", batch_size=4, seed=seed)
-    train(t.spec, t.pretrained, ModelParams(), TrainParams(epochs=epochs, batch_size=4, lr=0.01, device="cpu"),
-          seed=seed, model_out=t.model, summary_out=t.summary, metrics_out=t.metrics, history_out=t.history,
-          curves_out=t.curves)
+    fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained, transform_out=t.transform)
+    prepare(t.raw, t.spec, seed=seed)
+    featurize(t.spec, t.pretrained, t.transform, t.features, model_name="efficientnet_b0", batch_size=4,
+              device="cpu", skip_corrupt=False, summary_out=t.summary)
+    train(t.features, t.pretrained, t.transform, t.spec, ModelParams(),
+          TrainParams(epochs=epochs, batch_size=4, lr=0.01, device="cpu"), seed=seed, model_out=t.model,
+          metrics_out=t.metrics, history_out=t.history, curves_out=t.curves)
     return t
 
 

@@ -4,7 +4,10 @@ import json
 import torch
 
 from conftest import train_tiny
-from foodvision.model import load_checkpoint, load_state_dict_file
+from foodvision.checkpoint import load_state_dict_file, new_head
+from foodvision.model import load_checkpoint
+from foodvision.params import TrainParams
+from foodvision.train import fit_features, fit_images, seed_everything
 
 
 def test_outputs_history_and_metrics(trained):
@@ -67,22 +70,90 @@ def test_same_seed_same_bytes_other_seed_differs(trained, tmp_path, server_url, 
     assert json.loads(other.metrics.read_text())["seed"] == 7
 
 
-def test_cached_features_match_the_full_loop(trained):
-    from foodvision.data import load_spec
+def test_stored_features_match_the_full_loop_on_images(trained):
+    """Training the head on featurize's files equals the article's loop over images (frozen backbone, eval mode)."""
+    from foodvision.features import load_index, open_split
     from foodvision.model import classifier_for
-    from foodvision.params import TrainParams
-    from foodvision.train import fit, seed_everything
+    from foodvision.spec import load_spec, load_transform
 
-    spec = load_spec(trained.spec)
     params = TrainParams(epochs=3, batch_size=4, lr=0.01, device="cpu")
-    results = {}
-    for cached in (True, False):
-        seed_everything(42)
-        model, head = classifier_for("efficientnet_b0", trained.pretrained, 3, 0.2, seed=42)
-        history = fit(model, head, spec, params, 42, torch.device("cpu"), cache_features=cached)
-        results[cached] = (history, model.get_submodule(head)[1].weight.detach().clone())
-    (fast, w_fast), (loop, w_loop) = results[True], results[False]
+    cpu = torch.device("cpu")
+    seed_everything(42)
+    model, head = classifier_for("efficientnet_b0", trained.pretrained, 3, 0.2, seed=42)
+    loop = fit_images(model, head, load_spec(trained.spec), load_transform(trained.transform), params, 42, cpu)
+    w_loop = model.get_submodule(head)[1].weight.detach().clone()
+
+    seed_everything(42)
+    index = load_index(trained.features)
+    torch.manual_seed(42)
+    net = new_head(index["feature_dim"], 3, 0.2)
+    fast = fit_features(net, open_split(trained.features, index, "train"), open_split(trained.features, index, "test"),
+                        params, 42, cpu)
     for a, b in zip(fast, loop):
         for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
             assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
-    assert torch.allclose(w_fast, w_loop, atol=1e-5)
+    assert torch.allclose(net[1].weight, w_loop, atol=1e-5)
+
+
+def test_the_head_on_stored_features_gives_the_saved_models_logits_on_the_images(trained):
+    """What evaluate computes from the files is what models/model.pt says about the images themselves."""
+    from foodvision.checkpoint import head_from_checkpoint, read_checkpoint
+    from foodvision.data import ImageSamples, build_transform
+    from foodvision.features import load_index, open_split
+    from foodvision.spec import load_transform
+
+    index = load_index(trained.features)
+    feats, labels = next(open_split(trained.features, index, "test").batches(100))
+    head = head_from_checkpoint(trained.model, read_checkpoint(trained.model))
+    model, _ = load_checkpoint(trained.model)
+    transform = load_transform(trained.transform)
+    images = ImageSamples(trained.raw, [{"path": p, "label": 0} for p in index["splits"]["test"]["paths"]],
+                          build_transform(transform), transform["resize_size"])
+    batch = torch.stack([images[i][0] for i in range(len(images))])
+    with torch.inference_mode():
+        from_files, from_images = head(feats), model(batch)
+    assert len(from_files) == 6 and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.allclose(from_files, from_images, atol=1e-4), (from_files - from_images).abs().max()
+
+
+def test_a_long_run_shows_progress_after_every_epoch(trained, tmp_path):
+    """metrics/train.json and the history CSV appear while train runs, before the model does."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import ROOT, default_params_text
+
+    params = yaml.safe_load(default_params_text())
+    params["train"].update(epochs=100_000, batch_size=4, device="cpu")
+    params["paths"].update(features=str(trained.features), pretrained=str(trained.pretrained),
+                           transform=str(trained.transform), spec=str(trained.spec))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/train.py")], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / params["paths"]["train_metrics"]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and json.loads(metrics.read_text())["epoch"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "train still runs"
+        epoch = json.loads(metrics.read_text())["epoch"]
+        rows = list(csv.DictReader((tmp_path / params["paths"]["history"]).open()))
+        assert epoch >= 2 and len(rows) >= epoch
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / params["paths"]["model"]).exists()
+
+
+def test_train_without_augmentation_imports_no_torchvision():
+    """Every stage pays its imports: a linear head on stored features needs torch alone."""
+    import subprocess
+    import sys
+
+    code = "import sys, foodvision.train, foodvision.evaluate; sys.exit('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

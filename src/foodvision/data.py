@@ -1,8 +1,7 @@
-"""Images in, tensors out: upright RGB decoding, the spec's eval transform, seeded loaders."""
+"""Images in, tensors out: upright RGB decoding, the weights' eval transform, seeded loaders."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from foodvision.errors import FoodVisionError
 
 
 def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
@@ -49,9 +47,9 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
 
 
-def build_transform(spec_transform: dict[str, Any]) -> ImageClassification:
-    """Exactly the preset `weights.transforms()` returns, rebuilt from the spec's plain data."""
-    t = spec_transform
+def build_transform(transform: dict[str, Any]) -> ImageClassification:
+    """Exactly the preset `weights.transforms()` returns, rebuilt from transform.json's plain data."""
+    t = transform
     return ImageClassification(
         crop_size=t["crop_size"],
         resize_size=t["resize_size"],
@@ -62,19 +60,9 @@ def build_transform(spec_transform: dict[str, Any]) -> ImageClassification:
     )
 
 
-def load_spec(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FoodVisionError(f"{path} not found: run `dvc repro prepare` first") from None
-    except json.JSONDecodeError as exc:
-        raise FoodVisionError(f"{path} is not valid JSON ({exc}); run `dvc repro prepare`") from None
-
-
-def augment_transform(spec_transform: dict[str, Any]) -> T.Compose:
+def augment_transform(transform: dict[str, Any]) -> T.Compose:
     """torchvision's reference training preset: random resized crop and flip, then normalise."""
-    t = spec_transform
+    t = transform
     return T.Compose([
         T.RandomResizedCrop(t["crop_size"], interpolation=InterpolationMode(t["interpolation"]), antialias=True),
         T.RandomHorizontalFlip(),
@@ -84,14 +72,14 @@ def augment_transform(spec_transform: dict[str, Any]) -> T.Compose:
     ])
 
 
-class SpecDataset(Dataset):
-    """One split of the spec: (image tensor, label) pairs in the spec's order."""
+class ImageSamples(Dataset):
+    """(image tensor, label) for the spec's samples (`{"path": relative to root, "label": int}`), in order."""
 
-    def __init__(self, spec: dict[str, Any], split: str, transform: Callable | None = None) -> None:
-        self.root = Path(spec["root"])
-        self.samples = [(s["path"], s["label"]) for s in spec["splits"][split]]
-        self.transform = transform or build_transform(spec["transform"])
-        self.min_size = spec["transform"]["resize_size"]
+    def __init__(self, root: Path, samples: list[dict[str, Any]], transform: Callable, min_size: int) -> None:
+        self.root = Path(root)
+        self.samples = [(s["path"], s["label"]) for s in samples]
+        self.transform = transform
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,10 +100,9 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def make_loader(spec: dict[str, Any], split: str, *, shuffle: bool, seed: int, transform: Callable | None = None,
-                workers: int = 0) -> DataLoader:
-    """Batches of the spec's size; shuffling comes from its own seeded generator, reproducibly."""
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int = 0) -> DataLoader:
+    """Shuffling comes from its own seeded generator, so the order is reproducible."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(SpecDataset(spec, split, transform), batch_size=spec["batch_size"],
-                      shuffle=shuffle, generator=generator, num_workers=workers, worker_init_fn=_seed_worker,
-                      pin_memory=workers > 0 and torch.cuda.is_available())
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                      worker_init_fn=_seed_worker, pin_memory=workers > 0 and torch.cuda.is_available(),
+                      persistent_workers=False)

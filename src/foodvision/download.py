@@ -1,18 +1,25 @@
-"""download stage: fetch the dataset archive and extract it safely into data/raw/<name>."""
+"""download stage: fetch the dataset archive (.zip, .tar, .tar.gz/.tgz) and extract it safely.
+
+The archive is extracted as it is; `prepare` finds the layout inside (train/test, Food-101, class folders).
+"""
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import stat
+import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from foodvision.atomic import atomic_dir, remove_stale
 from foodvision.errors import FoodVisionError
 from foodvision.fetch import fetch
-
-SPLITS = ("train", "test")
 
 
 class ArchiveError(FoodVisionError):
@@ -20,16 +27,16 @@ class ArchiveError(FoodVisionError):
 
 
 def download_dataset(url: str, target: Path, *, sha256: str | None = None, max_extract_mb: int = 5000) -> Path:
-    """Fetch the zip at `url` (http(s), file:// or a path) and extract it to `target/{train,test}`.
+    """Fetch the archive at `url` (http(s), file:// or a path) and extract it into `target`.
 
     The archive is kept only in a temporary directory: DVC caches the extracted images, so
-    keeping the zip too would store the dataset twice.
+    keeping the archive too would store the dataset twice.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.download.", suffix=".tmp") as tmp:
-        archive = Path(tmp) / "archive.zip"
+        archive = Path(tmp) / "archive"
         digest = fetch(url, archive, sha256=sha256, what="dataset archive")
         print(f"downloaded {url} (sha256 {digest})")
         extract_dataset(archive, target, source=url, max_bytes=max_extract_mb * 2**20)
@@ -37,72 +44,92 @@ def download_dataset(url: str, target: Path, *, sha256: str | None = None, max_e
 
 
 def extract_dataset(archive: Path, target: Path, *, source: str | None = None, max_bytes: int = 5000 * 2**20) -> None:
-    """Extract a zip holding train/ and test/ (at its root or under one top folder) into `target`.
+    """Extract a zip or (compressed) tar archive into `target`, all or nothing.
 
-    Refuses archives that would write outside `target` or inflate beyond `max_bytes` (counted
-    both from the headers and while writing, since headers can lie).
+    Refuses archives that would write outside `target`, hold links or devices, or inflate beyond
+    `max_bytes` (counted both from the headers and while writing, since headers can lie).
     """
     name = source or str(archive)
-    if not zipfile.is_zipfile(archive):
-        raise ArchiveError(f"{name} is not a zip archive (an HTML error page? a truncated download?)")
+    if zipfile.is_zipfile(archive):
+        opener = _zip_members
+    elif tarfile.is_tarfile(archive):
+        opener = _tar_members
+    else:
+        raise ArchiveError(f"{name} is not a zip or tar archive (an HTML error page? a truncated download?)")
     limit = f"data.max_extract_mb ({max_bytes // 2**20} MB)"
     try:
-        with zipfile.ZipFile(archive) as zf, atomic_dir(target) as tmp:
-            members = [m for m in zf.infolist() if not _is_junk(m.filename)]
-            for member in members:
-                _check_member(member, name)
-            if not any(not m.is_dir() for m in members):
-                raise ArchiveError(f"{name} is empty: expected train/<class>/<image> and test/<class>/<image>")
-            if sum(m.file_size for m in members) > max_bytes:
-                raise ArchiveError(f"{name} would inflate to {sum(m.file_size for m in members) // 2**20} MB, "
-                                   f"over {limit}; raise that param if the dataset really is this big")
-            root = _dataset_root([PurePosixPath(m.filename) for m in members], name)
+        with opener(archive, name) as members, atomic_dir(target) as tmp:
+            members = [m for m in members if not _is_junk(m.path)]
+            if not any(not m.is_dir for m in members):
+                raise ArchiveError(f"{name} is empty: expected folders of images")
+            declared = sum(m.size for m in members)
+            if declared > max_bytes:
+                raise ArchiveError(f"{name} would inflate to {declared // 2**20} MB, over {limit}; "
+                                   "raise that param if the dataset really is this big")
             written = 0
             for member in members:
-                rel = PurePosixPath(member.filename).relative_to(root) if root.parts else PurePosixPath(member.filename)
-                if not rel.parts or rel.parts[0] not in SPLITS:
-                    continue
-                out = tmp.joinpath(*rel.parts)
-                if member.is_dir():
+                out = tmp.joinpath(*member.path.parts)
+                if member.is_dir:
                     out.mkdir(parents=True, exist_ok=True)
                     continue
                 out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(out, "wb") as dst:
+                with member.open() as src, open(out, "wb") as dst:
                     while chunk := src.read(1 << 20):
                         written += len(chunk)
                         if written > max_bytes:
                             raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")
                         dst.write(chunk)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise ArchiveError(f"{name} is a corrupt zip archive ({exc}); download it again or fix data.url") from None
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, EOFError) as exc:
+        raise ArchiveError(f"{name} is a corrupt archive ({exc}); download it again or fix data.url") from None
     print(f"extracted {name} to {target}")
 
 
-def _is_junk(filename: str) -> bool:
-    parts = PurePosixPath(filename).parts
-    return bool(parts) and parts[0] == "__MACOSX"
+class _Member:
+    """One archive entry, the same for zip and tar: checked path, size, and a way to read it."""
+
+    def __init__(self, path: PurePosixPath, size: int, is_dir: bool, open_: Callable[[], IO[bytes]]) -> None:
+        self.path, self.size, self.is_dir, self.open = path, size, is_dir, open_
 
 
-def _check_member(member: zipfile.ZipInfo, name: str) -> None:
-    """Refuse anything that could write outside the target: absolute paths, `..`, links."""
-    path = member.filename.replace("\\", "/")
+@contextmanager
+def _zip_members(archive: Path, name: str) -> Iterator[list[_Member]]:
+    with zipfile.ZipFile(archive) as zf:
+        members = []
+        for info in zf.infolist():
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ArchiveError(f"{name}: member {info.filename!r} is a symbolic link; refusing the archive")
+            members.append(_Member(_safe_path(info.filename, name), info.file_size, info.is_dir(),
+                                   lambda info=info: zf.open(info)))
+        yield members
+
+
+@contextmanager
+def _tar_members(archive: Path, name: str) -> Iterator[list[_Member]]:
+    with tarfile.open(archive, mode="r:*") as tf:
+        members = []
+        for info in tf.getmembers():
+            if info.issym() or info.islnk():
+                raise ArchiveError(f"{name}: member {info.name!r} is a link; refusing the archive")
+            if not (info.isfile() or info.isdir()):
+                raise ArchiveError(f"{name}: member {info.name!r} is not a file or folder; refusing the archive")
+            members.append(_Member(_safe_path(info.name, name), info.size, info.isdir(),
+                                   lambda info=info: _tar_open(tf, info)))
+        yield members
+
+
+def _tar_open(tf: tarfile.TarFile, info: tarfile.TarInfo) -> IO[bytes]:
+    src = tf.extractfile(info)
+    assert src is not None  # regular files only, checked above
+    return src
+
+
+def _safe_path(filename: str, name: str) -> PurePosixPath:
+    """Refuse anything that could write outside the target: absolute paths, drive letters, `..`."""
+    path = filename.replace("\\", "/")
     if path.startswith("/") or (len(path) > 1 and path[1] == ":") or ".." in PurePosixPath(path).parts:
-        raise ArchiveError(f"{name}: member {member.filename!r} would extract outside the target; refusing the archive")
-    if stat.S_ISLNK(member.external_attr >> 16):
-        raise ArchiveError(f"{name}: member {member.filename!r} is a symbolic link; refusing the archive")
+        raise ArchiveError(f"{name}: member {filename!r} would extract outside the target; refusing the archive")
+    return PurePosixPath(path)  # `./a/b` -> `a/b`; `.` -> no parts (skipped as junk)
 
 
-def _dataset_root(paths: list[PurePosixPath], name: str) -> PurePosixPath:
-    """Find the folder holding train/ and test/: the archive root or a single top folder."""
-    tops = {p.parts[0] for p in paths if p.parts}
-    if set(SPLITS) <= tops:
-        return PurePosixPath()
-    if len(tops) == 1:
-        (top,) = tops
-        below = {p.parts[1] for p in paths if len(p.parts) > 1}
-        if set(SPLITS) <= below:
-            return PurePosixPath(top)
-    raise ArchiveError(
-        f"{name} has no train/ and test/ folders (found {', '.join(sorted(tops)) or 'nothing'}); "
-        "expected train/<class>/<image> and test/<class>/<image>"
-    )
+def _is_junk(path: PurePosixPath) -> bool:
+    return not path.parts or path.parts[0] == "__MACOSX"

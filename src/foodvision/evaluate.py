@@ -1,4 +1,4 @@
-"""evaluate stage: test-set loss, accuracy, per-class precision/recall/F1 and the confusion matrix."""
+"""evaluate stage: test-set loss, accuracy (top-5 too, with many classes), per-class precision/recall/F1, confusion."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from torch import nn
 from tqdm import tqdm
 
 from foodvision.atomic import write_csv, write_json
-from foodvision.data import load_spec, loader_workers, make_loader
-from foodvision.model import ModelError, for_inference, load_checkpoint, pick_device
+from foodvision.checkpoint import ModelError, head_from_checkpoint, pick_device, read_checkpoint
+from foodvision.features import load_index, open_split
 from foodvision.plots import confusion
+
+TOP_K = 5  # reported when there are more classes than this
 
 
 def classification_report(actual: list[int], predicted: list[int], classes: list[str]) -> dict[str, Any]:
@@ -36,34 +38,48 @@ def classification_report(actual: list[int], predicted: list[int], classes: list
     return {"accuracy": round(accuracy, 6), "macro_f1": round(macro_f1, 6), "per_class": per_class, "matrix": matrix}
 
 
-def evaluate(model_path: Path, spec_path: Path, *, device: str, metrics_out: Path, confusion_csv: Path,
-             confusion_png: Path) -> dict[str, Any]:
-    """Score the trained model on the spec's test split; write metrics JSON, confusion CSV and PNG."""
-    spec = load_spec(spec_path)
-    trained, ckpt = load_checkpoint(model_path)
-    if ckpt["class_names"] != spec["classes"]:
-        raise ModelError(f"{model_path} was trained on classes {ckpt['class_names']}, but {spec_path} has "
-                         f"{spec['classes']}; run `dvc repro` so train and evaluate see the same data")
+def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: Path,
+             confusion_csv: Path, confusion_png: Path, batch_size: int = 256) -> dict[str, Any]:
+    """Score the trained head on the stored test features; write metrics JSON, confusion CSV and PNG.
+
+    The features are what the backbone in models/model.pt makes of the test images (a test checks the
+    logits against the whole model on the images), so no image is decoded here.
+    """
+    index = load_index(features_dir)
+    ckpt = read_checkpoint(model_path)
+    if ckpt["class_names"] != index["classes"] or ckpt["model_name"] != index["model"]:
+        raise ModelError(f"{model_path} is a {ckpt['model_name']!r} model for {_few(ckpt['class_names'])}, but "
+                         f"{features_dir} holds {index['model']!r} features for {_few(index['classes'])}; "
+                         "run `dvc repro` so train and evaluate see the same data")
     dev = pick_device(device)
-    model = for_inference(trained).to(dev)
-    loader = make_loader(spec, "test", shuffle=False, seed=spec["seed"], workers=loader_workers(dev))
+    head = head_from_checkpoint(model_path, ckpt).to(dev)
+    test = open_split(features_dir, index, "test")
+    classes = index["classes"]
+    k = min(TOP_K, len(classes))
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    actual, predicted, total_loss = [], [], 0.0
+    actual, predicted, total_loss, top_k = [], [], 0.0, 0
     with torch.inference_mode():
-        for images, labels in tqdm(loader, desc="evaluate", unit="batch"):
-            logits = model(images.to(dev, memory_format=torch.channels_last))
-            total_loss += loss_fn(logits, labels.to(dev)).item()
+        for feats, labels in tqdm(test.batches(batch_size), desc="evaluate", unit="batch", leave=False):
+            logits, labels = head(feats.to(dev)), labels.to(dev)
+            total_loss += loss_fn(logits, labels).item()
+            top_k += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
             actual += labels.tolist()
             predicted += logits.argmax(dim=1).cpu().tolist()
-    classes = spec["classes"]
+    test.close()
     report = classification_report(actual, predicted, classes)
     metrics = {"loss": round(total_loss / len(actual), 6), "accuracy": report["accuracy"],
                "macro_f1": report["macro_f1"], "samples": len(actual), "per_class": report["per_class"]}
+    if len(classes) > TOP_K:
+        metrics[f"top{TOP_K}_accuracy"] = round(top_k / len(actual), 6)
     write_json(metrics_out, metrics)
-
+    paths = index["splits"]["test"]["paths"]
     write_csv(confusion_csv, ["path", "actual", "predicted"],
-              [[s["path"], classes[a], classes[p]] for s, a, p in zip(spec["splits"]["test"], actual, predicted)])
+              [[p, classes[a], classes[q]] for p, a, q in zip(paths, actual, predicted)])
     confusion(report["matrix"], classes, confusion_png)
     print(f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
           f"on {metrics['samples']} images")
     return metrics
+
+
+def _few(names: list[str]) -> str:
+    return f"{len(names)} classes ({', '.join(names[:5])}{', …' if len(names) > 5 else ''})"

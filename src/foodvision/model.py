@@ -15,13 +15,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import get_model, get_model_weights, list_models
 
 from foodvision import lite0
-from foodvision.errors import FoodVisionError
-
-CHECKPOINT_FORMAT = 1
-
-
-class ModelError(FoodVisionError):
-    pass
+from foodvision.checkpoint import ModelError, load_state_dict_file, new_head, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -100,8 +94,7 @@ def replace_head(model: nn.Module, num_classes: int, dropout: float) -> str:
     siblings = list(model.get_submodule(parent_name).children()) if parent_name else []
     whole_parent = parent_name and all(isinstance(m, nn.Dropout) for m in siblings if m is not last)
     target = parent_name if whole_parent else name
-    model.set_submodule(target, nn.Sequential(nn.Dropout(p=dropout, inplace=True),
-                                              nn.Linear(last.in_features, num_classes)))
+    model.set_submodule(target, new_head(last.in_features, num_classes, dropout))
     return target
 
 
@@ -133,20 +126,6 @@ def for_inference(model: nn.Module) -> nn.Module:
     return fast.to(memory_format=torch.channels_last)
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict without unpickling arbitrary objects."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"{path} not found: run `dvc repro` to create it") from None
-    except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise ModelError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}); "
-                         "delete it and run `dvc repro`") from None
-    if not isinstance(state, dict):
-        raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return state
-
-
 def load_pretrained(name: str, path: Path, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Build `name` and load the pretrained file (or its already loaded `state`) strictly.
 
@@ -172,32 +151,13 @@ def classifier_for(name: str, pretrained: Path, num_classes: int, dropout: float
     return model, head
 
 
-def save_checkpoint(path: Path, model: nn.Module, *, name: str, head: str, dropout: float,
-                    class_names: list[str], transform: dict[str, Any]) -> None:
-    """State dict plus everything predict needs; plain types only, so weights_only loading works."""
-    from foodvision.atomic import atomic_path
-
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "model_name": name,
-        "head": head,
-        "dropout": dropout,
-        "class_names": list(class_names),
-        "transform": transform,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the trained classifier from models/model.pt; every failure names the file."""
+    """Rebuild the whole trained classifier from models/model.pt (for images); failures name the file."""
     path = Path(path)
-    ckpt = load_state_dict_file(path)
-    missing = {"format", "model_name", "head", "dropout", "class_names", "transform", "state_dict"} - set(ckpt)
-    if missing or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is not a FoodVision checkpoint (missing {', '.join(sorted(missing)) or 'format'}); "
-                         "run `dvc repro train`")
+    ckpt = read_checkpoint(path)
+    if ckpt["model_name"] not in backbone_names():
+        raise ModelError(f"{path} holds a {ckpt['model_name']!r} model, which this torchvision does not have; "
+                         "install the torchvision the project pins, or run `dvc repro train`")
     model = build_backbone(ckpt["model_name"])
     replace_head(model, len(ckpt["class_names"]), ckpt["dropout"])
     try:
@@ -206,20 +166,4 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ModelError(f"{path} does not match its own backbone {ckpt['model_name']!r} and "
                          f"{len(ckpt['class_names'])} classes ({str(exc).splitlines()[0]}); "
                          "run `dvc repro train`") from None
-    model.eval()
-    return model, ckpt
-
-
-def pick_device(device: str) -> torch.device:
-    """`auto` = CUDA, then Apple MPS, then CPU."""
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelError(f"train.device is {device!r} but CUDA is not available; use auto or cpu")
-        if device == "mps" and not torch.backends.mps.is_available():
-            raise ModelError("train.device is 'mps' but MPS is not available; use auto or cpu")
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return model.eval(), ckpt

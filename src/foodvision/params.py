@@ -30,8 +30,15 @@ class DataParams:
     sha256: str | None = None
     max_extract_mb: int = 5000
     skip_corrupt: bool = False
+    classes: tuple[str, ...] | None = None
+    test_fraction: float = 0.25
 
     def __post_init__(self) -> None:
+        if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
+            raise ParamsError(f"data.classes must list at least 2 distinct class names, or be null for all; "
+                              f"got {list(self.classes)[:10]}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ParamsError(f"data.test_fraction must be between 0 and 1, got {self.test_fraction}")
         if self.max_extract_mb <= 0:
             raise ParamsError(f"data.max_extract_mb must be a positive integer, got {self.max_extract_mb}")
         if self.sha256 is not None:
@@ -50,6 +57,15 @@ class ModelParams:
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ParamsError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class FeaturizeParams:
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ParamsError(f"featurize.batch_size must be a positive integer, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -81,12 +97,35 @@ class PredictParams:
 
 
 @dataclass(frozen=True)
+class PathsParams:
+    """Where each stage reads and writes: dvc.yaml uses the same keys through `${paths.*}`."""
+
+    raw: str = "data/raw/dataset"
+    spec: str = "data/prepared/spec.json"
+    pretrained: str = "models/pretrained/backbone.pth"
+    transform: str = "models/pretrained/transform.json"
+    features: str = "data/features"
+    summary: str = "models/summary.txt"
+    model: str = "models/model.pt"
+    train_metrics: str = "metrics/train.json"
+    history: str = "plots/train/history.csv"
+    curves: str = "plots/train/loss_curves.png"
+    eval_metrics: str = "metrics/eval.json"
+    confusion_csv: str = "plots/eval/confusion.csv"
+    confusion_png: str = "plots/eval/confusion.png"
+    predictions: str = "plots/predictions"
+    predictions_json: str = "plots/predictions.json"
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     seed: int = 42
     model: ModelParams = ModelParams()
+    featurize: FeaturizeParams = FeaturizeParams()
     train: TrainParams = TrainParams()
     predict: PredictParams = PredictParams()
+    paths: PathsParams = PathsParams()
 
 
 def load_params(path: Path = Path("params.yaml")) -> Params:

@@ -8,10 +8,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: stages run in terminals and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+from PIL import Image
 
-from foodvision.atomic import atomic_path  # noqa: E402
+from foodvision.atomic import atomic_path
 
 # No "Software" text chunk: the PNG bytes then depend only on the pixels, not the matplotlib version.
 PNG_METADATA = {"Software": None}
@@ -39,20 +39,37 @@ def loss_curves(history: list[dict[str, Any]], dest: Path) -> None:
     _save(fig, dest)
 
 
+MAX_ANNOTATED = 20  # classes up to which every cell gets its count
+MAX_LABELLED = 60  # classes up to which every row and column gets its name
+MAX_INCHES = 16.0  # the figure stops growing here (101 classes: 16 x 16 in at 100 dpi)
+
+
 def confusion(matrix: list[list[int]], classes: list[str], dest: Path) -> None:
+    """Counts in the cells for a few classes; for many, colour alone, on a figure of bounded size.
+
+    The size is capped, so 101 or 1,000 classes give a PNG of at most 1600 x 1600 pixels; the exact
+    numbers are in the CSV beside it (and `dvc plots show` draws that as an interactive matrix).
+    """
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.2 * n + 2))
-    ax.imshow(matrix, cmap="Blues")
-    peak = max(max(row) for row in matrix) or 1
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
-                    color="white" if matrix[i][j] > peak / 2 else "black")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    side = min(1.2 * n + 3, MAX_INCHES)
+    fig, ax = plt.subplots(figsize=(side, side - 1 if n <= MAX_ANNOTATED else side))
+    ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+    if n <= MAX_ANNOTATED:
+        peak = max(max(row) for row in matrix) or 1
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
+                        color="white" if matrix[i][j] > peak / 2 else "black")
+    if n <= MAX_LABELLED:
+        fontsize = 10 if n <= MAX_ANNOTATED else 6
+        ax.set_xticks(range(n), classes, rotation=45 if n <= MAX_ANNOTATED else 90, ha="right", fontsize=fontsize)
+        ax.set_yticks(range(n), classes, fontsize=fontsize)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.set_xlabel("Predicted")
     ax.set_ylabel("Actual")
-    ax.set_title("Confusion matrix (test)")
+    ax.set_title(f"Confusion matrix (test, {n} classes)" if n > MAX_ANNOTATED else "Confusion matrix (test)")
     fig.tight_layout()
     _save(fig, dest)
 

@@ -17,10 +17,12 @@ from PIL import Image
 from torch import nn
 
 from foodvision.atomic import atomic_dir, write_json
-from foodvision.data import build_transform, load_spec, open_rgb
+from foodvision.checkpoint import pick_device
+from foodvision.data import build_transform, open_rgb
 from foodvision.errors import FoodVisionError
+from foodvision.features import load_index
 from foodvision.fetch import fetch, local_path, source_name
-from foodvision.model import for_inference, load_checkpoint, pick_device
+from foodvision.model import for_inference, load_checkpoint
 
 
 DISPLAY_SIZE = 600  # decode at least this big: enough for the plot and for any eval transform here
@@ -29,6 +31,23 @@ DISPLAY_SIZE = 600  # decode at least this big: enough for the plot and for any 
 def load_image(path: Path, transform: dict[str, Any]) -> Image.Image:
     """The same reduced-scale decode for the stage and the command, so both predict alike."""
     return open_rgb(path, max(DISPLAY_SIZE, transform["resize_size"]))
+
+
+class Predictor:
+    """The whole trained model (backbone + head) on images, loaded once: the stage and the command share it."""
+
+    def __init__(self, model_path: Path, device: str) -> None:
+        trained, self.ckpt = load_checkpoint(model_path)
+        self.device = pick_device(device)
+        self.model = for_inference(trained).to(self.device)
+        self.transform = build_transform(self.ckpt["transform"])
+        self.classes: list[str] = self.ckpt["class_names"]
+
+    def load(self, path: Path) -> Image.Image:
+        return load_image(path, self.ckpt["transform"])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return classify(self.model, self.transform, image, self.device)
 
 
 def classify(model: nn.Module, transform: nn.Module, image: Image.Image, device: torch.device) -> torch.Tensor:
@@ -50,33 +69,32 @@ def title(result: dict[str, Any]) -> str:
     return text + (f" | True: {result['true']}" if result["true"] is not None else "")
 
 
-def predict(model_path: Path, spec_path: Path, *, num_samples: int, images: tuple[str, ...], seed: int,
+def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: tuple[str, ...], seed: int,
             device: str, out_dir: Path, json_out: Path) -> list[dict[str, Any]]:
     """Predict `num_samples` seeded test images plus every path/URL in `images`; one PNG each."""
-    spec = load_spec(spec_path)
-    trained, ckpt = load_checkpoint(model_path)
-    dev = pick_device(device)
-    model = for_inference(trained).to(dev)
-    transform = build_transform(ckpt["transform"])
-    classes = ckpt["class_names"]
-    test = spec["splits"]["test"]
+    index = load_index(features_dir)
+    predictor = Predictor(model_path, device)
+    if predictor.classes != index["classes"]:
+        raise FoodVisionError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
+                              "run `dvc repro` so train and predict see the same data")
+    test = list(zip(index["splits"]["test"]["paths"], index["splits"]["test"]["labels"]))
     picked = random.Random(seed).sample(test, k=min(num_samples, len(test)))
     from foodvision.plots import prediction  # matplotlib is slow to import; the command does not need it
 
     results = []
     with atomic_dir(out_dir) as tmp_out, tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in:
-        jobs = [(Path(spec["root"]) / s["path"], s["path"], spec["classes"][s["label"]], f"test_{i}")
-                for i, s in enumerate(picked)]
+        jobs = [(Path(index["root"]) / rel, rel, index["classes"][label], f"test_{i}")
+                for i, (rel, label) in enumerate(picked)]
         for i, source in enumerate(images):
             path = _materialise(source, Path(tmp_in) / f"{i}_{source_name(source)}")
             jobs.append((path, source, None, f"image_{i}"))
         for path, source, true, stem in jobs:
             try:
-                image = load_image(path, ckpt["transform"])
+                image = predictor.load(path)
             except (OSError, ValueError) as exc:
                 raise FoodVisionError(f"cannot read image {source} ({exc}); "
                                       "fix predict.images in params.yaml") from None
-            result = describe(classify(model, transform, image, dev), classes, source, true)
+            result = describe(predictor(image), predictor.classes, source, true)
             result["plot"] = f"{stem}_{Path(source_name(source)).stem}.png"
             prediction(image, title(result), None if true is None else result["pred"] == true,
                        tmp_out / result["plot"])
@@ -103,24 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
     try:
-        trained, ckpt = load_checkpoint(args.model)
-        dev = pick_device(args.device)
+        predictor = Predictor(args.model, args.device)
     except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model = for_inference(trained).to(dev)
-    transform = build_transform(ckpt["transform"])
     failed = 0
     with tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp:
         for i, source in enumerate(args.images):
             try:
                 path = _materialise(source, Path(tmp) / f"{i}_{source_name(source)}")
-                probs = classify(model, transform, load_image(path, ckpt["transform"]), dev)
+                probs = predictor(predictor.load(path))
             except (FoodVisionError, OSError, ValueError) as exc:
                 print(f"error: {source}: {exc}", file=sys.stderr)
                 failed += 1
                 continue
-            result = describe(probs, ckpt["class_names"], source, None)
+            result = describe(probs, predictor.classes, source, None)
             print(f"{source}\t{result['pred']}\t{result['prob']:.3f}")
     return 1 if failed else 0
 

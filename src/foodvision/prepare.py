@@ -1,109 +1,172 @@
-"""prepare stage: scan the extracted dataset and write the spec every later stage builds from.
+"""prepare stage: find the dataset's layout and classes and write the spec every later stage builds from.
 
-The spec pins the class order, every sample (relative path, label), the exact eval transform of
-the chosen weights, the batch size and the seed, so train, evaluate and predict cannot disagree.
+Three layouts are recognised, at the extracted root or under wrapper folders:
+- `train/<class>/*` and `test/<class>/*` (the article's archive);
+- Food-101's own: `images/<class>/*.jpg` with `meta/train.txt` and `meta/test.txt` (`<class>/<id>` lines);
+- plain `<class>/*` folders, split per class with `data.test_fraction` (stratified, seeded).
+
+Images are checked at header level only (a thread pool; no pixel is decoded here): files that are not
+images fail or are skipped now, and the rare image whose pixel data is corrupt is caught by `featurize`,
+which decodes every image anyway.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import random
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from foodvision.atomic import write_json
-from foodvision.download import SPLITS
-from foodvision.errors import FoodVisionError
+from foodvision.spec import IMG_EXTENSIONS, SPLITS, DatasetError
 
-# torchvision.datasets.folder.IMG_EXTENSIONS, the formats ImageFolder accepts (not imported from
-# there: this stage stays free of torch, which takes seconds to import)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_LISTED = 10  # names shown in one error line
 
 
-class DatasetError(FoodVisionError):
-    pass
+def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None = None, test_fraction: float = 0.25,
+            seed: int = 42, skip_corrupt: bool = False) -> dict[str, Any]:
+    """Index the dataset under `raw_dir` into the spec JSON at `spec_path`; return the spec.
 
-
-def prepare(raw_dir: Path, spec_path: Path, *, transform_path: Path, batch_size: int, seed: int,
-            skip_corrupt: bool = False) -> dict[str, Any]:
-    """Validate `raw_dir/{train,test}/<class>/*` and write the spec JSON; return it.
-
-    `transform_path` is the pretrained stage's record of the preprocessing its weights expect.
+    `classes` keeps a subset (in the given names' sorted order); `test_fraction` and `seed` only
+    matter for plain class folders, which have no split of their own.
     """
     raw_dir = Path(raw_dir)
-    try:
-        transform = json.loads(Path(transform_path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"cannot read {transform_path} ({exc}); run `dvc repro pretrained`") from None
-    classes = _class_names(raw_dir)
-    index = {c: i for i, c in enumerate(classes)}
-    splits: dict[str, list[dict[str, Any]]] = {}
-    counts: dict[str, dict[str, int]] = {}
-    ignored = 0
-    unreadable: list[str] = []
-    for split in SPLITS:
-        samples = []
-        for cls in classes:
-            for path in sorted((raw_dir / split / cls).rglob("*")):
-                if not path.is_file():
-                    continue
-                if path.suffix.lower() not in IMG_EXTENSIONS:
-                    ignored += 1
-                    continue
-                if not _readable(path):
-                    unreadable.append(path.relative_to(raw_dir).as_posix())
-                    continue
-                samples.append({"path": path.relative_to(raw_dir).as_posix(), "label": index[cls]})
-        splits[split] = samples
-        counts[split] = {c: sum(s["label"] == i for s in samples) for c, i in index.items()}
+    root = dataset_root(raw_dir)
+    layout, candidates = _find_samples(root, test_fraction, seed)
+    found = sorted({cls for split in SPLITS for _, cls in candidates[split]})
+    names = _select(found, classes, raw_dir)
+    index = {c: i for i, c in enumerate(names)}
+    kept = {split: [(p, c) for p, c in candidates[split] if c in index] for split in SPLITS}
+    images = {split: [(p, c) for p, c in kept[split] if p.suffix.lower() in IMG_EXTENSIONS] for split in SPLITS}
+    ignored = sum(len(kept[s]) - len(images[s]) for s in SPLITS)
+    all_paths = [p for split in SPLITS for p, _ in images[split]]
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        ok = dict(zip(all_paths, pool.map(_has_image_header, all_paths, chunksize=64)))
+    unreadable = [p.relative_to(raw_dir).as_posix() for p in all_paths if not ok[p]]
     if unreadable and not skip_corrupt:
-        raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {', '.join(unreadable[:10])}"
-                           f"{' …' if len(unreadable) > 10 else ''}; replace them, or set data.skip_corrupt: true")
+        raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {_listed(unreadable)}; "
+                           "replace them, or set data.skip_corrupt: true")
+    splits = {split: [{"path": p.relative_to(raw_dir).as_posix(), "label": index[c]}
+                      for p, c in images[split] if ok[p]] for split in SPLITS}
+    counts = {split: {c: 0 for c in names} for split in SPLITS}
+    for split in SPLITS:
+        for sample in splits[split]:
+            counts[split][names[sample["label"]]] += 1
     empty = [f"{split}/{c}" for split in SPLITS for c, n in counts[split].items() if n == 0]
     if empty:
-        raise DatasetError(f"no images in {raw_dir}/{empty[0]}; every class needs images in train and test")
-    spec = {
-        "root": raw_dir.as_posix(),
-        "classes": classes,
-        "class_to_idx": index,
-        "splits": splits,
-        "counts": counts,
-        "ignored_files": ignored,
-        "skipped_corrupt": unreadable,
-        "transform": transform,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
+        raise DatasetError(f"no images for {empty[0]} in {raw_dir} ({layout} layout); every class needs images "
+                           "in train and test (with plain class folders: at least 2 images per class)")
+    spec = {"root": raw_dir.as_posix(), "layout": layout, "classes": names, "splits": splits, "counts": counts,
+            "ignored_files": ignored, "skipped_corrupt": unreadable}
     write_json(spec_path, spec)
-    summary = ", ".join(f"{s}: {sum(counts[s].values())}" for s in SPLITS)
-    print(f"wrote {spec_path}: {len(classes)} classes ({', '.join(classes)}), {summary}, "
-          f"{ignored} non-image file(s) ignored, {len(unreadable)} corrupt image(s) skipped")
+    summary = ", ".join(f"{s}: {len(splits[s])}" for s in SPLITS)
+    shown = ", ".join(names) if len(names) <= 10 else f"{', '.join(names[:10])}, …"
+    print(f"wrote {spec_path}: {layout} layout, {len(names)} classes ({shown}), {summary}, "
+          f"{ignored} non-image file(s) ignored, {len(unreadable)} unreadable image(s) skipped")
     return spec
 
 
-def _class_names(raw_dir: Path) -> list[str]:
-    found = {}
-    for split in SPLITS:
-        folder = raw_dir / split
-        if not folder.is_dir():
-            raise DatasetError(f"{folder} is missing; the dataset needs train/<class>/ and test/<class>/ folders")
-        found[split] = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if found["train"] != found["test"]:
-        only_train = sorted(set(found["train"]) - set(found["test"]))
-        only_test = sorted(set(found["test"]) - set(found["train"]))
-        raise DatasetError(f"train and test classes differ in {raw_dir} (only in train: {only_train or 'none'}, "
-                           f"only in test: {only_test or 'none'}); give both splits the same class folders")
-    if len(found["train"]) < 2:
-        raise DatasetError(f"{raw_dir}/train has {len(found['train'])} class folder(s); a classifier needs at least 2")
-    return found["train"]
+def dataset_root(raw_dir: Path) -> Path:
+    """Step into wrapper folders (`food-101/`, `pizza_steak_sushi/`): a folder holding one folder and no image."""
+    if not raw_dir.is_dir():
+        raise DatasetError(f"{raw_dir} is missing: run `dvc repro download` first")
+    root = raw_dir
+    while True:
+        entries = [e for e in root.iterdir() if not _hidden(e.name)]
+        dirs = [e for e in entries if e.is_dir()]
+        has_images = any(e.suffix.lower() in IMG_EXTENSIONS for e in entries if e.is_file())
+        if len(dirs) != 1 or has_images or _is_layout(root):
+            return root
+        root = dirs[0]
 
 
-def _readable(path: Path) -> bool:
-    """Decode the whole image (verify() misses truncation); cheap enough for the dataset sizes here."""
+def _is_layout(folder: Path) -> bool:
+    return all((folder / s).is_dir() for s in SPLITS) or (folder / "images").is_dir() and (folder / "meta").is_dir()
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name)), key=lambda p: p.name)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.name))
+
+
+def _find_samples(root: Path, test_fraction: float, seed: int) -> tuple[str, dict[str, list[tuple[Path, str]]]]:
+    """(layout name, split -> [(file, class name)]) before any filtering."""
+    if all((root / s).is_dir() for s in SPLITS):
+        names = {s: [d.name for d in _class_dirs(root / s)] for s in SPLITS}
+        if names["train"] != names["test"]:
+            only_train = sorted(set(names["train"]) - set(names["test"]))
+            only_test = sorted(set(names["test"]) - set(names["train"]))
+            raise DatasetError(f"train and test classes differ in {root} (only in train: {only_train or 'none'}, "
+                               f"only in test: {only_test or 'none'}); give both splits the same class folders")
+        return "train/test", {s: [(f, d.name) for d in _class_dirs(root / s) for f in _files(d)] for s in SPLITS}
+    if (root / "images").is_dir() and all((root / "meta" / f"{s}.txt").is_file() for s in SPLITS):
+        return "food-101", {s: list(_food101_split(root, s)) for s in SPLITS}
+    dirs = _class_dirs(root)
+    if len(dirs) < 2:
+        raise DatasetError(f"{root} holds {len(dirs)} class folder(s) and no train/ and test/ or images/ and meta/; "
+                           "expected train/<class>/*, Food-101's images/ + meta/, or one folder per class")
+    return "class folders", _split_folders(dirs, test_fraction, seed)
+
+
+def _food101_split(root: Path, split: str) -> Iterable[tuple[Path, str]]:
+    """`meta/<split>.txt` lines are `<class>/<id>`; the image is `images/<class>/<id>.jpg`."""
+    listing = root / "meta" / f"{split}.txt"
+    for n, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        cls, sep, _ = line.partition("/")
+        if not sep or ".." in line.split("/"):
+            raise DatasetError(f"{listing}:{n}: expected `<class>/<image id>`, got {line[:80]!r}")
+        yield root / "images" / f"{line}.jpg", cls
+
+
+def _split_folders(dirs: list[Path], test_fraction: float, seed: int) -> dict[str, list[tuple[Path, str]]]:
+    """Per class, a seeded shuffle; the first `round(n * test_fraction)` files (at least one) are test."""
+    out: dict[str, list[tuple[Path, str]]] = {s: [] for s in SPLITS}
+    for d in dirs:
+        files = [f for f in _files(d) if f.suffix.lower() in IMG_EXTENSIONS]
+        random.Random(f"{seed}/{d.name}").shuffle(files)
+        n_test = max(1, round(len(files) * test_fraction)) if len(files) >= 2 else 0
+        out["test"] += [(f, d.name) for f in sorted(files[:n_test])]
+        out["train"] += [(f, d.name) for f in sorted(files[n_test:])]
+    return out
+
+
+def _select(found: list[str], wanted: tuple[str, ...] | None, raw_dir: Path) -> list[str]:
+    if wanted is None:
+        names = found
+    else:
+        missing = sorted(set(wanted) - set(found))
+        if missing:
+            raise DatasetError(f"data.classes names {_listed(missing)}, not in {raw_dir}; "
+                               f"its classes are {_listed(found)}")
+        names = sorted(set(wanted))
+    if len(names) < 2:
+        raise DatasetError(f"{raw_dir} has {len(names)} class(es) to train on; a classifier needs at least 2")
+    return names
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:MAX_LISTED]) + (f" … ({len(names)} in all)" if len(names) > MAX_LISTED else "")
+
+
+def _has_image_header(path: Path) -> bool:
+    """Pillow recognises the file and reads a plausible size: a header check, no pixel decoded."""
     try:
         with Image.open(path) as im:
-            im.load()
-        return True
-    except Exception:  # Pillow raises many types for corrupt files
+            width, height = im.size
+        return width > 0 and height > 0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False

@@ -1,33 +1,35 @@
-"""train stage: a frozen pretrained backbone, a new head, Adam + cross-entropy, per-epoch history.
+"""train stage: a new head (Dropout + Linear) trained with Adam + cross-entropy on the stored features.
 
-The backbone is frozen and kept in eval mode and, without augmentation, the eval transform is
-deterministic: every image's features are the same in every epoch. So train computes each split's
-features once and trains the head on those tensors; with `train.augment` it runs the full loop.
-Both give the same metrics (within float tolerance), which a test checks.
+The backbone is frozen and in eval mode and the eval transform is deterministic, so the head sees the
+same features in every epoch: `featurize` computed them once, and this stage reads them back by row,
+never decoding an image or running the backbone (nor importing torchvision). With `train.augment` every
+epoch needs new random crops of the images, so it runs the full loop on images instead. Both paths give
+the same results without augmentation (a test checks, to 1e-4). Metrics and history are rewritten after
+every epoch, so `dvc exp show` and plot viewers follow a long run.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from torchinfo import summary
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from foodvision.atomic import write_csv, write_json, write_text
-from foodvision.data import augment_transform, load_spec, loader_workers, make_loader
-from foodvision.model import (classifier_for, for_inference, pick_device, resolve_weights, save_checkpoint,
-                              set_train_mode)
+from foodvision.atomic import write_csv, write_json
+from foodvision.checkpoint import ModelError, load_state_dict_file, new_head, pick_device, save_checkpoint
+from foodvision.features import FeatureFile, as_batch, load_index, open_split
 from foodvision.params import ModelParams, TrainParams
-from foodvision.plots import loss_curves
+from foodvision.spec import load_spec, load_transform
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+EpochHook = Callable[[list[dict[str, Any]]], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -38,20 +40,20 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def run_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device,
+def run_epoch(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: torch.device,
               optimizer: torch.optim.Optimizer | None = None, head: str = "", desc: str = "") -> tuple[float, float]:
     """One pass; returns (mean loss, accuracy) over samples, not averaged over batches.
 
-    `head` names the trainable part ("" = all of `model`, as when it is the head alone).
+    `head` names the trainable part of `model` ("" = all of it, as when it is the head alone); the rest
+    stays in eval mode, so frozen BatchNorm statistics never drift.
     """
     training = optimizer is not None
+    model.eval()
     if training:
-        set_train_mode(model, head)
-    else:
-        model.eval()
+        model.get_submodule(head).train()
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
-        for inputs, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        for inputs, labels in tqdm(batches, desc=desc, leave=False, unit="batch"):
             inputs, labels = inputs.to(device), labels.to(device)
             logits = model(inputs)
             loss = loss_fn(logits, labels)
@@ -65,91 +67,93 @@ def run_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: 
     return total_loss / seen, correct / seen
 
 
-def head_inputs(body: nn.Module, loader: DataLoader, device: torch.device,
-                desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample's features (what the head sees), once: batched, inference mode.
-
-    `body` is the model without its head, e.g. `for_inference(model)` with the head set to Identity.
-    """
-    feats, labels = [], []
-    with torch.inference_mode():
-        for images, target in tqdm(loader, desc=desc, leave=False, unit="batch"):
-            feats.append(body(images.to(device, memory_format=torch.channels_last)).float().cpu())
-            labels.append(target)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def model_summary(model: nn.Module, batch_size: int, crop_size: int) -> str:
-    """torchinfo's table as in the article; eval mode, so summarising never touches BN stats."""
-    stats = summary(model, input_size=(batch_size, 3, crop_size, crop_size), verbose=0, mode="eval",
-                    col_names=["input_size", "output_size", "num_params", "trainable"],
-                    col_width=20, row_settings=["var_names"], device="cpu")
-    return str(stats) + "\n"
-
-
-def fit(model: nn.Module, head: str, spec: dict[str, Any], params: TrainParams, seed: int,
-        device: torch.device, cache_features: bool | None = None) -> list[dict[str, Any]]:
-    """Train the head for `params.epochs`; return the per-epoch history.
-
-    `cache_features` defaults to "unless augmenting"; tests force the full loop to compare both.
-    """
-    if cache_features is None:
-        cache_features = not params.augment
-    workers = loader_workers(device)
-    if not cache_features:
-        transform = augment_transform(spec["transform"]) if params.augment else None
-        train_loader = make_loader(spec, "train", shuffle=True, seed=seed, workers=workers, transform=transform)
-        test_loader = make_loader(spec, "test", shuffle=False, seed=seed, workers=workers)
-        net, trainable = model, head
-    else:
-        batches = {split: make_loader(spec, split, shuffle=False, seed=seed, workers=workers)
-                   for split in ("train", "test")}
-        body = for_inference(model)
-        body.set_submodule(head, nn.Identity())
-        train_x, train_y = head_inputs(body, batches["train"], device, desc="features train")
-        test_x, test_y = head_inputs(body, batches["test"], device, desc="features test")
-        del body
-        generator = torch.Generator().manual_seed(seed)  # the same shuffle order the image loader draws
-        train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=spec["batch_size"], shuffle=True,
-                                  generator=generator)
-        test_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=spec["batch_size"])
-        net, trainable = model.get_submodule(head), ""
+def _epochs(net: nn.Module, trainable: str, train_batches: Callable[[], Iterable], test_batches: Callable[[], Iterable],
+            params: TrainParams, device: torch.device, on_epoch: EpochHook | None) -> list[dict[str, Any]]:
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=params.lr)
-    history = []
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=params.lr)
+    history: list[dict[str, Any]] = []
     for epoch in tqdm(range(1, params.epochs + 1), desc="epochs", unit="epoch"):
-        train_loss, train_acc = run_epoch(net, train_loader, loss_fn, device, optimizer, trainable, f"train {epoch}")
-        test_loss, test_acc = run_epoch(net, test_loader, loss_fn, device, desc=f"test {epoch}")
+        train_loss, train_acc = run_epoch(net, train_batches(), loss_fn, device, optimizer, trainable, f"train {epoch}")
+        test_loss, test_acc = run_epoch(net, test_batches(), loss_fn, device, desc=f"test {epoch}")
         history.append({"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                         "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 6)})
         tqdm.write(f"epoch {epoch} | train_loss {train_loss:.4f} | train_acc {train_acc:.4f} | "
                    f"test_loss {test_loss:.4f} | test_acc {test_acc:.4f}")
+        if on_epoch is not None:
+            on_epoch(history)
     return history
 
 
-def train(spec_path: Path, pretrained_path: Path, model_params: ModelParams, train_params: TrainParams, *,
-          seed: int, model_out: Path, summary_out: Path, metrics_out: Path, history_out: Path,
-          curves_out: Path) -> list[dict[str, Any]]:
-    """Train the head; write the checkpoint, summary, metrics, history CSV and curves; return history."""
-    resolve_weights(model_params.name, model_params.weights)  # a bad name fails before any work
-    device = pick_device(train_params.device)
-    spec = load_spec(spec_path)
-    seed_everything(seed)
-    model, head = classifier_for(model_params.name, pretrained_path, len(spec["classes"]),
-                                 model_params.dropout, seed)
-    write_text(summary_out, model_summary(model, spec["batch_size"], spec["transform"]["crop_size"]))
-    model.to(device)
-    start = time.perf_counter()
-    history = fit(model, head, spec, train_params, seed, device)
-    mode = "full loop, augmented" if train_params.augment else "features computed once"
-    print(f"trained {train_params.epochs} epoch(s) on {device} ({mode}) in {time.perf_counter() - start:.1f} s")
+def fit_features(head: nn.Module, train_set: FeatureFile, test_set: FeatureFile, params: TrainParams, seed: int,
+                 device: torch.device, on_epoch: EpochHook | None = None) -> list[dict[str, Any]]:
+    """Train `head` on stored features; the shuffle order is the one a DataLoader over images would draw."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=generator,
+                        collate_fn=as_batch)
+    return _epochs(head, "", lambda: loader, lambda: test_set.batches(params.batch_size), params, device, on_epoch)
 
-    save_checkpoint(model_out, model.cpu(), name=model_params.name, head=head, dropout=model_params.dropout,
-                    class_names=spec["classes"], transform=spec["transform"])
-    params_total = sum(p.numel() for p in model.parameters())
-    params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    write_json(metrics_out, {**history[-1], "seed": seed, "params_total": params_total,
-                             "params_trainable": params_trainable})
-    write_csv(history_out, list(HISTORY_FIELDS), [[row[k] for k in HISTORY_FIELDS] for row in history])
+
+def fit_images(model: nn.Module, head: str, spec: dict[str, Any], transform: dict[str, Any], params: TrainParams,
+               seed: int, device: torch.device, on_epoch: EpochHook | None = None) -> list[dict[str, Any]]:
+    """The full loop on images: each epoch decodes every image and runs the frozen backbone.
+
+    Needed with `train.augment` (random crops change every epoch); without it, it is the reference
+    that `fit_features` must match.
+    """
+    from foodvision.data import ImageSamples, augment_transform, build_transform, loader_workers, make_loader
+
+    workers = loader_workers(device)
+    root, size = Path(spec["root"]), transform["resize_size"]
+    train_tf = augment_transform(transform) if params.augment else build_transform(transform)
+    train_loader = make_loader(ImageSamples(root, spec["splits"]["train"], train_tf, size), params.batch_size,
+                               shuffle=True, seed=seed, workers=workers)
+    test_loader = make_loader(ImageSamples(root, spec["splits"]["test"], build_transform(transform), size),
+                              params.batch_size, shuffle=False, seed=seed, workers=workers)
+    return _epochs(model, head, lambda: train_loader, lambda: test_loader, params, device, on_epoch)
+
+
+def train(features_dir: Path, pretrained_path: Path, transform_path: Path, spec_path: Path, model_params: ModelParams,
+          train_params: TrainParams, *, seed: int, model_out: Path, metrics_out: Path, history_out: Path,
+          curves_out: Path) -> list[dict[str, Any]]:
+    """Train the head; write the checkpoint, metrics, history CSV (both after every epoch) and curves."""
+    device = pick_device(train_params.device)
+    index = load_index(features_dir)
+    if index["model"] != model_params.name:
+        raise ModelError(f"{features_dir} holds features of {index['model']!r}, but model.name is "
+                         f"{model_params.name!r}; run `dvc repro featurize`")
+    transform = load_transform(transform_path)
+    classes = index["classes"]
+    seed_everything(seed)
+    head_params = index["feature_dim"] * len(classes) + len(classes)
+    extra = {"seed": seed, "params_total": index["backbone_params"] + head_params, "params_trainable": head_params}
+
+    def checkpoint_progress(history: list[dict[str, Any]]) -> None:
+        write_json(metrics_out, {**history[-1], **extra})
+        write_csv(history_out, list(HISTORY_FIELDS), [[row[k] for k in HISTORY_FIELDS] for row in history])
+
+    start = time.perf_counter()
+    if train_params.augment:
+        from foodvision.model import classifier_for
+
+        model, head = classifier_for(model_params.name, pretrained_path, len(classes), model_params.dropout, seed)
+        model.to(device)
+        history = fit_images(model, head, load_spec(spec_path), transform, train_params, seed, device,
+                             checkpoint_progress)
+        state = model.state_dict()
+    else:
+        head = index["head"]
+        torch.manual_seed(seed)
+        net = new_head(index["feature_dim"], len(classes), model_params.dropout).to(device)
+        train_set, test_set = (open_split(features_dir, index, s) for s in ("train", "test"))
+        history = fit_features(net, train_set, test_set, train_params, seed, device, checkpoint_progress)
+        backbone = load_state_dict_file(pretrained_path)
+        state = {k: v for k, v in backbone.items() if not k.startswith(head + ".")}
+        state.update({f"{head}.{k}": v for k, v in net.state_dict().items()})
+    mode = "full loop on images, augmented" if train_params.augment else "stored features"
+    print(f"trained {train_params.epochs} epoch(s) on {device} ({mode}) in {time.perf_counter() - start:.1f} s")
+    save_checkpoint(model_out, state, name=model_params.name, head=head, dropout=model_params.dropout,
+                    class_names=classes, transform=transform)
+    from foodvision.plots import loss_curves  # matplotlib: only once, at the end
+
     loss_curves(history, curves_out)
     return history

@@ -1,0 +1,130 @@
+"""Stored features: one `.npy` per split (float32, N x D, the spec's sample order) plus `index.json`.
+
+Written as a stream and read back by row with `os.pread`, never memory-mapped or loaded whole, so
+neither `featurize` nor `train` nor `evaluate` holds more than a batch: their memory does not grow
+with the number of images (mapped file pages would count in a process's RSS; page-cache reads do not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from foodvision.spec import DatasetError
+
+INDEX = "index.json"
+DTYPE = np.dtype("<f4")
+
+
+def split_file(features_dir: Path, split: str) -> Path:
+    return Path(features_dir) / f"{split}.npy"
+
+
+def load_index(features_dir: Path) -> dict[str, Any]:
+    """What `featurize` recorded: backbone, feature size, classes, and per split the sample paths and labels."""
+    path = Path(features_dir) / INDEX
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path} not found: run `dvc repro featurize` first") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path} is not valid JSON ({exc}); run `dvc repro featurize`") from None
+
+
+class NpyWriter:
+    """Append rows to a `.npy` whose shape is known up front; refuses to close short."""
+
+    def __init__(self, path: Path, rows: int, cols: int) -> None:
+        self.path, self.rows, self.cols, self.written = Path(path), rows, cols, 0
+        self.file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+        np.lib.format.write_array_header_1_0(self.file, {"descr": DTYPE.str, "fortran_order": False,
+                                                         "shape": (rows, cols)})
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=DTYPE)
+        if block.ndim != 2 or block.shape[1] != self.cols or self.written + len(block) > self.rows:
+            raise ValueError(f"{self.path}: block of shape {block.shape} does not fit ({self.written}/{self.rows} rows)")
+        self.file.write(block.tobytes())
+        self.written += len(block)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != self.rows:
+            raise ValueError(f"{self.path}: {self.written} of {self.rows} rows written")
+
+
+class FeatureFile(Dataset):
+    """One split's stored features and labels, read by row: `__getitems__` serves a whole batch.
+
+    With `DataLoader(..., collate_fn=as_batch)` a shuffled epoch costs one small read per row and
+    the same sampling order as a DataLoader over in-memory tensors with the same generator.
+    """
+
+    def __init__(self, path: Path, labels: list[int]) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                self.offset = f.tell()
+        except FileNotFoundError:
+            raise DatasetError(f"{self.path} not found: run `dvc repro featurize`") from None
+        except ValueError as exc:
+            raise DatasetError(f"{self.path} is not a .npy file ({exc}); run `dvc repro featurize`") from None
+        if fortran or dtype != DTYPE or len(shape) != 2 or shape[0] != len(labels):
+            raise DatasetError(f"{self.path} holds {shape} {dtype}, not {len(labels)} rows of float32 as index.json "
+                               "says; run `dvc repro featurize`")
+        self.rows, self.cols = shape
+        self.row_bytes = self.cols * DTYPE.itemsize
+        expected = self.offset + self.rows * self.row_bytes
+        if self.path.stat().st_size != expected:
+            raise DatasetError(f"{self.path} is {self.path.stat().st_size} bytes, expected {expected} (truncated?); "
+                               "run `dvc repro featurize`")
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def _read(self, start: int, count: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return os.pread(self._fd, count * self.row_bytes, self.offset + start * self.row_bytes)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = np.empty((len(indices), self.cols), dtype=DTYPE)
+        for j, i in enumerate(indices):
+            out[j] = np.frombuffer(self._read(i, 1), dtype=DTYPE)
+        return torch.from_numpy(out), self.labels[list(indices)]
+
+    def batches(self, batch_size: int):  # noqa: ANN201 (an iterator of (features, labels))
+        """Consecutive batches in the stored order, one read each (evaluate, the per-epoch test pass)."""
+        for start in range(0, self.rows, batch_size):
+            count = min(batch_size, self.rows - start)
+            block = np.frombuffer(self._read(start, count), dtype=DTYPE).reshape(count, self.cols)
+            yield torch.from_numpy(block.copy()), self.labels[start:start + count]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`collate_fn` for `FeatureFile`: `__getitems__` already returns the batch."""
+    return batch
+
+
+def open_split(features_dir: Path, index: dict[str, Any], split: str) -> FeatureFile:
+    return FeatureFile(split_file(features_dir, split), index["splits"][split]["labels"])

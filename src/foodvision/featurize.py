@@ -1,0 +1,140 @@
+"""featurize stage: every image of each split through the frozen backbone once, features streamed to disk.
+
+The backbone is frozen and in eval mode and the eval transform is deterministic, so an image's features
+never change while its head trains: computing them once here lets every head-only experiment (lr, epochs,
+dropout) and `evaluate` skip decoding and the backbone entirely. Batches are decoded (in DataLoader
+workers where there are spare cores), pushed through the BN-folded channels-last backbone and appended
+to the output file, so memory stays flat whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from foodvision.atomic import atomic_dir, write_json, write_text
+from foodvision.checkpoint import pick_device
+from foodvision.data import ImageSamples, build_transform, make_loader, open_rgb
+from foodvision.features import INDEX, FeatureFile, NpyWriter
+from foodvision.model import for_inference, freeze_all_but, load_pretrained, replace_head
+from foodvision.spec import SPLITS, DatasetError, load_spec, load_transform
+
+MAX_LISTED = 10
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class _Decoded(ImageSamples):
+    """(image tensor, ok): an image whose pixel data will not decode yields zeros and ok=False."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        rel, _ = self.samples[i]
+        try:
+            return self.transform(open_rgb(self.root / rel, self.min_size)), True
+        except DECODE_ERRORS:
+            crop = self.transform.crop_size[0]
+            return torch.zeros(3, crop, crop), False
+
+
+def decode_workers(device: torch.device, cpus: int | None = None) -> int:
+    """DataLoader workers that decode while the backbone runs.
+
+    On a GPU the CPU only decodes: use the cores (up to 8 per process). On a CPU the backbone already
+    uses every core; one worker overlaps decoding with it once there are 4 cores or more to share.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type != "cpu":
+        return max(1, min(8, cpus - 1))
+    return 1 if cpus >= 4 else 0
+
+
+def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_dir: Path, *, model_name: str,
+              batch_size: int, device: str, skip_corrupt: bool, summary_out: Path) -> dict[str, Any]:
+    """Write `out_dir/{train,test}.npy` and `out_dir/index.json`; return the index.
+
+    Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`.
+    """
+    spec = load_spec(spec_path)
+    transform = load_transform(transform_path)
+    dev = pick_device(device)
+    model = load_pretrained(model_name, pretrained_path)
+    head = replace_head(model, len(spec["classes"]), dropout=0.0)
+    freeze_all_but(model, head)
+    write_text(summary_out, model_summary(model, batch_size, transform["crop_size"]))
+    in_features = model.get_submodule(head)[1].in_features
+    backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
+    model.set_submodule(head, nn.Identity())
+    body = for_inference(model).to(dev)
+    del model
+    workers = decode_workers(dev)
+    index: dict[str, Any] = {"model": model_name, "head": head, "feature_dim": in_features,
+                             "backbone_params": backbone_params, "classes": spec["classes"], "root": spec["root"],
+                             "splits": {}, "skipped_corrupt": []}
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            samples = spec["splits"][split]
+            dataset = _Decoded(Path(spec["root"]), samples, build_transform(transform), transform["resize_size"])
+            loader = make_loader(dataset, batch_size, shuffle=False, seed=0, workers=workers)
+            start = time.perf_counter()
+            bad = _stream(body, loader, dev, tmp / f"{split}.npy", len(samples), in_features, desc=split)
+            seconds = time.perf_counter() - start
+            print(f"featurize {split}: {len(samples)} images in {seconds:.1f} s "
+                  f"({len(samples) / max(seconds, 1e-9):.1f} images/s, {workers} decode worker(s), {dev})")
+            broken = [samples[i]["path"] for i in bad]
+            if broken and not skip_corrupt:
+                raise DatasetError(f"{len(broken)} image(s) in {spec['root']} do not decode: "
+                                   f"{', '.join(broken[:MAX_LISTED])}{' …' if len(broken) > MAX_LISTED else ''}; "
+                                   "replace them, or set data.skip_corrupt: true")
+            dropped = set(bad)
+            if dropped:
+                _drop_rows(tmp / f"{split}.npy", dropped, len(samples), in_features)
+            kept = [s for i, s in enumerate(samples) if i not in dropped]
+            index["splits"][split] = {"paths": [s["path"] for s in kept], "labels": [s["label"] for s in kept]}
+            index["skipped_corrupt"] += broken
+        write_json(tmp / INDEX, index)
+    return index
+
+
+def _stream(body: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, dest: Path, rows: int,
+            cols: int, desc: str) -> list[int]:
+    """Append each batch's features to `dest` as it comes; return the positions of images that did not decode."""
+    writer = NpyWriter(dest, rows, cols)
+    bad, seen = [], 0
+    with torch.inference_mode():
+        for images, ok in tqdm(loader, desc=f"featurize {desc}", unit="batch", leave=False):
+            feats = body(images.to(device, non_blocking=True, memory_format=torch.channels_last))
+            writer.write(feats.float().cpu().numpy())
+            bad += [seen + j for j in (~ok).nonzero().flatten().tolist()]
+            seen += len(ok)
+    writer.close()
+    return bad
+
+
+def _drop_rows(path: Path, bad: set[int], rows: int, cols: int) -> None:
+    """Rewrite `path` without the rows of images that did not decode (rare: data.skip_corrupt only)."""
+    source = FeatureFile(path, [0] * rows)
+    keep = [i for i in range(rows) if i not in bad]
+    kept = path.with_suffix(".kept")
+    writer = NpyWriter(kept, len(keep), cols)
+    for start in range(0, len(keep), 1024):
+        writer.write(source.__getitems__(keep[start:start + 1024])[0].numpy())
+    writer.close()
+    source.close()
+    kept.replace(path)
+
+
+def model_summary(model: nn.Module, batch_size: int, crop_size: int) -> str:
+    """torchinfo's table as in the article; eval mode, so summarising never touches BN stats."""
+    from torchinfo import summary
+
+    stats = summary(model, input_size=(batch_size, 3, crop_size, crop_size), verbose=0, mode="eval",
+                    col_names=["input_size", "output_size", "num_params", "trainable"],
+                    col_width=20, row_settings=["var_names"], device="cpu")
+    return str(stats) + "\n"
