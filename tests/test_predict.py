@@ -27,7 +27,7 @@ def test_exif_rotated_photo_is_upright(tmp_path):
 def test_predict_stage_writes_titled_pngs_and_json(trained, tmp_path):
     own = tmp_path / "own.png"
     make_image("sushi", 5).convert("RGBA").save(own)
-    results = predict(trained.model, trained.spec, num_samples=2, images=(str(own),), seed=42, device="cpu",
+    results = predict(trained.model, trained.features, num_samples=2, images=(str(own),), seed=42, device="cpu",
                       out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json")
     assert json.loads((tmp_path / "predictions.json").read_text()) == results
     assert [r["true"] is None for r in results] == [False, False, True]
@@ -35,14 +35,14 @@ def test_predict_stage_writes_titled_pngs_and_json(trained, tmp_path):
     for r in results:
         assert r["pred"] in ("pizza", "steak", "sushi") and r["prob"] == max(r["probs"].values())
         assert abs(sum(r["probs"].values()) - 1) < 1e-4
-    again = predict(trained.model, trained.spec, num_samples=2, images=(), seed=42, device="cpu",
+    again = predict(trained.model, trained.features, num_samples=2, images=(), seed=42, device="cpu",
                     out_dir=tmp_path / "p2", json_out=tmp_path / "p2.json")
     assert [r["source"] for r in again] == [r["source"] for r in results[:2]], "the seed picks the samples"
 
 
 def test_predict_fetches_image_urls(trained, tmp_path, served, server_url):
     make_image("steak", 9).save(served / "steak photo.jpg")
-    (r,) = predict(trained.model, trained.spec, num_samples=0, images=(f"{server_url}/steak%20photo.jpg",), seed=1,
+    (r,) = predict(trained.model, trained.features, num_samples=0, images=(f"{server_url}/steak%20photo.jpg",), seed=1,
                    device="cpu", out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
     assert r["plot"] == "image_0_steak photo.png" and (tmp_path / "p" / r["plot"]).is_file()
 
@@ -76,7 +76,7 @@ def test_predict_refuses_broken_or_foreign_checkpoints(trained, tmp_path, capsys
     broken = tmp_path / "model.pt"
     broken.write_bytes(trained.model.read_bytes()[:5000])
     with pytest.raises(ModelError, match="model.pt is not a readable PyTorch weights file"):
-        predict(broken, trained.spec, num_samples=1, images=(), seed=1, device="cpu", out_dir=tmp_path / "p",
+        predict(broken, trained.features, num_samples=1, images=(), seed=1, device="cpu", out_dir=tmp_path / "p",
                 json_out=tmp_path / "p.json")
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.json").exists()
     foreign = torch.load(trained.model, weights_only=True)

@@ -23,7 +23,7 @@ from foodvision.atomic import atomic_dir, write_json, write_text
 from foodvision.checkpoint import pick_device
 from foodvision.data import ImageSamples, build_transform, make_loader, open_rgb
 from foodvision.features import INDEX, FeatureFile, NpyWriter
-from foodvision.model import for_inference, freeze_all_but, load_pretrained, replace_head
+from foodvision.model import for_inference, freeze_all_but, load_pretrained, replace_head, resolve_weights
 from foodvision.spec import SPLITS, DatasetError, load_spec, load_transform
 
 MAX_LISTED = 10
@@ -61,6 +61,7 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
 
     Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`.
     """
+    resolve_weights(model_name, None)  # a bad name fails before any work
     spec = load_spec(spec_path)
     transform = load_transform(transform_path)
     dev = pick_device(device)

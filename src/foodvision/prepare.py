@@ -41,7 +41,7 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     names = _select(found, classes, raw_dir)
     index = {c: i for i, c in enumerate(names)}
     kept = {split: [(p, c) for p, c in candidates[split] if c in index] for split in SPLITS}
-    images = {split: [(p, c) for p, c in kept[split] if p.suffix.lower() in IMG_EXTENSIONS] for split in SPLITS}
+    images = {split: [(p, c) for p, c in kept[split] if _is_image_name(p.name)] for split in SPLITS}
     ignored = sum(len(kept[s]) - len(images[s]) for s in SPLITS)
     all_paths = [p for split in SPLITS for p, _ in images[split]]
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
@@ -78,7 +78,7 @@ def dataset_root(raw_dir: Path) -> Path:
     while True:
         entries = [e for e in root.iterdir() if not _hidden(e.name)]
         dirs = [e for e in entries if e.is_dir()]
-        has_images = any(e.suffix.lower() in IMG_EXTENSIONS for e in entries if e.is_file())
+        has_images = any(_is_image_name(e.name) for e in entries if e.is_file())
         if len(dirs) != 1 or has_images or _is_layout(root):
             return root
         root = dirs[0]
@@ -97,7 +97,13 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.name))
+    """Every file below `folder` (hidden ones too: they are counted as ignored)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _is_image_name(name: str) -> bool:
+    """An image extension and not hidden (`._IMG.jpg` is macOS metadata, not a photo)."""
+    return not _hidden(name) and Path(name).suffix.lower() in IMG_EXTENSIONS
 
 
 def _find_samples(root: Path, test_fraction: float, seed: int) -> tuple[str, dict[str, list[tuple[Path, str]]]]:
@@ -136,7 +142,7 @@ def _split_folders(dirs: list[Path], test_fraction: float, seed: int) -> dict[st
     """Per class, a seeded shuffle; the first `round(n * test_fraction)` files (at least one) are test."""
     out: dict[str, list[tuple[Path, str]]] = {s: [] for s in SPLITS}
     for d in dirs:
-        files = [f for f in _files(d) if f.suffix.lower() in IMG_EXTENSIONS]
+        files = [f for f in _files(d) if _is_image_name(f.name)]
         random.Random(f"{seed}/{d.name}").shuffle(files)
         n_test = max(1, round(len(files) * test_fraction)) if len(files) >= 2 else 0
         out["test"] += [(f, d.name) for f in sorted(files[:n_test])]
