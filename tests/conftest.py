@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.server
 import os
 import signal
-import http.server
 import subprocess
 import threading
 import zipfile

@@ -13,8 +13,14 @@ from torchvision.ops.misc import SqueezeExcitation
 
 from foodvision import lite0
 from foodvision.data import build_transform, open_rgb
-from foodvision.model import (build_backbone, eval_transform, freeze_all_but, load_state_dict_file, replace_head,
-                              resolve_weights)
+from foodvision.model import (
+    build_backbone,
+    eval_transform,
+    freeze_all_but,
+    load_state_dict_file,
+    replace_head,
+    resolve_weights,
+)
 from foodvision.pretrained import fetch_pretrained
 
 IMAGENET = EfficientNet_B0_Weights.DEFAULT.meta["categories"]

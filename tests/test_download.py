@@ -3,8 +3,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import write_dataset, zip_dir
+
 from foodvision.download import ArchiveError, download_dataset, extract_dataset
 from foodvision.prepare import dataset_root, prepare
 from foodvision.spec import DatasetError

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import kill_processes_in, make_image
-from foodvision.model import load_checkpoint
 from test_pipeline import copy_project, set_params, sh
+
+from foodvision.model import load_checkpoint
 
 # A stuck `dvc` (a queue worker that never exits) fails one test with pytest-timeout's message, not the run.
 pytestmark = pytest.mark.timeout(900)

@@ -13,9 +13,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import write_dataset
 from PIL import Image
 
-from conftest import write_dataset
 from foodvision.data import open_rgb
 from foodvision.download import ArchiveError, download_dataset, extract_dataset
 from foodvision.fetch import FetchError, fetch

@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import default_params_text
-from foodvision.params import ParamsError, load_params
 
+from foodvision.params import ParamsError, load_params
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from conftest import make_image
 from PIL import Image
 
-from conftest import make_image
 from foodvision.data import open_rgb
 from foodvision.predict import main, predict
 

@@ -3,9 +3,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import write_dataset
 from PIL import Image
 
-from conftest import write_dataset
 from foodvision.model import eval_transform
 from foodvision.prepare import DatasetError, prepare
 

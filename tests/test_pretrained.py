@@ -1,8 +1,7 @@
-import torch
-
 import pytest
-
+import torch
 from conftest import save_with_hash_name
+
 from foodvision.fetch import FetchError
 from foodvision.model import ModelError, build_backbone, load_state_dict_file, resolve_weights
 from foodvision.pretrained import fetch_pretrained

@@ -2,8 +2,8 @@ import csv
 import json
 
 import torch
-
 from conftest import train_tiny
+
 from foodvision.checkpoint import load_state_dict_file, new_head
 from foodvision.model import load_checkpoint
 from foodvision.params import TrainParams
@@ -123,7 +123,6 @@ def test_a_long_run_shows_progress_after_every_epoch(trained, tmp_path):
     import time
 
     import yaml
-
     from conftest import ROOT, default_params_text
 
     params = yaml.safe_load(default_params_text())

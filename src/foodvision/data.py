@@ -17,7 +17,6 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 
-
 def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     """Any image Pillow opens (RGBA, L, P, CMYK, EXIF-rotated phone photo) as upright RGB.
 

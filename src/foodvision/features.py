@@ -49,7 +49,8 @@ class NpyWriter:
     def write(self, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block, dtype=DTYPE)
         if block.ndim != 2 or block.shape[1] != self.cols or self.written + len(block) > self.rows:
-            raise ValueError(f"{self.path}: block of shape {block.shape} does not fit ({self.written}/{self.rows} rows)")
+            raise ValueError(f"{self.path}: a block of shape {block.shape} does not fit "
+                             f"({self.written} of {self.rows} rows written)")
         self.file.write(block.tobytes())
         self.written += len(block)
 

@@ -24,7 +24,6 @@ from foodvision.features import load_index
 from foodvision.fetch import fetch, local_path, source_name
 from foodvision.model import for_inference, load_checkpoint
 
-
 DISPLAY_SIZE = 600  # decode at least this big: enough for the plot and for any eval transform here
 
 

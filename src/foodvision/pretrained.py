@@ -16,9 +16,15 @@ from torch.hub import HASH_REGEX
 
 from foodvision.atomic import atomic_path, remove_stale, write_json
 from foodvision.fetch import fetch, source_name
-from foodvision.model import (ModelError, Weights, build_backbone, eval_transform, load_pretrained,
-                              load_state_dict_file, resolve_weights)
-
+from foodvision.model import (
+    ModelError,
+    Weights,
+    build_backbone,
+    eval_transform,
+    load_pretrained,
+    load_state_dict_file,
+    resolve_weights,
+)
 
 RANDOM_INIT_SEED = 0
 

@@ -1,0 +1,214 @@
+"""Scale benchmark: per stage, wall time, images/s and peak RSS at N images, and the bare backbone's speed.
+
+    python benchmarks/scale.py [--sizes 300 3000 30000] [--model efficientnet_lite0] [--exp 3000]
+
+Datasets of N images (75% train, 25% test, 3 classes) are made of the real photos of
+../shared/data/pizza_steak_sushi.zip (hard links, reused in turn) when it is there, else of generated
+512x384 JPEGs. Each stage's script runs as its own process, imports included, as `dvc repro` runs it;
+peak RSS is the process's maximum resident set. The bare backbone forward (batch 32, BN folded,
+channels-last, random inputs) is measured in the same run, so featurize can be compared with it.
+`--exp N` also times, in a git + DVC repository of N images, a whole `dvc repro` against a head-only
+`dvc exp run -S train.lr=0.01`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "pizza_steak_sushi.zip"
+CLASSES = ("pizza", "steak", "sushi")
+STAGES = ("prepare", "featurize", "train", "evaluate", "predict")
+ENV = {**os.environ, "TQDM_DISABLE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def photo_pool(work: Path) -> dict[str, list[Path]]:
+    """Per class, the real photos (or generated ones) that datasets of any size are made of."""
+    pool: dict[str, list[Path]] = {c: [] for c in CLASSES}
+    if REAL.is_file():
+        with zipfile.ZipFile(REAL) as zf:
+            zf.extractall(work / "real")
+        for path in sorted((work / "real").rglob("*.jpg")):
+            pool[path.parent.name].append(path)
+        return pool
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(CLASSES):
+        (work / "real" / cls).mkdir(parents=True)
+        for i in range(100):
+            pixels = rng.normal(80 * c + 40, 40, size=(384, 512, 3)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(work / "real" / cls / f"{i}.jpg", quality=90)
+            pool[cls].append(work / "real" / cls / f"{i}.jpg")
+    return pool
+
+
+def make_dataset(raw: Path, n: int, pool: dict[str, list[Path]]) -> None:
+    """train/<class>/ and test/<class>/ with n images in all, hard links to the pool's photos."""
+    per_class = n // len(CLASSES)
+    for cls in CLASSES:
+        photos = itertools.cycle(pool[cls])
+        for i in range(per_class):
+            split = "test" if i % 4 == 3 else "train"
+            dest = raw / split / cls / f"{i:06d}.jpg"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.link(next(photos), dest)
+
+
+def make_project(dest: Path, model: str, raw: Path | None) -> Path:
+    """The project's tracked files, with params for a 1-epoch run; the dataset placed at paths.raw."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split()
+    for rel in files:
+        if not rel.startswith(("tests/", "benchmarks/", "docs/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["model"]["name"] = model
+    params["train"].update(epochs=1, device="cpu")
+    params["predict"]["images"] = []
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if raw is not None:
+        (dest / params["paths"]["raw"]).parent.mkdir(parents=True, exist_ok=True)
+        raw.rename(dest / params["paths"]["raw"])
+    return dest
+
+
+def run_peak(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Run `cmd`; return (seconds, peak RSS in MB of its largest process, stdout) from its rusage."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{err[-2000:]}")
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
+    return seconds, peak, out
+
+
+def peak_of(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+    """`run_peak` in a fresh helper process, so each figure is that command's own peak."""
+    helper = ("import json, sys; sys.path.insert(0, sys.argv[1]); from scale import run_peak; "
+              "print(json.dumps(run_peak(sys.argv[3:], __import__('pathlib').Path(sys.argv[2]))))")
+    out = subprocess.run([sys.executable, "-c", helper, str(Path(__file__).parent), str(cwd), *cmd], env=ENV,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return tuple(json.loads(out.stdout.splitlines()[-1]))
+
+
+def bare_forward(model: str, pretrained: Path, batches: int) -> float:
+    """Images/s of the backbone alone on random batches of 32 (BN folded, channels-last, inference mode)."""
+    code = f"""
+import time, torch
+from torch import nn
+from foodvision.model import for_inference, load_pretrained, replace_head
+m = load_pretrained({model!r}, {str(pretrained)!r})
+m.set_submodule(replace_head(m, 3, 0.0), nn.Identity())
+body = for_inference(m)
+x = torch.randn(32, 3, 224, 224).to(memory_format=torch.channels_last)
+with torch.inference_mode():
+    for _ in range(2):
+        body(x)
+    start = time.perf_counter()
+    for _ in range({batches}):
+        body(x)
+print(32 * {batches} / (time.perf_counter() - start))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[300, 3000, 30000])
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--exp", type=int, default=0, help="also time `dvc repro` vs a head-only `dvc exp run` at N")
+    args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; backbone {args.model}; data: "
+          f"{'real photos' if REAL.is_file() else 'generated JPEGs'}", flush=True)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("SCALE_TMP")) as tmp:
+        work = Path(tmp)
+        pool = photo_pool(work)
+        first = make_project(work / "pretrained", args.model, None)
+        subprocess.run([sys.executable, "stages/pretrained.py"], cwd=first, env=ENV, check=True, capture_output=True)
+        pretrained = first / "models" / "pretrained"
+        bare = bare_forward(args.model, pretrained / "backbone.pth", batches=20)
+        print(f"bare backbone forward: {bare:.1f} images/s (batch 32)\n", flush=True)
+        print(f"{'N':>7} {'stage':>10} {'seconds':>8} {'ms/image':>9} {'images/s':>9} {'peak MB':>8}", flush=True)
+        results: dict[int, dict[str, tuple[float, float]]] = {}
+        for n in args.sizes:
+            make_dataset(work / f"raw{n}", n, pool)
+            project = make_project(work / f"p{n}", args.model, work / f"raw{n}")
+            shutil.copytree(pretrained, project / "models" / "pretrained")
+            results[n] = {}
+            for stage in STAGES:
+                seconds, peak, _ = peak_of([sys.executable, f"stages/{stage}.py"], project)
+                results[n][stage] = (seconds, peak)
+                print(f"{n:>7} {stage:>10} {seconds:>8.1f} {1000 * seconds / n:>9.2f} {n / seconds:>9.1f} "
+                      f"{peak:>8.0f}", flush=True)
+            accuracy = json.loads((project / "metrics/eval.json").read_text())["accuracy"]
+            print(f"{n:>7} test accuracy after 1 epoch: {accuracy:.4f}", flush=True)
+            if n != args.exp:
+                shutil.rmtree(project)
+        print()
+        small, big = min(results), max(results)
+        mid = sorted(results)[1] if len(results) > 2 else small
+        for stage in STAGES:
+            (t_mid, _), (t_big, p_big), (_, p_small) = results[mid][stage], results[big][stage], results[small][stage]
+            print(f"{stage:>10}: peak RSS {big} vs {small} images {p_big / p_small:.2f}x; "
+                  f"time per image {big} vs {mid} {t_big / big / (t_mid / mid):.2f}x")
+        for n in results:
+            if n >= 3000:
+                seconds = results[n]["featurize"][0]
+                print(f"featurize at {n}: {n / seconds:.1f} images/s = {n / seconds / bare:.2f}x the bare forward")
+        if args.exp:
+            exp_timing(work / f"p{args.exp}", work)
+
+
+def exp_timing(project: Path, work: Path) -> None:
+    """A whole `dvc repro` (after the download) against a head-only experiment, in one repository."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    raw = project / params["paths"]["raw"]
+    archive = work / "dataset.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(raw.rglob("*.jpg")):
+            zf.write(path, path.relative_to(raw).as_posix())
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / "models")
+    for generated in ("metrics", "plots"):
+        shutil.rmtree(project / generated, ignore_errors=True)
+    params["data"]["url"] = str(archive)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["dvc", "repro", "download"], cwd=project, env=ENV, check=True, capture_output=True)
+    full, full_peak, _ = peak_of(["dvc", "repro"], project)
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True)
+    exp, exp_peak, out = peak_of(["dvc", "exp", "run", "-S", "train.lr=0.01"], project)
+    reran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+    print(f"\n{project.name[1:]} images: dvc repro after the download: {full:.1f} s "
+          f"(peak {full_peak:.0f} MB); dvc exp run -S train.lr=0.01: {exp:.1f} s (peak {exp_peak:.0f} MB) = "
+          f"{100 * exp / full:.1f}% of it; stages rerun: {', '.join(reran)}")
+
+
+if __name__ == "__main__":
+    main()
