@@ -10,9 +10,12 @@ to the output file, so memory stays flat whatever the number of images.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -26,6 +29,7 @@ from foodvision.features import INDEX, FeatureFile, NpyWriter
 from foodvision.model import for_inference, freeze_all_but, load_pretrained, replace_head, resolve_weights
 from foodvision.spec import SPLITS, DatasetError, load_spec, load_transform
 
+T = TypeVar("T")
 MAX_LISTED = 10
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -43,10 +47,12 @@ class _Decoded(ImageSamples):
 
 
 def decode_workers(device: torch.device, cpus: int | None = None) -> int:
-    """DataLoader workers that decode while the backbone runs.
+    """DataLoader worker processes that decode while the backbone runs.
 
     On a GPU the CPU only decodes: use the cores (up to 8 per process). On a CPU the backbone already
-    uses every core; one worker overlaps decoding with it once there are 4 cores or more to share.
+    uses every core; one worker process pays once there are 4 cores or more to share. Below that, a
+    thread decodes the next batch instead (`_prefetched`): on 2 cores a worker process measured 2%
+    slower than none, the thread 6% faster.
     """
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -103,13 +109,54 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
     return index
 
 
+def _prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield from `batches`, produced by a thread that runs up to `depth` batches ahead.
+
+    PIL's decoding and torch's kernels both release the GIL, so the next batch decodes while the
+    backbone runs on this one. Errors in the thread are raised here; stopping early stops the thread.
+    """
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put((batch, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            slots.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="featurize-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, error = slots.get()
+            if error is not None:
+                raise error
+            if batch is done:
+                return
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _stream(body: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, dest: Path, rows: int,
             cols: int, desc: str) -> list[int]:
     """Append each batch's features to `dest` as it comes; return the positions of images that did not decode."""
     writer = NpyWriter(dest, rows, cols)
     bad, seen = [], 0
+    batches = loader if loader.num_workers else _prefetched(loader)
     with torch.inference_mode():
-        for images, ok in tqdm(loader, desc=f"featurize {desc}", unit="batch", leave=False):
+        for images, ok in tqdm(batches, desc=f"featurize {desc}", total=len(loader), unit="batch", leave=False):
             feats = body(images.to(device, non_blocking=True, memory_format=torch.channels_last))
             writer.write(feats.float().cpu().numpy())
             bad += [seen + j for j in (~ok).nonzero().flatten().tolist()]
