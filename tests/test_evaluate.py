@@ -54,3 +54,49 @@ def test_truncated_or_foreign_checkpoint(trained, tmp_path):
     with pytest.raises(ModelError, match="not found"):
         evaluate(tmp_path / "none.pt", trained.features, **kwargs)
     assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize("n", [3, 101, 560])
+def test_confusion_png_stays_bounded_with_many_classes(tmp_path, n):
+    from PIL import Image
+
+    from foodvision.plots import confusion
+
+    matrix = [[(i * 7 + j) % 5 if i != j else 20 for j in range(n)] for i in range(n)]
+    confusion(matrix, [f"class_{i:03d}" for i in range(n)], tmp_path / "c.png")
+    with Image.open(tmp_path / "c.png") as im:
+        width, height = im.size
+    assert max(width, height) <= 1600
+    assert (width, height) == ((660, 560) if n == 3 else (1600, 1600))
+
+
+def test_top5_accuracy_with_more_than_five_classes(tmp_path):
+    """Seven classes: metrics gain top5_accuracy, computed from the head's logits on the stored features."""
+    import numpy as np
+
+    from foodvision.atomic import write_json
+    from foodvision.checkpoint import new_head, save_checkpoint
+    from foodvision.features import NpyWriter
+
+    classes = [f"c{i}" for i in range(7)]
+    feats = tmp_path / "features"
+    feats.mkdir()
+    # an identity head on features that rank class j first, then j+1, j+2, ...; label (j+k) % 7 sits at rank k+1
+    labels = [(j + k) % 7 for j in range(7) for k in range(7)]
+    rows = np.array([[7 - (c - j) % 7 for c in range(7)] for j in range(7) for _ in range(7)], dtype=np.float32)
+    writer = NpyWriter(feats / "test.npy", len(rows), 7)
+    writer.write(rows)
+    writer.close()
+    write_json(feats / "index.json", {"model": "efficientnet_b0", "classes": classes, "root": ".",
+                                      "splits": {"test": {"paths": [f"{i}.jpg" for i in range(49)], "labels": labels}}})
+    head = new_head(7, 7, 0.2)
+    with torch.no_grad():
+        head[1].weight.copy_(torch.eye(7))
+        head[1].bias.zero_()
+    save_checkpoint(tmp_path / "model.pt", {f"classifier.{k}": v for k, v in head.state_dict().items()},
+                    name="efficientnet_b0", head="classifier", dropout=0.2, class_names=classes, transform={})
+    m = evaluate(tmp_path / "model.pt", feats, device="cpu", metrics_out=tmp_path / "e.json",
+                 confusion_csv=tmp_path / "c.csv", confusion_png=tmp_path / "c.png")
+    assert m["accuracy"] == round(7 / 49, 6)
+    assert m["top5_accuracy"] == round(35 / 49, 6)
+    assert set(m["per_class"]) == set(classes)

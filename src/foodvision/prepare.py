@@ -25,6 +25,7 @@ from foodvision.atomic import write_json
 from foodvision.spec import IMG_EXTENSIONS, SPLITS, DatasetError
 
 MAX_LISTED = 10  # names shown in one error line
+CHECK_CHUNK = 256  # files per header-check task
 
 
 def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None = None, test_fraction: float = 0.25,
@@ -40,18 +41,19 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     found = sorted({cls for split in SPLITS for _, cls in candidates[split]})
     names = _select(found, classes, raw_dir)
     index = {c: i for i, c in enumerate(names)}
-    kept = {split: [(p, c) for p, c in candidates[split] if c in index] for split in SPLITS}
-    images = {split: [(p, c) for p, c in kept[split] if _is_image_name(p.name)] for split in SPLITS}
-    ignored = sum(len(kept[s]) - len(images[s]) for s in SPLITS)
-    all_paths = [p for split in SPLITS for p, _ in images[split]]
-    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        ok = dict(zip(all_paths, pool.map(_has_image_header, all_paths, chunksize=64)))
-    unreadable = [p.relative_to(raw_dir).as_posix() for p in all_paths if not ok[p]]
+    images: dict[str, list[tuple[str, str]]] = {}
+    ignored = 0
+    for split in SPLITS:  # relative strings, not Path objects: a few hundred bytes per image in all
+        kept = [(p, c) for p, c in candidates.pop(split) if c in index]
+        images[split] = [(p.relative_to(raw_dir).as_posix(), c) for p, c in kept if _is_image_name(p.name)]
+        ignored += len(kept) - len(images[split])
+    unreadable = _unreadable(raw_dir, [rel for split in SPLITS for rel, _ in images[split]])
     if unreadable and not skip_corrupt:
         raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {_listed(unreadable)}; "
                            "replace them, or set data.skip_corrupt: true")
-    splits = {split: [{"path": p.relative_to(raw_dir).as_posix(), "label": index[c]}
-                      for p, c in images[split] if ok[p]] for split in SPLITS}
+    bad = set(unreadable)
+    splits = {split: [{"path": rel, "label": index[c]} for rel, c in images[split] if rel not in bad]
+              for split in SPLITS}
     counts = {split: {c: 0 for c in names} for split in SPLITS}
     for split in SPLITS:
         for sample in splits[split]:
@@ -166,6 +168,20 @@ def _select(found: list[str], wanted: tuple[str, ...] | None, raw_dir: Path) -> 
 
 def _listed(names: list[str]) -> str:
     return ", ".join(names[:MAX_LISTED]) + (f" … ({len(names)} in all)" if len(names) > MAX_LISTED else "")
+
+
+def _unreadable(raw_dir: Path, rels: list[str]) -> list[str]:
+    """The files among `rels` (relative to `raw_dir`) whose header Pillow cannot read, checked by a thread pool.
+
+    Chunks of files, not one task per file: a future per image would cost more memory than the index.
+    """
+    chunks = [rels[i:i + CHECK_CHUNK] for i in range(0, len(rels), CHECK_CHUNK)]
+
+    def check(chunk: list[str]) -> list[str]:
+        return [rel for rel in chunk if not _has_image_header(raw_dir / rel)]
+
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        return [rel for found in pool.map(check, chunks) for rel in found]
 
 
 def _has_image_header(path: Path) -> bool:
