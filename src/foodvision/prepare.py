@@ -37,22 +37,22 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     """
     raw_dir = Path(raw_dir)
     root = dataset_root(raw_dir)
-    layout, candidates = _find_samples(root, test_fraction, seed)
+    layout, candidates = _find_samples(raw_dir, root, test_fraction, seed)
     found = sorted({cls for split in SPLITS for _, cls in candidates[split]})
     names = _select(found, classes, raw_dir)
     index = {c: i for i, c in enumerate(names)}
     images: dict[str, list[tuple[str, str]]] = {}
     ignored = 0
-    for split in SPLITS:  # relative strings, not Path objects: a few hundred bytes per image in all
-        kept = [(p, c) for p, c in candidates.pop(split) if c in index]
-        images[split] = [(p.relative_to(raw_dir).as_posix(), c) for p, c in kept if _is_image_name(p.name)]
+    for split in SPLITS:
+        kept = [(rel, c) for rel, c in candidates.pop(split) if c in index]
+        images[split] = [(rel, c) for rel, c in kept if _is_image_name(rel.rpartition("/")[2])]
         ignored += len(kept) - len(images[split])
     unreadable = _unreadable(raw_dir, [rel for split in SPLITS for rel, _ in images[split]])
     if unreadable and not skip_corrupt:
         raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {_listed(unreadable)}; "
                            "replace them, or set data.skip_corrupt: true")
     bad = set(unreadable)
-    splits = {split: [{"path": rel, "label": index[c]} for rel, c in images[split] if rel not in bad]
+    splits = {split: [{"path": rel, "label": index[c]} for rel, c in images.pop(split) if rel not in bad]
               for split in SPLITS}
     counts = {split: {c: 0 for c in names} for split in SPLITS}
     for split in SPLITS:
@@ -98,9 +98,21 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name)), key=lambda p: p.name)
 
 
-def _files(folder: Path) -> list[Path]:
-    """Every file below `folder` (hidden ones too: they are counted as ignored)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+def _relative(raw_dir: Path, path: Path, *rest: str) -> str:
+    """`path / rest` relative to `raw_dir`, as the spec writes it (POSIX)."""
+    return "/".join(part for part in (path.relative_to(raw_dir).as_posix(), *rest) if part not in ("", "."))
+
+
+def _files(raw_dir: Path, folder: Path) -> list[str]:
+    """Every file below `folder`, relative to `raw_dir`, sorted (hidden ones too: they are counted as ignored).
+
+    Plain strings from os.walk, not Path objects: the index then costs about 100 bytes per image.
+    """
+    found = []
+    for dirpath, _, filenames in os.walk(folder):
+        base = _relative(raw_dir, Path(dirpath))
+        found += [f"{base}/{name}" for name in filenames]
+    return sorted(found)
 
 
 def _is_image_name(name: str) -> bool:
@@ -108,8 +120,9 @@ def _is_image_name(name: str) -> bool:
     return not _hidden(name) and Path(name).suffix.lower() in IMG_EXTENSIONS
 
 
-def _find_samples(root: Path, test_fraction: float, seed: int) -> tuple[str, dict[str, list[tuple[Path, str]]]]:
-    """(layout name, split -> [(file, class name)]) before any filtering."""
+def _find_samples(raw_dir: Path, root: Path, test_fraction: float,
+                  seed: int) -> tuple[str, dict[str, list[tuple[str, str]]]]:
+    """(layout name, split -> [(file relative to raw_dir, class name)]) before any filtering."""
     if all((root / s).is_dir() for s in SPLITS):
         names = {s: [d.name for d in _class_dirs(root / s)] for s in SPLITS}
         if names["train"] != names["test"]:
@@ -117,17 +130,18 @@ def _find_samples(root: Path, test_fraction: float, seed: int) -> tuple[str, dic
             only_test = sorted(set(names["test"]) - set(names["train"]))
             raise DatasetError(f"train and test classes differ in {root} (only in train: {only_train or 'none'}, "
                                f"only in test: {only_test or 'none'}); give both splits the same class folders")
-        return "train/test", {s: [(f, d.name) for d in _class_dirs(root / s) for f in _files(d)] for s in SPLITS}
+        return "train/test", {s: [(f, d.name) for d in _class_dirs(root / s) for f in _files(raw_dir, d)]
+                              for s in SPLITS}
     if (root / "images").is_dir() and all((root / "meta" / f"{s}.txt").is_file() for s in SPLITS):
-        return "food-101", {s: list(_food101_split(root, s)) for s in SPLITS}
+        return "food-101", {s: list(_food101_split(raw_dir, root, s)) for s in SPLITS}
     dirs = _class_dirs(root)
     if len(dirs) < 2:
         raise DatasetError(f"{root} holds {len(dirs)} class folder(s) and no train/ and test/ or images/ and meta/; "
                            "expected train/<class>/*, Food-101's images/ + meta/, or one folder per class")
-    return "class folders", _split_folders(dirs, test_fraction, seed)
+    return "class folders", _split_folders(raw_dir, dirs, test_fraction, seed)
 
 
-def _food101_split(root: Path, split: str) -> Iterable[tuple[Path, str]]:
+def _food101_split(raw_dir: Path, root: Path, split: str) -> Iterable[tuple[str, str]]:
     """`meta/<split>.txt` lines are `<class>/<id>`; the image is `images/<class>/<id>.jpg`."""
     listing = root / "meta" / f"{split}.txt"
     for n, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
@@ -137,14 +151,15 @@ def _food101_split(root: Path, split: str) -> Iterable[tuple[Path, str]]:
         cls, sep, _ = line.partition("/")
         if not sep or ".." in line.split("/"):
             raise DatasetError(f"{listing}:{n}: expected `<class>/<image id>`, got {line[:80]!r}")
-        yield root / "images" / f"{line}.jpg", cls
+        yield _relative(raw_dir, root, "images", f"{line}.jpg"), cls
 
 
-def _split_folders(dirs: list[Path], test_fraction: float, seed: int) -> dict[str, list[tuple[Path, str]]]:
+def _split_folders(raw_dir: Path, dirs: list[Path], test_fraction: float,
+                   seed: int) -> dict[str, list[tuple[str, str]]]:
     """Per class, a seeded shuffle; the first `round(n * test_fraction)` files (at least one) are test."""
-    out: dict[str, list[tuple[Path, str]]] = {s: [] for s in SPLITS}
+    out: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for d in dirs:
-        files = [f for f in _files(d) if _is_image_name(f.name)]
+        files = [f for f in _files(raw_dir, d) if _is_image_name(f.rpartition("/")[2])]
         random.Random(f"{seed}/{d.name}").shuffle(files)
         n_test = max(1, round(len(files) * test_fraction)) if len(files) >= 2 else 0
         out["test"] += [(f, d.name) for f in sorted(files[:n_test])]

@@ -128,8 +128,9 @@ def train(features_dir: Path, pretrained_path: Path, transform_path: Path, spec_
     extra = {"seed": seed, "params_total": index["backbone_params"] + head_params, "params_trainable": head_params}
 
     def checkpoint_progress(history: list[dict[str, Any]]) -> None:
-        write_json(metrics_out, {**history[-1], **extra})
+        # the history first: whoever sees epoch n in the metrics finds n rows in the history
         write_csv(history_out, list(HISTORY_FIELDS), [[row[k] for k in HISTORY_FIELDS] for row in history])
+        write_json(metrics_out, {**history[-1], **extra})
 
     start = time.perf_counter()
     if train_params.augment:
