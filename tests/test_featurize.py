@@ -1,0 +1,69 @@
+"""featurize: streamed feature files, the decode thread, and what the stage records."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from foodvision.featurize import _prefetched, decode_workers
+from foodvision.features import FeatureFile, NpyWriter, load_index
+
+
+def test_feature_files_are_plain_npy_in_the_specs_order(trained):
+    index = load_index(trained.features)
+    assert index["model"] == "efficientnet_b0" and index["feature_dim"] == 1280 and index["head"] == "classifier"
+    assert index["splits"]["test"]["paths"][:2] == ["test/pizza/000.jpg", "test/pizza/001.jpg"]
+    assert index["splits"]["train"]["labels"] == [0] * 4 + [1] * 4 + [2] * 4
+    stored = np.load(trained.features / "train.npy")
+    assert stored.shape == (12, 1280) and stored.dtype == np.float32
+    rows = FeatureFile(trained.features / "train.npy", index["splits"]["train"]["labels"])
+    x, y = rows.__getitems__([5, 0, 11])
+    assert torch.equal(x, torch.from_numpy(stored[[5, 0, 11]])) and y.tolist() == [1, 0, 2]
+    batches = list(rows.batches(5))
+    assert [len(b[0]) for b in batches] == [5, 5, 2]
+    assert torch.equal(torch.cat([b[0] for b in batches]), torch.from_numpy(stored))
+
+
+def test_a_short_or_foreign_feature_file_is_refused(tmp_path):
+    from foodvision.spec import DatasetError
+
+    writer = NpyWriter(tmp_path / "f.npy", 3, 4)
+    writer.write(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="2 of 3 rows written"):
+        writer.close()
+    with pytest.raises(DatasetError, match=r"f.npy is .* bytes, expected .*truncated"):
+        FeatureFile(tmp_path / "f.npy", [0, 0, 0])
+    np.save(tmp_path / "g.npy", np.zeros((3, 4), dtype=np.float64))
+    with pytest.raises(DatasetError, match="not 3 rows of float32"):
+        FeatureFile(tmp_path / "g.npy", [0, 0, 0])
+    (tmp_path / "h.npy").write_text("<html>")
+    with pytest.raises(DatasetError, match=r"h.npy is not a .npy file.*dvc repro featurize"):
+        FeatureFile(tmp_path / "h.npy", [0])
+
+
+def test_the_decode_thread_hands_on_errors_and_stops_with_its_consumer():
+    def batches():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for b in _prefetched(batches()):
+            got.append(b)
+    assert got == [1, 2]
+
+    endless = _prefetched(iter(range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close()  # the consumer stops early: the producer thread ends too
+    assert not [t for t in threading.enumerate() if t.name == "featurize-decode"]
+
+
+def test_decode_workers_fit_the_machine():
+    assert decode_workers(torch.device("cpu"), cpus=2) == 0, "2 cores: a thread, not a process"
+    assert decode_workers(torch.device("cpu"), cpus=16) == 1
+    assert decode_workers(torch.device("cuda"), cpus=16) == 8
+    assert decode_workers(torch.device("cuda"), cpus=2) == 1
