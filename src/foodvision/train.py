@@ -32,7 +32,7 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 EpochHook = Callable[[list[dict[str, Any]]], None]
 
 
-def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> None:
+def seed_everything(seed: int, device: torch.device | None = None) -> None:
     """Python, NumPy and torch RNGs, plus deterministic kernels on GPUs: same params, same bytes.
 
     Every CPU kernel this stage runs is deterministic already; the switch matters for CUDA/MPS
@@ -41,7 +41,7 @@ def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> No
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if device.type != "cpu":
+    if device is not None and device.type != "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
