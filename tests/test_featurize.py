@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from foodvision.featurize import _prefetched, decode_workers
 from foodvision.features import FeatureFile, NpyWriter, load_index
+from foodvision.featurize import _prefetched, decode_workers
 
 
 def test_feature_files_are_plain_npy_in_the_specs_order(trained):
@@ -67,3 +67,13 @@ def test_decode_workers_fit_the_machine():
     assert decode_workers(torch.device("cpu"), cpus=16) == 1
     assert decode_workers(torch.device("cuda"), cpus=16) == 8
     assert decode_workers(torch.device("cuda"), cpus=2) == 1
+
+
+def test_missing_or_damaged_index_names_the_stage_that_makes_it(tmp_path):
+    from foodvision.spec import DatasetError
+
+    with pytest.raises(DatasetError, match=r"index.json not found: run `dvc repro featurize` first"):
+        load_index(tmp_path)
+    (tmp_path / "index.json").write_text("{half")
+    with pytest.raises(DatasetError, match=r"cannot read .*index.json .*run `dvc repro featurize`"):
+        load_index(tmp_path)

@@ -7,7 +7,6 @@ with the number of images (mapped file pages would count in a process's RSS; pag
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from foodvision.spec import DatasetError
+from foodvision.spec import DatasetError, read_json
 
 INDEX = "index.json"
 DTYPE = np.dtype("<f4")
@@ -28,13 +27,7 @@ def split_file(features_dir: Path, split: str) -> Path:
 
 def load_index(features_dir: Path) -> dict[str, Any]:
     """What `featurize` recorded: backbone, feature size, classes, and per split the sample paths and labels."""
-    path = Path(features_dir) / INDEX
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path} not found: run `dvc repro featurize` first") from None
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path} is not valid JSON ({exc}); run `dvc repro featurize`") from None
+    return read_json(Path(features_dir) / INDEX, "featurize")
 
 
 class NpyWriter:

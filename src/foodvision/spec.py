@@ -22,19 +22,21 @@ class DatasetError(FoodVisionError):
     pass
 
 
-def load_spec(path: Path) -> dict[str, Any]:
+def read_json(path: Path, stage: str) -> Any:
+    """A JSON file a stage wrote; when it is missing or damaged, say which stage makes it."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DatasetError(f"{path} not found: run `dvc repro prepare` first") from None
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path} is not valid JSON ({exc}); run `dvc repro prepare`") from None
+        raise DatasetError(f"{path} not found: run `dvc repro {stage}` first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"cannot read {path} ({exc}); run `dvc repro {stage}`") from None
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    return read_json(path, "prepare")
 
 
 def load_transform(path: Path) -> dict[str, Any]:
     """The eval transform the pretrained weights expect, as the `pretrained` stage recorded it."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"cannot read {path} ({exc}); run `dvc repro pretrained`") from None
+    return read_json(path, "pretrained")
