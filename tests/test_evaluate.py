@@ -100,3 +100,19 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     assert m["accuracy"] == round(7 / 49, 6)
     assert m["top5_accuracy"] == round(35 / 49, 6)
     assert set(m["per_class"]) == set(classes)
+
+
+def test_other_format_versions_and_unknown_backbones_are_named(trained, tmp_path):
+    from foodvision.model import load_checkpoint
+
+    ckpt = torch.load(trained.model, weights_only=True)
+    other = tmp_path / "model.pt"
+    torch.save({**ckpt, "format": 2}, other)
+    with pytest.raises(ModelError, match="model.pt is a FoodVision checkpoint of format 2, but this version reads format 1"):
+        load_checkpoint(other)
+    torch.save({**ckpt, "model_name": "efficientnet_b99"}, other)
+    with pytest.raises(ModelError, match="holds a 'efficientnet_b99' model, which this torchvision does not have"):
+        load_checkpoint(other)
+    torch.save({k: v for k, v in ckpt.items() if k != "format"}, other)
+    with pytest.raises(ModelError, match=r"is not a FoodVision checkpoint \(missing format\)"):
+        load_checkpoint(other)

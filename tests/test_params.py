@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,18 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
         (lambda p: p["train"].update(epochs="five"), "train.epochs must be int"),
         (lambda p: p["train"].update(epochs=0), "train.epochs must be a positive integer"),
         (lambda p: p["train"].update(batch_size=-1), "train.batch_size must be a positive integer"),
-        (lambda p: p["train"].update(lr=0), "train.lr must be > 0"),
+        (lambda p: p["train"].update(lr=0), "train.lr must be a finite number > 0"),
+        (lambda p: p["train"].update(lr=float("inf")), "train.lr must be a finite number > 0, got inf"),
+        (lambda p: p["train"].update(lr=float("nan")), "train.lr must be a finite number > 0, got nan"),
+        (lambda p: p["train"].update(lr="fast"), "train.lr must be float, got 'fast'"),
         (lambda p: p["train"].update(device="tpu"), "train.device must be one of auto, cpu, cuda, mps"),
+        (lambda p: p["train"].update(device="cuda:abc"), "train.device must be one of auto, cpu, cuda, mps (or cuda:N), got 'cuda:abc'"),
+        (lambda p: p["train"].update(device="mps:1"), "train.device must be one of auto, cpu, cuda, mps (or cuda:N), got 'mps:1'"),
+        (lambda p: p.update(seed=-1), "seed must be between 0 and 4294967295 (2**32 - 1), got -1"),
+        (lambda p: p.update(seed=2**40), "seed must be between 0 and 4294967295 (2**32 - 1), got 1099511627776"),
+        (lambda p: p["data"].update(test_fraction=1.0), "data.test_fraction must be between 0 and 1"),
+        (lambda p: p["data"].update(classes=["pizza"]), "data.classes must list at least 2 distinct class names"),
+        (lambda p: p["featurize"].update(batch_size=0), "featurize.batch_size must be a positive integer"),
         (lambda p: p["model"].update(dropout=1.0), "model.dropout must be in [0, 1)"),
         (lambda p: p["data"].update(sha256="abc"), "data.sha256 must be 64 hex digits"),
         (lambda p: p["data"].pop("url"), "missing key data.url"),
@@ -39,7 +50,7 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
 def test_bad_params_name_the_key(tmp_path, edit, message):
     params = yaml.safe_load(default_params_text())
     edit(params)
-    with pytest.raises(ParamsError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ParamsError, match=re.escape(message)):
         load_params(write(tmp_path, yaml.safe_dump(params)))
 
 
@@ -53,3 +64,20 @@ def test_missing_or_broken_file(tmp_path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(write(tmp_path, "data: [unclosed"))
+
+
+def test_yaml_1_1_exponents_are_floats_and_odd_keys_are_named(tmp_path):
+    """PyYAML reads `1e-3` as a string (YAML 1.1); users write it anyway."""
+    p = load_params(write(tmp_path, "data: {url: x.zip}\ntrain: {lr: 1e-3}\nmodel: {dropout: 5E-1}\n"))
+    assert p.train.lr == 0.001 and p.model.dropout == 0.5
+    with pytest.raises(ParamsError, match=r"^unknown key train.1; accepted keys here: train.epochs"):
+        load_params(write(tmp_path, "data: {url: x.zip}\ntrain: {1: a, lr: 0.1, null: b}\n"))
+
+
+def test_an_alias_bomb_gives_a_short_message(tmp_path):
+    """Nine levels of nine aliases: a few hundred bytes of YAML whose repr would be 9**9 items long."""
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x]"] + [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "data: {url: x.zip}\ntrain:\n  lr: [" + ", ".join(levels) + "]\n"
+    with pytest.raises(ParamsError, match=r"^train.lr must be float, got \[\[") as raised:
+        load_params(write(tmp_path, text))
+    assert len(str(raised.value)) <= 120

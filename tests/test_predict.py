@@ -86,3 +86,25 @@ def test_predict_refuses_broken_or_foreign_checkpoints(trained, tmp_path, capsys
     make_image("pizza", 1).save(good)
     assert main([str(good), "--model", str(broken)]) == 2
     assert "does not match its own backbone 'resnet18'" in capsys.readouterr().err
+
+
+def test_a_decompression_bomb_gets_one_line_and_the_other_photos_are_predicted(trained, tmp_path, capsys):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb, optimize=True)  # 200 megapixels in a few KB
+    assert bomb.stat().st_size < 100_000
+    good = tmp_path / "good.jpg"
+    make_image("pizza", 1).save(good)
+    assert main([str(bomb), str(good), "--model", str(trained.model), "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"error: {bomb}: ") and "178,956,970-pixel limit" in err
+    assert "decompression bomb" in err
+    assert out.startswith(str(good))
+
+
+def test_an_unknown_device_on_the_command_line_is_one_line(trained, tmp_path, capsys):
+    good = tmp_path / "good.jpg"
+    make_image("pizza", 1).save(good)
+    assert main([str(good), "--model", str(trained.model), "--device", "tpu"]) == 2
+    assert capsys.readouterr().err == "error: device 'tpu' is not one of auto, cpu, cuda, cuda:N, mps\n"

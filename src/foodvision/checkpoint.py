@@ -14,6 +14,7 @@ from torch import nn
 
 from foodvision.atomic import atomic_path
 from foodvision.errors import FoodVisionError
+from foodvision.params import DEVICE_PATTERN, shown
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = {"format", "model_name", "head", "dropout", "class_names", "transform", "state_dict"}
@@ -62,9 +63,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint dict of models/model.pt, its format checked; every failure names the file."""
     path = Path(path)
     ckpt = load_state_dict_file(path)
+    if "format" in ckpt and ckpt["format"] != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path} is a FoodVision checkpoint of format {shown(ckpt['format'])}, but this version "
+                         f"reads format {CHECKPOINT_FORMAT}; run `dvc repro train` to write it again")
     missing = CHECKPOINT_KEYS - set(ckpt)
-    if missing or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is not a FoodVision checkpoint (missing {', '.join(sorted(missing)) or 'format'}); "
+    if missing:
+        raise ModelError(f"{path} is not a FoodVision checkpoint (missing {', '.join(sorted(missing))}); "
                          "run `dvc repro train`")
     return ckpt
 
@@ -82,12 +86,19 @@ def head_from_checkpoint(path: Path, ckpt: dict[str, Any]) -> nn.Sequential:
 
 
 def pick_device(device: str) -> torch.device:
-    """`auto` = CUDA, then Apple MPS, then CPU."""
+    """`auto` = CUDA, then Apple MPS, then CPU; anything else must exist on this machine."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ModelError(f"device {shown(device)} is not one of auto, cpu, cuda, cuda:N, mps")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} asked for, but CUDA is not available here; use auto or cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s), numbered from 0")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device 'mps' asked for, but MPS is not available here; use auto or cpu")
     if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelError(f"train.device is {device!r} but CUDA is not available; use auto or cpu")
-        if device == "mps" and not torch.backends.mps.is_available():
-            raise ModelError("train.device is 'mps' but MPS is not available; use auto or cpu")
         return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")

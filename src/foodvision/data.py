@@ -16,14 +16,32 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
+# Pillow's own error threshold (2 x Image.MAX_IMAGE_PIXELS), stated here so that no stage depends on a
+# global another library may have changed: a 108-megapixel phone photo passes, a 24 KB PNG claiming
+# 20000 x 10000 pixels (a decompression bomb) does not.
+MAX_PIXELS = 178_956_970
+
+
+class ImageTooLarge(ValueError):
+    pass
+
 
 def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     """Any image Pillow opens (RGBA, L, P, CMYK, EXIF-rotated phone photo) as upright RGB.
 
     With `min_size`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides at
     least `min_size`: a 12-megapixel phone photo decodes 8x smaller, before the transform resizes it.
+    Images over MAX_PIXELS are refused before any pixel is decoded.
     """
-    with Image.open(path) as im:
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"its header claims over the {MAX_PIXELS:,}-pixel limit (a decompression bomb?); "
+                            "not decoded") from None
+    with opened as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageTooLarge(f"{im.width} x {im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
+                                "(a decompression bomb?); not decoded")
         if min_size:
             im.draft("RGB", (min_size, min_size))
         im = ImageOps.exif_transpose(im)

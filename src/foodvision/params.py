@@ -7,6 +7,9 @@ range-checked, and every error names the dotted key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -18,6 +21,11 @@ import yaml
 from foodvision.errors import FoodVisionError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of these, plus auto
+MAX_SEED = 2**32 - 1  # NumPy's seed range; torch's is wider
+SHOWN = 80  # characters of a value quoted in an error message
+# YAML 1.1 (PyYAML) reads `1e-3` as a string: numbers in that form are accepted as floats
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ParamsError(FoodVisionError):
@@ -36,7 +44,7 @@ class DataParams:
     def __post_init__(self) -> None:
         if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
             raise ParamsError(f"data.classes must list at least 2 distinct class names, or be null for all; "
-                              f"got {list(self.classes)[:10]}")
+                              f"got {shown(list(self.classes))}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ParamsError(f"data.test_fraction must be between 0 and 1, got {self.test_fraction}")
         if self.max_extract_mb <= 0:
@@ -80,10 +88,10 @@ class TrainParams:
         for key in ("epochs", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ParamsError(f"train.{key} must be a positive integer, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ParamsError(f"train.lr must be > 0, got {self.lr}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ParamsError(f"train.device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ParamsError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ParamsError(f"train.device must be one of {', '.join(DEVICES)} (or cuda:N), got {shown(self.device)}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,10 @@ class Params:
     predict: PredictParams = PredictParams()
     paths: PathsParams = PathsParams()
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ParamsError(f"seed must be between 0 and {MAX_SEED} (2**32 - 1), got {self.seed}")
+
 
 def load_params(path: Path = Path("params.yaml")) -> Params:
     """Read and validate the whole file: a stage fails in a second, not after an hour of work."""
@@ -146,10 +158,11 @@ def parse(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ParamsError(f"{where} must be a mapping of keys, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted((k for k in raw if k not in fields), key=str)  # keys may be numbers, dates, null
     if unknown:
         raise ParamsError(
-            f"unknown key {prefix}{unknown[0]}; accepted keys here: {', '.join(prefix + k for k in fields)}"
+            f"unknown key {prefix}{shown(unknown[0], quote=False)}; "
+            f"accepted keys here: {', '.join(prefix + k for k in fields)}"
         )
     hints = typing.get_type_hints(cls)
     values = {}
@@ -177,8 +190,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value is None:  # `images:` with nothing under it
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ParamsError(f"{key} must be a list of strings, got {value!r}")
+            raise ParamsError(f"{key} must be a list of strings, got {shown(value)}")
         return tuple(value)
+    if hint is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -186,5 +201,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         bool: isinstance(value, bool),
     }[hint]
     if not ok:
-        raise ParamsError(f"{key} must be {hint.__name__}, got {value!r}")
+        raise ParamsError(f"{key} must be {hint.__name__}, got {shown(value)}")
     return float(value) if hint is float else value
+
+
+def shown(value: Any, quote: bool = True) -> str:
+    """A value as an error message quotes it: at most SHOWN characters (an alias bomb is megabytes)."""
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = SHOWN, SHOWN, 6, 6, 2
+    text = short.repr(value)
+    text = text if quote or not isinstance(value, str) else value
+    return text if len(text) <= SHOWN else text[:SHOWN - 1] + "…"
