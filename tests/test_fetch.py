@@ -1,25 +1,32 @@
+import gzip
 import hashlib
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from foodvision.fetch import FetchError, fetch, source_name
+from foodvision.fetch import FetchError, fetch, redact, source_name
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class FlakyHandler(http.server.BaseHTTPRequestHandler):
-    """/ok serves PAYLOAD; /fail-N answers 500 N times then serves; /drop promises more than it sends."""
+    """/ok serves PAYLOAD; /fail-N answers 500 N times then serves; /drop promises more than it sends;
+    the rest are the misbehaviours of `odd()`."""
 
     hits: dict[str, int] = {}
+    ranges: list[str | None] = []
 
     def do_GET(self) -> None:
-        n = self.hits[self.path] = self.hits.get(self.path, 0) + 1
-        if self.path.startswith("/fail-") and n <= int(self.path.rsplit("-", 1)[1]):
+        path = self.path.split("?")[0]
+        n = self.hits[path] = self.hits.get(path, 0) + 1
+        if path.startswith("/fail-") and n <= int(path.rsplit("-", 1)[1]):
             self.send_error(500)
+            return
+        if self.odd(path, n):
             return
         self.send_response(200)
         self.send_header("Content-Length", str(len(PAYLOAD)))
@@ -29,10 +36,58 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
+    def reply(self, body: bytes, status: int = 200, **headers: str) -> None:
+        self.send_response(status)
+        headers = {key.replace("_", "-"): value for key, value in headers.items()}
+        headers.setdefault("Content-Length", str(len(body)))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def odd(self, path: str, n: int) -> bool:
+        if path == "/gzip":  # Content-Encoding although identity was asked for
+            self.reply(gzip.compress(PAYLOAD), Content_Encoding="gzip")
+        elif path == "/gzip-bomb":  # 64 MiB of zeros in 64 KiB
+            self.reply(gzip.compress(bytes(64 * 2**20)), Content_Encoding="gzip")
+        elif path == "/bad-gzip":
+            self.reply(b"\x1f\x8b\x08\x00 certainly not deflate data" * 10, Content_Encoding="gzip")
+        elif path == "/huge":  # announces 10 GiB
+            self.reply(b"", Content_Length=str(10 * 2**30))
+        elif path == "/bad-length":
+            self.reply(PAYLOAD[:10], Content_Length="abc")
+        elif path == "/drip":  # one byte every 0.1 s: each read succeeds, the transfer never ends
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+        elif path == "/busy" and n == 1:
+            self.reply(b"", 503, Retry_After="1")
+        elif path == "/busy-long":
+            self.reply(b"", 429, Retry_After="3600")
+        elif path == "/resume":  # the first answer stops half way; a Range request gets the rest
+            self.ranges.append(self.headers.get("Range"))
+            start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+            if start:
+                rest = PAYLOAD[start:]
+                self.reply(rest, 206, Content_Range=f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            else:
+                self.reply(PAYLOAD[: len(PAYLOAD) // 2], Content_Length=str(len(PAYLOAD)))
+        elif path == "/to-file":
+            self.reply(b"", 302, Location="file:///etc/passwd")
+        elif path == "/loop":
+            self.reply(b"", 302, Location="/loop")
+        else:
+            return False
+        return True
+
 
 @pytest.fixture
 def flaky_url():
-    FlakyHandler.hits = {}
+    FlakyHandler.hits, FlakyHandler.ranges = {}, []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -107,3 +162,67 @@ def test_source_name():
     assert source_name("https://h/models/efficientnet_b0_rwightman-7f5810bc.pth?x=1") == "efficientnet_b0_rwightman-7f5810bc.pth"
     assert source_name("file:///data/my%20photo.jpg") == "my photo.jpg"
     assert source_name("photos/sushi.jpg") == "sushi.jpg"
+
+
+def test_a_gzip_encoded_body_is_decoded_and_bounded(flaky_url, tmp_path):
+    assert fetch(f"{flaky_url}/gzip", tmp_path / "f.bin", sha256=SHA) == SHA
+    with pytest.raises(FetchError, match=r"/gzip-bomb grew past data.max_download_mb \(8 MB\) while downloading"):
+        fetch(f"{flaky_url}/gzip-bomb", tmp_path / "g.bin", max_bytes=8 * 2**20, limit_name="data.max_download_mb (8 MB)")
+    with pytest.raises(FetchError, match="/bad-gzip: the server's compressed body is corrupt"):
+        fetch(f"{flaky_url}/bad-gzip", tmp_path / "h.bin")
+    assert leftovers(tmp_path) == ["f.bin"]
+
+
+def test_an_announced_size_over_the_limit_is_refused_before_downloading(flaky_url, tmp_path):
+    with pytest.raises(FetchError, match=r"/huge is 10240 MB, over data.max_download_mb \(100 MB\)"):
+        fetch(f"{flaky_url}/huge", tmp_path / "f.bin", max_bytes=100 * 2**20, limit_name="data.max_download_mb (100 MB)")
+    with pytest.raises(FetchError, match="Content-Length 'abc', not a byte count"):
+        fetch(f"{flaky_url}/bad-length", tmp_path / "f.bin")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_dripping_server_is_cut_off(flaky_url, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=r"after 1 attempts \(stalled: \d+ bytes in 1 s\)"):
+        fetch(f"{flaky_url}/drip", tmp_path / "f.bin", retries=0, timeout=1.0)
+    assert time.monotonic() - start < 5
+    assert leftovers(tmp_path) == []
+
+
+def test_retry_after_is_honoured_and_a_long_one_fails_at_once(flaky_url, tmp_path):
+    start = time.monotonic()
+    fetch(f"{flaky_url}/busy", tmp_path / "f.bin")
+    assert time.monotonic() - start >= 1.0 and FlakyHandler.hits["/busy"] == 2
+    with pytest.raises(FetchError, match="HTTP 429, the server asks to retry after 3600 s"):
+        fetch(f"{flaky_url}/busy-long", tmp_path / "g.bin")
+    assert FlakyHandler.hits["/busy-long"] == 1
+
+
+def test_a_dropped_download_resumes_with_a_range_request(flaky_url, tmp_path):
+    assert fetch(f"{flaky_url}/resume", tmp_path / "f.bin", sha256=SHA) == SHA
+    assert FlakyHandler.ranges == [None, f"bytes={len(PAYLOAD) // 2}-"]
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("{base}/to-file", "No connection adapters"),
+    ("{base}/loop", "too many redirects"),
+    ("http:///x.zip", "fix the URL"),
+    ("http://[::1/x", "fix the URL"),
+    ("s3://bucket/x.zip", "s3:// URLs are not supported"),
+    ("ftp://host/x.zip", "ftp:// URLs are not supported"),
+])
+def test_bad_urls_are_one_line(flaky_url, tmp_path, url, message):
+    with pytest.raises(FetchError, match=message) as raised:
+        fetch(url.format(base=flaky_url), tmp_path / "f.bin", retries=0)
+    assert "\n" not in str(raised.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_credentials_never_appear_in_messages(flaky_url, tmp_path):
+    url = flaky_url.replace("http://", "http://alice:s3cret@") + "/fail-99?token=abc123&x=1"
+    with pytest.raises(FetchError) as raised:
+        fetch(url, tmp_path / "f.bin", retries=0)
+    message = str(raised.value)
+    assert "s3cret" not in message and "abc123" not in message
+    assert "alice:***@" in message and "token=***&x=***" in message
+    assert redact("https://h/p.zip") == "https://h/p.zip" and redact("/data/a.zip") == "/data/a.zip"

@@ -108,3 +108,13 @@ def test_an_unknown_device_on_the_command_line_is_one_line(trained, tmp_path, ca
     make_image("pizza", 1).save(good)
     assert main([str(good), "--model", str(trained.model), "--device", "tpu"]) == 2
     assert capsys.readouterr().err == "error: device 'tpu' is not one of auto, cpu, cuda, cuda:N, mps\n"
+
+
+def test_credentials_in_an_image_url_stay_out_of_the_tracked_json(trained, tmp_path, served, server_url):
+    make_image("sushi", 9).save(served / "dinner.png")
+    url = server_url.replace("http://", "http://bob:pa55@") + "/dinner.png?token=abc123"
+    results = predict(trained.model, trained.features, num_samples=0, images=(url,), seed=1, device="cpu",
+                      out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json")
+    text = (tmp_path / "predictions.json").read_text()
+    assert "pa55" not in text and "abc123" not in text
+    assert results[0]["source"] == server_url.replace("http://", "http://bob:***@") + "/dinner.png?token=***"

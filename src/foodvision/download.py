@@ -19,14 +19,15 @@ from typing import IO
 
 from foodvision.atomic import atomic_dir, remove_stale
 from foodvision.errors import FoodVisionError
-from foodvision.fetch import fetch
+from foodvision.fetch import fetch, redact
 
 
 class ArchiveError(FoodVisionError):
     pass
 
 
-def download_dataset(url: str, target: Path, *, sha256: str | None = None, max_extract_mb: int = 5000) -> Path:
+def download_dataset(url: str, target: Path, *, sha256: str | None = None, max_extract_mb: int = 5000,
+                     max_download_mb: int = 10000) -> Path:
     """Fetch the archive at `url` (http(s), file:// or a path) and extract it into `target`.
 
     The archive is kept only in a temporary directory: DVC caches the extracted images, so
@@ -37,9 +38,10 @@ def download_dataset(url: str, target: Path, *, sha256: str | None = None, max_e
     remove_stale(target)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.download.", suffix=".tmp") as tmp:
         archive = Path(tmp) / "archive"
-        digest = fetch(url, archive, sha256=sha256, what="dataset archive")
-        print(f"downloaded {url} (sha256 {digest})")
-        extract_dataset(archive, target, source=url, max_bytes=max_extract_mb * 2**20)
+        digest = fetch(url, archive, sha256=sha256, what="dataset archive", max_bytes=max_download_mb * 2**20,
+                       limit_name=f"data.max_download_mb ({max_download_mb} MB)")
+        print(f"downloaded {redact(url)} (sha256 {digest})")
+        extract_dataset(archive, target, source=redact(url), max_bytes=max_extract_mb * 2**20)
     return target
 
 

@@ -1,33 +1,75 @@
-"""Fetch one file from an http(s) URL, a file:// URL or a local path, verified and atomically.
+"""Fetch one file from an http(s) URL, a file:// URL or a local path, verified, bounded and atomically.
 
 The same code serves the dataset archive, the pretrained backbone and the user's own photos, so an
-air-gapped user can point any of them at a mirror or a local copy.
+air-gapped user can point any of them at a mirror or a local copy. Over HTTP: identity encoding is
+asked for (a gzip-encoded body is still decoded, and bounded), `max_bytes` is enforced from the
+headers and while streaming, a server that drips bytes is cut off by a minimum rate, 429/503 honour
+`Retry-After`, a dropped transfer resumes with a `Range` request where the server allows it, and
+every failure is one line with any credentials in the URL redacted. Credentials belong in
+`~/.netrc`, which requests reads by itself.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import shutil
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
 from urllib.request import url2pathname
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from foodvision.atomic import atomic_path
 from foodvision.errors import FoodVisionError
 
 CHUNK = 1 << 20
+MIN_BYTES_PER_WINDOW = 16 * 1024  # a transfer slower than this per `timeout` seconds is stalled
+MAX_RETRY_AFTER = 120.0  # seconds of Retry-After honoured; a server asking for more fails at once
+SCHEMES = ("http", "https", "file")
 
 
 class FetchError(FoodVisionError):
     pass
 
 
+class _Retry(Exception):
+    """A fault worth another attempt; `wait` is what the server asked for (Retry-After), if anything."""
+
+    def __init__(self, reason: str, wait: float | None = None) -> None:
+        super().__init__(reason)
+        self.wait = wait
+
+
 def is_url(source: str) -> bool:
-    return urlparse(source).scheme in ("http", "https", "file")
+    return _scheme(source) in SCHEMES
+
+
+def _scheme(source: str) -> str:
+    try:
+        scheme = urlparse(source).scheme
+    except ValueError as exc:
+        raise FetchError(f"{redact(source)} is not a valid URL ({exc}); fix the URL in params.yaml") from None
+    return "" if len(scheme) == 1 else scheme  # `C:\photos\a.jpg` is a Windows path, not a scheme
+
+
+def redact(source: str) -> str:
+    """The URL as it may be printed and stored: no password, no query values (tokens, signatures)."""
+    try:
+        parsed = urlparse(source)
+    except ValueError:
+        return source
+    if parsed.scheme not in ("http", "https"):
+        return source
+    netloc = parsed.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}" if ":" in user else f"***@{host}"
+    query = urlencode([(k, "***") for k, _ in parse_qsl(parsed.query, keep_blank_values=True)], safe="*")
+    return urlunparse(parsed._replace(netloc=netloc, query=query))
 
 
 def source_name(source: str) -> str:
@@ -37,11 +79,14 @@ def source_name(source: str) -> str:
 
 def local_path(source: str) -> Path | None:
     """The filesystem path of a file:// URL or plain path; None for http(s)."""
-    parsed = urlparse(source)
-    if parsed.scheme == "file":
-        return Path(url2pathname(parsed.path))
-    if parsed.scheme in ("http", "https"):
+    scheme = _scheme(source)
+    if scheme == "file":
+        return Path(url2pathname(urlparse(source).path))
+    if scheme in ("http", "https"):
         return None
+    if scheme:
+        raise FetchError(f"{redact(source)}: {scheme}:// URLs are not supported; use http(s)://, file:// or a "
+                         "path (for s3:// and the like, `dvc import-url` or a mirror over https)")
     return Path(source).expanduser()
 
 
@@ -53,26 +98,35 @@ def fetch(
     sha256_prefix: str | None = None,
     timeout: float = 30.0,
     retries: int = 3,
+    max_bytes: int | None = None,
+    limit_name: str = "the size limit",  # e.g. "data.max_download_mb (10000 MB)"
     what: str = "file",
 ) -> str:
-    """Copy `source` to `dest` and return its sha256; `dest` appears only once it is verified."""
+    """Copy `source` to `dest` and return its sha256; `dest` appears only once it is verified.
+
+    `max_bytes` bounds what is written (`limit_name` says which param sets it).
+    """
+    shown = redact(source)
     with atomic_path(Path(dest)) as tmp:
         path = local_path(source)
         if path is None:
-            _download(source, tmp, timeout=timeout, retries=retries, what=what)
+            _download(source, tmp, timeout=timeout, retries=retries, max_bytes=max_bytes, limit_name=limit_name,
+                      what=what)
         elif not path.is_file():
             raise FetchError(f"{what} not found: {path} (fix the path or URL in params.yaml)")
+        elif max_bytes is not None and path.stat().st_size > max_bytes:
+            raise FetchError(f"{what} {path} is {path.stat().st_size / 2**20:.0f} MB, over {limit_name}")
         else:
             shutil.copyfile(path, tmp)
         digest = file_sha256(tmp)
         if sha256 is not None and digest != sha256.lower():
             raise FetchError(
-                f"sha256 mismatch for {source}: expected {sha256.lower()}, got {digest}; "
+                f"sha256 mismatch for {shown}: expected {sha256.lower()}, got {digest}; "
                 "the file is corrupt or not the one expected (fix the URL or the sha256 param)"
             )
         if sha256_prefix and not digest.startswith(sha256_prefix):
             raise FetchError(
-                f"sha256 of {source} is {digest}, but its file name promises a hash starting "
+                f"sha256 of {shown} is {digest}, but its file name promises a hash starting "
                 f"{sha256_prefix}; the download is corrupt or the mirror serves another file"
             )
     return digest
@@ -86,33 +140,128 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download(url: str, dest: Path, *, timeout: float, retries: int, what: str) -> None:
-    """Stream `url` into `dest`, retrying network faults and 5xx with exponential backoff."""
+def _download(url: str, dest: Path, *, timeout: float, retries: int, max_bytes: int | None, limit_name: str,
+              what: str) -> None:
+    """Stream `url` into `dest`: retries with backoff (or Retry-After), resuming where the server allows."""
+    shown = redact(url)
+    dest.write_bytes(b"")
     last = ""
     for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(2.0**attempt, 30.0) / 4)
         try:
-            with requests.get(url, stream=True, timeout=timeout) as resp:
-                if resp.status_code >= 500 or resp.status_code == 429:
-                    last = f"HTTP {resp.status_code}"
-                    continue
-                if resp.status_code >= 400:
-                    raise FetchError(f"cannot download {what} {url}: HTTP {resp.status_code} (check the URL)")
-                total = int(resp.headers.get("content-length") or 0) or None
-                with open(dest, "wb") as f, tqdm(
-                    total=total, unit="B", unit_scale=True, desc=f"download {source_name(url)}", leave=False
-                ) as bar:
-                    for chunk in resp.iter_content(CHUNK):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                if total is not None and dest.stat().st_size != total:
-                    last = f"connection dropped after {dest.stat().st_size} of {total} bytes"
-                    continue
-                return
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            last = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            _attempt(url, dest, timeout=timeout, max_bytes=max_bytes, limit_name=limit_name, what=what)
+            return
+        except _Retry as retry:
+            last = str(retry)
+            wait = retry.wait
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as exc:
+            last = f"{type(exc).__name__}: {redact(str(exc))}".splitlines()[0][:200]
+            wait = None
+        except (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError) as exc:
+            raise FetchError(f"cannot download {what} {shown}: the server's compressed body is corrupt "
+                             f"({type(exc).__name__}); try again later or use a mirror") from None
+        except requests.exceptions.TooManyRedirects:
+            raise FetchError(f"cannot download {what} {shown}: too many redirects (a redirect loop?); "
+                             "fix the URL") from None
+        except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema, requests.exceptions.URLRequired, ValueError) as exc:
+            reason = redact(str(exc)).splitlines()[0][:200]
+            raise FetchError(f"cannot download {what} {shown}: {reason}; fix the URL in params.yaml") from None
+        if attempt < retries:
+            time.sleep(wait if wait is not None else min(2.0 ** (attempt + 1), 30.0) / 4)
     raise FetchError(
-        f"cannot download {what} {url} after {retries + 1} attempts ({last}); "
+        f"cannot download {what} {shown} after {retries + 1} attempts ({last}); "
         "check the network, or point params.yaml at a mirror, a file:// URL or a local path"
     )
+
+
+def _attempt(url: str, dest: Path, *, timeout: float, max_bytes: int | None, limit_name: str, what: str) -> None:
+    """One request; appends to what `dest` already holds when the server honours a Range request."""
+    have = dest.stat().st_size
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, stream=True, timeout=timeout, headers=headers) as resp:
+        if resp.status_code in (429, 503) or resp.status_code >= 500:
+            wait = _retry_after(resp.headers.get("Retry-After"))
+            if wait is not None and wait > MAX_RETRY_AFTER:
+                raise FetchError(f"cannot download {what} {redact(url)}: HTTP {resp.status_code}, the server asks "
+                                 f"to retry after {wait:.0f} s; try again later")
+            raise _Retry(f"HTTP {resp.status_code}", wait)
+        if resp.status_code >= 400:
+            raise FetchError(f"cannot download {what} {redact(url)}: HTTP {resp.status_code} (check the URL)")
+        encoded = resp.headers.get("Content-Encoding", "identity").lower() != "identity"
+        resumed = (have and resp.status_code == 206 and not encoded
+                   and _range_start(resp.headers.get("Content-Range")) == have)
+        if resp.status_code == 206 and not resumed:  # a part we cannot append: start again from byte 0
+            dest.write_bytes(b"")
+            raise _Retry("the server answered with a part that does not continue the file")
+        if not resumed:
+            have = 0
+        length = _content_length(resp, url, what)
+        total = have + length if length is not None else None
+        if max_bytes is not None and total is not None and total > max_bytes:
+            raise FetchError(f"{what} {redact(url)} is {total / 2**20:.0f} MB, over {limit_name}; "
+                             "raise it if the file really is this big")
+        _stream(resp, dest, append=bool(resumed), have=have, total=total, timeout=timeout, max_bytes=max_bytes,
+                limit_name=limit_name, url=url, what=what)
+        got = resp.raw.tell()  # bytes on the wire: what Content-Length counts, even for an encoded body
+        if length is not None and got != length:
+            raise _Retry(f"connection dropped after {have + got} of {total} bytes")
+
+
+def _stream(resp: requests.Response, dest: Path, *, append: bool, have: int, total: int | None, timeout: float,
+            max_bytes: int | None, limit_name: str, url: str, what: str) -> None:
+    """Write the body as it arrives; give up on a transfer slower than MIN_BYTES_PER_WINDOW per `timeout`."""
+    written = have
+    window_start, window_bytes = time.monotonic(), 0
+    with open(dest, "ab" if append else "wb") as f, tqdm(
+        total=total, initial=have, unit="B", unit_scale=True, desc=f"download {source_name(url)}", leave=False
+    ) as bar:
+        while chunk := resp.raw.read1(CHUNK, decode_content=True):
+            written += len(chunk)
+            if max_bytes is not None and written > max_bytes:
+                raise FetchError(f"{what} {redact(url)} grew past {limit_name} while downloading; refusing it")
+            f.write(chunk)
+            bar.update(len(chunk))
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window_start >= timeout:
+                if window_bytes < MIN_BYTES_PER_WINDOW:
+                    raise _Retry(f"stalled: {window_bytes} bytes in {now - window_start:.0f} s")
+                window_start, window_bytes = now, 0
+
+
+def _content_length(resp: requests.Response, url: str, what: str) -> int | None:
+    value = resp.headers.get("Content-Length")
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        length = -1
+    if length < 0:
+        raise FetchError(f"cannot download {what} {redact(url)}: the server sent Content-Length {value[:40]!r}, "
+                         "not a byte count; use another mirror")
+    return length
+
+
+def _range_start(value: str | None) -> int | None:
+    """The first byte of `Content-Range: bytes START-END/TOTAL`."""
+    try:
+        return int(value.split()[1].split("-")[0]) if value else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds, given as seconds or as an HTTP date."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -37,6 +37,7 @@ class DataParams:
     url: str
     sha256: str | None = None
     max_extract_mb: int = 5000
+    max_download_mb: int = 10000
     skip_corrupt: bool = False
     classes: tuple[str, ...] | None = None
     test_fraction: float = 0.25
@@ -47,8 +48,9 @@ class DataParams:
                               f"got {shown(list(self.classes))}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ParamsError(f"data.test_fraction must be between 0 and 1, got {self.test_fraction}")
-        if self.max_extract_mb <= 0:
-            raise ParamsError(f"data.max_extract_mb must be a positive integer, got {self.max_extract_mb}")
+        for key in ("max_extract_mb", "max_download_mb"):
+            if getattr(self, key) <= 0:
+                raise ParamsError(f"data.{key} must be a positive integer, got {getattr(self, key)}")
         if self.sha256 is not None:
             digest = self.sha256.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):

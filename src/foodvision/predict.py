@@ -21,9 +21,10 @@ from foodvision.checkpoint import pick_device
 from foodvision.data import build_transform, open_rgb
 from foodvision.errors import FoodVisionError
 from foodvision.features import load_index
-from foodvision.fetch import fetch, local_path, source_name
+from foodvision.fetch import fetch, local_path, redact, source_name
 from foodvision.model import for_inference, load_checkpoint
 
+MAX_IMAGE_MB = 200  # a photo, not a video
 DISPLAY_SIZE = 600  # decode at least this big: enough for the plot and for any eval transform here
 
 
@@ -86,7 +87,7 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
                 for i, (rel, label) in enumerate(picked)]
         for i, source in enumerate(images):
             path = _materialise(source, Path(tmp_in) / f"{i}_{source_name(source)}")
-            jobs.append((path, source, None, f"image_{i}"))
+            jobs.append((path, redact(source), None, f"image_{i}"))
         for path, source, true, stem in jobs:
             try:
                 image = predictor.load(path)
@@ -108,7 +109,7 @@ def _materialise(source: str, dest: Path) -> Path:
     path = local_path(source)
     if path is not None:
         return path
-    fetch(source, dest, what="image")
+    fetch(source, dest, what="image", max_bytes=MAX_IMAGE_MB * 2**20, limit_name=f"{MAX_IMAGE_MB} MB for one image")
     return dest
 
 
@@ -131,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                 path = _materialise(source, Path(tmp) / f"{i}_{source_name(source)}")
                 probs = predictor(predictor.load(path))
             except (FoodVisionError, OSError, ValueError) as exc:
-                print(f"error: {source}: {exc}", file=sys.stderr)
+                print(f"error: {redact(source)}: {exc}", file=sys.stderr)
                 failed += 1
                 continue
             result = describe(probs, predictor.classes, source, None)
-            print(f"{source}\t{result['pred']}\t{result['prob']:.3f}")
+            print(f"{redact(source)}\t{result['pred']}\t{result['prob']:.3f}")
     return 1 if failed else 0
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.hub import HASH_REGEX
 
 from foodvision.atomic import atomic_path, remove_stale, write_json
-from foodvision.fetch import fetch, source_name
+from foodvision.fetch import fetch, redact, source_name
 from foodvision.model import (
     ModelError,
     Weights,
@@ -27,6 +27,7 @@ from foodvision.model import (
 )
 
 RANDOM_INIT_SEED = 0
+MAX_WEIGHTS_MB = 4096  # torchvision's largest classification weights (ViT-H/14) are about 2.5 GB
 
 
 def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, dest: Path,
@@ -60,17 +61,18 @@ def _fetch(name: str, source: Weights, url: str, dest: Path) -> None:
     remove_stale(dest)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.fetch.", suffix=".tmp") as tmp:
         staged = Path(tmp) / "weights.pth"
-        digest = fetch(url, staged, sha256_prefix=prefix, what=f"pretrained weights for {name}")
+        digest = fetch(url, staged, sha256_prefix=prefix, what=f"pretrained weights for {name}",
+                       max_bytes=MAX_WEIGHTS_MB * 2**20, limit_name=f"{MAX_WEIGHTS_MB} MB")
         state = load_state_dict_file(staged)
         if source.convert is not None:  # a foreign layout: store it with torchvision's keys
             try:
                 state = source.convert(state)
             except KeyError as exc:
-                raise ModelError(f"{url} has an unexpected tensor {exc}; "
+                raise ModelError(f"{redact(url)} has an unexpected tensor {exc}; "
                                  "it is not a weights file for this backbone") from None
             torch.save(state, staged)
         load_pretrained(name, staged, state)  # strict: refuse a file for another architecture
         staged.replace(dest)
     check = f"matches its name's prefix {prefix}" if prefix else "no hash in its file name to check"
-    print(f"fetched {source.label} from {url} to {dest} (sha256 {digest[:12]}…, {check})")
+    print(f"fetched {source.label} from {redact(url)} to {dest} (sha256 {digest[:12]}…, {check})")
 
