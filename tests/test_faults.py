@@ -161,3 +161,16 @@ def test_stale_temporaries_of_outputs_are_removed(tmp_path):
     (tmp_path / ".other.txt.x.tmp").write_bytes(b"not ours to touch")
     write_text(tmp_path / "model.pt", "done")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.txt.x.tmp", "model.pt"]
+
+
+def test_cleanup_spares_the_temporaries_of_live_writers(tmp_path):
+    from foodvision.atomic import write_text
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = tmp_path / f".model.pt.{os.getpid()}.abc.tmp"  # another run, still writing
+    live.write_bytes(b"half a model, still being written")
+    killed = tmp_path / f".model.pt.{gone.pid}.abc.tmp"
+    killed.write_bytes(b"half a model, its writer is gone")
+    write_text(tmp_path / "model.pt", "done")
+    assert live.exists() and not killed.exists()

@@ -116,20 +116,29 @@ def test_the_head_on_stored_features_gives_the_saved_models_logits_on_the_images
     assert torch.allclose(from_files, from_images, atol=1e-4), (from_files - from_images).abs().max()
 
 
+def stage_project(trained, folder, **train):
+    """A folder whose params.yaml points the train stage at the tiny run's inputs."""
+    import yaml
+    from conftest import default_params_text
+
+    params = yaml.safe_load(default_params_text())
+    params["train"].update(batch_size=4, device="cpu", **train)
+    params["paths"].update(features=str(trained.features), pretrained=str(trained.pretrained),
+                           transform=str(trained.transform), spec=str(trained.spec))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
 def test_a_long_run_shows_progress_after_every_epoch(trained, tmp_path):
     """metrics/train.json and the history CSV appear while train runs, before the model does."""
     import subprocess
     import sys
     import time
 
-    import yaml
-    from conftest import ROOT, default_params_text
+    from conftest import ROOT
 
-    params = yaml.safe_load(default_params_text())
-    params["train"].update(epochs=100_000, batch_size=4, device="cpu")
-    params["paths"].update(features=str(trained.features), pretrained=str(trained.pretrained),
-                           transform=str(trained.transform), spec=str(trained.spec))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = stage_project(trained, tmp_path, epochs=100_000)
     proc = subprocess.Popen([sys.executable, str(ROOT / "stages/train.py")], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / params["paths"]["train_metrics"]
@@ -147,6 +156,22 @@ def test_a_long_run_shows_progress_after_every_epoch(trained, tmp_path):
         proc.kill()
         proc.wait()
     assert not (tmp_path / params["paths"]["model"]).exists()
+
+
+def test_two_runs_writing_the_same_outputs_both_finish(trained, tmp_path):
+    """Cleanup of stale temporaries never removes the live ones of another run."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    params = stage_project(trained, tmp_path, epochs=300)
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "stages/train.py")], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    load_checkpoint(tmp_path / params["paths"]["model"])
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_train_without_augmentation_imports_no_torchvision():

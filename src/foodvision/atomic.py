@@ -18,14 +18,35 @@ def _umask() -> int:
     return mask
 
 
+def temp_prefix(dest: Path, tag: str = "") -> str:
+    """`.<name>.<pid>.<tag>`: temporaries beside `dest` carry their writer's pid, so cleanup can tell
+    a killed run's leftovers from the live work of another process writing the same output."""
+    return f".{Path(dest).name}.{os.getpid()}.{tag}"
+
+
+def _writer_alive(name: str, dest_name: str) -> bool:
+    pid = name[len(dest_name) + 2:].partition(".")[0]
+    if not pid.isdigit():
+        return False  # no pid: left by an older version, never live
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def remove_stale(dest: Path) -> None:
-    """Delete what a killed earlier run left beside `dest` (temporaries are only ever ours)."""
+    """Delete what killed earlier runs left beside `dest`; temporaries of live writers are left alone."""
+    dest = Path(dest)
     for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+        if _writer_alive(stale.name, dest.name):
+            continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-    shutil.rmtree(dest.with_name(f".{dest.name}.old"), ignore_errors=True)
 
 
 @contextmanager
@@ -34,7 +55,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest), suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -51,14 +72,13 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(dest)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest), suffix=".tmp"))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest, "old."), suffix=".tmp"))
+            os.replace(dest, old / "previous")
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
         else:

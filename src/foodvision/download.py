@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from foodvision.atomic import atomic_dir, remove_stale
+from foodvision.atomic import atomic_dir, remove_stale, temp_prefix
 from foodvision.errors import FoodVisionError
 from foodvision.fetch import fetch, redact
 
@@ -36,7 +36,7 @@ def download_dataset(url: str, target: Path, *, sha256: str | None = None, max_e
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.download.", suffix=".tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=temp_prefix(target, "download."), suffix=".tmp") as tmp:
         archive = Path(tmp) / "archive"
         digest = fetch(url, archive, sha256=sha256, what="dataset archive", max_bytes=max_download_mb * 2**20,
                        limit_name=f"data.max_download_mb ({max_download_mb} MB)")

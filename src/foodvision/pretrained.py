@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.hub import HASH_REGEX
 
-from foodvision.atomic import atomic_path, remove_stale, write_json
+from foodvision.atomic import atomic_path, remove_stale, temp_prefix, write_json
 from foodvision.fetch import fetch, redact, source_name
 from foodvision.model import (
     ModelError,
@@ -59,7 +59,7 @@ def _fetch(name: str, source: Weights, url: str, dest: Path) -> None:
     prefix = match.group(1) if match and match.group(1) else None
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(dest)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.fetch.", suffix=".tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=temp_prefix(dest, "fetch."), suffix=".tmp") as tmp:
         staged = Path(tmp) / "weights.pth"
         digest = fetch(url, staged, sha256_prefix=prefix, what=f"pretrained weights for {name}",
                        max_bytes=MAX_WEIGHTS_MB * 2**20, limit_name=f"{MAX_WEIGHTS_MB} MB")
