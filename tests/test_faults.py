@@ -60,7 +60,7 @@ def test_killed_download_leaves_nothing_and_the_next_run_recovers(stalling_url, 
             "download_dataset(sys.argv[1], Path(sys.argv[2]))")
     proc = subprocess.Popen([sys.executable, "-c", code, stalling_url, str(target)], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
-    while not any(target.parent.glob(".food.download.*.tmp/*")) and time.monotonic() < deadline:
+    while not any(target.parent.glob(".food.*.download.*.tmp/*")) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)

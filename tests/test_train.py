@@ -165,7 +165,7 @@ def test_two_runs_writing_the_same_outputs_both_finish(trained, tmp_path):
 
     from conftest import ROOT
 
-    params = stage_project(trained, tmp_path, epochs=300)
+    params = stage_project(trained, tmp_path, epochs=60)
     runs = [subprocess.Popen([sys.executable, str(ROOT / "stages/train.py")], cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [run.communicate(timeout=300)[1] for run in runs]
