@@ -154,3 +154,88 @@ def test_tar_bomb_is_refused(tmp_path):
     with pytest.raises(ArchiveError, match=r"inflate to 3 MB, over data.max_extract_mb \(2 MB\)"):
         extract_dataset(archive, tmp_path / "out", max_bytes=2 * 2**20)
     assert not (tmp_path / "out").exists()
+
+
+def zip_with(path: Path, *members: tuple[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in members:
+            zf.writestr(member, data)
+    return path
+
+
+def patch_last_member(archive: Path, *, flags: int = 0, method: int | None = None,
+                      name: tuple[bytes, bytes] | None = None) -> Path:
+    """Edit the last member's local and central headers: what zipfile itself refuses to write."""
+    data = bytearray(archive.read_bytes())
+    for signature, flags_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        at = data.rfind(signature)
+        value = int.from_bytes(data[at + flags_at:at + flags_at + 2], "little") | flags
+        data[at + flags_at:at + flags_at + 2] = value.to_bytes(2, "little")
+        if method is not None:
+            data[at + method_at:at + method_at + 2] = method.to_bytes(2, "little")
+    if name is not None:
+        assert len(name[0]) == len(name[1])
+        data = bytearray(bytes(data).replace(name[0], name[1]))
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # zipfile's own, while this test writes the duplicate
+def test_odd_zips_are_one_line_errors(tmp_path):
+    """Encrypted, Deflate64, a bad UTF-8 flag, a file that is also a folder, a 300-byte name, duplicates, case."""
+    ok = ("train/pizza/a.jpg", b"x")
+    two = [ok, ("train/pizza/b.jpg", b"x")]
+    cases = {
+        "encrypted": (two, {"flags": 0x1}, "'train/pizza/b.jpg' is encrypted"),
+        "deflate64": (two, {"method": 9}, r"compression method 9 \(Deflate64, what Windows Explorer writes"),
+        "bad-utf8": (two, {"flags": 0x800, "name": (b"b.jpg", b"\xff.jpg")}, "flagged as UTF-8 that is not"),
+        "file-and-folder": ([ok, ("train/pizza", b"x")], {}, "'train/pizza' is both a file and a folder"),
+        "long-name": ([ok, ("train/pizza/" + "x" * 300 + ".jpg", b"x")], {}, "has a name over 255 bytes"),
+        "duplicate": ([ok, ok], {}, "holds 'train/pizza/a.jpg' twice"),
+        "case": ([ok, ("train/Pizza/b.jpg", b"x")], {}, "'train/Pizza' and 'train/pizza' differ only in case"),
+    }
+    for label, (members, patch, message) in cases.items():
+        archive = zip_with(tmp_path / f"{label}.zip", *members)
+        if patch:
+            patch_last_member(archive, **patch)
+        with pytest.raises(ArchiveError, match=message) as raised:
+            extract_dataset(archive, tmp_path / "out")
+        assert "\n" not in str(raised.value), label
+        assert not (tmp_path / "out").exists(), label
+
+
+def test_unflagged_utf8_names_are_read_as_utf8(tmp_path):
+    """Many zip tools write UTF-8 names without the flag: `寿司`, not cp437's `Ä⌡Äi`."""
+    sushi = "寿司".encode()
+    archive = zip_with(tmp_path / "a.zip", ("train/" + "x" * len(sushi) + "/a.jpg", b"x"))
+    patch_last_member(archive, name=(b"x" * len(sushi), sushi))
+    extract_dataset(archive, tmp_path / "out")
+    assert files_under(tmp_path / "out") == ["train/寿司/a.jpg"]
+
+
+def test_windows_separators_and_a_readme_beside_the_top_folder(tmp_path):
+    write_dataset(tmp_path / "src")
+    archive = tmp_path / "win.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted((tmp_path / "src").rglob("*.jpg")):
+            zf.write(path, "food\\" + str(path.relative_to(tmp_path / "src")).replace("/", "\\"))
+        zf.writestr("README.txt", b"photos of food")
+    extract_dataset(archive, tmp_path / "out")
+    spec = prepare(tmp_path / "out", tmp_path / "spec.json")
+    assert spec["layout"] == "train/test" and spec["counts"]["train"]["pizza"] == 4
+
+
+def test_hidden_class_folders_are_reported(tmp_path):
+    write_dataset(tmp_path / "raw")
+    (tmp_path / "raw" / "train" / ".ipynb_checkpoints").mkdir()
+    spec = prepare(tmp_path / "raw", tmp_path / "spec.json")
+    assert spec["ignored_folders"] == [".ipynb_checkpoints"] and len(spec["classes"]) == 3
+
+
+def test_the_member_count_is_capped(tmp_path, monkeypatch):
+    import foodvision.download
+
+    monkeypatch.setattr(foodvision.download, "MAX_MEMBERS", 100)
+    archive = zip_with(tmp_path / "many.zip", *[(f"train/pizza/{i}.jpg", b"") for i in range(101)])
+    with pytest.raises(ArchiveError, match="holds 101 members, over the 100 this pipeline extracts"):
+        extract_dataset(archive, tmp_path / "out")

@@ -12,6 +12,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -20,6 +21,11 @@ from typing import IO
 from foodvision.atomic import atomic_dir, remove_stale, temp_prefix
 from foodvision.errors import FoodVisionError
 from foodvision.fetch import fetch, redact
+
+MAX_MEMBERS = 500_000  # Food-101 holds about 101,000
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+ZIP_METHOD_NAMES = {9: "Deflate64, what Windows Explorer writes for large folders", 93: "Zstandard",
+                    95: "XZ", 98: "PPMd", 99: "AES encryption"}
 
 
 class ArchiveError(FoodVisionError):
@@ -64,6 +70,7 @@ def extract_dataset(archive: Path, target: Path, *, source: str | None = None, m
             members = [m for m in members if not _is_junk(m.path)]
             if not any(not m.is_dir for m in members):
                 raise ArchiveError(f"{name} is empty: expected folders of images")
+            _check_tree(members, name)
             declared = sum(m.size for m in members)
             if declared > max_bytes:
                 raise ArchiveError(f"{name} would inflate to {declared // 2**20} MB, over {limit}; "
@@ -81,6 +88,9 @@ def extract_dataset(archive: Path, target: Path, *, source: str | None = None, m
                         if written > max_bytes:
                             raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")
                         dst.write(chunk)
+    except UnicodeDecodeError:
+        raise ArchiveError(f"{name} has a member name flagged as UTF-8 that is not UTF-8; re-create the archive "
+                           "(or use .tar.gz)") from None
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, EOFError) as exc:
         raise ArchiveError(f"{name} is a corrupt archive ({exc}); download it again or fix data.url") from None
     print(f"extracted {name} to {target}")
@@ -96,20 +106,76 @@ class _Member:
 @contextmanager
 def _zip_members(archive: Path, name: str) -> Iterator[list[_Member]]:
     with zipfile.ZipFile(archive) as zf:
+        _check_count(len(zf.infolist()), name)
         members = []
         for info in zf.infolist():
+            filename = _zip_name(info)
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise ArchiveError(f"{name}: member {info.filename!r} is a symbolic link; refusing the archive")
-            members.append(_Member(_safe_path(info.filename, name), info.file_size, info.is_dir(),
+                raise ArchiveError(f"{name}: member {filename!r} is a symbolic link; refusing the archive")
+            if info.flag_bits & 0x1:
+                raise ArchiveError(f"{name}: member {filename!r} is encrypted; give an unencrypted archive")
+            if info.compress_type not in ZIP_METHODS:
+                method = ZIP_METHOD_NAMES.get(info.compress_type, "unknown")
+                raise ArchiveError(f"{name}: member {filename!r} uses compression method {info.compress_type} "
+                                   f"({method}), which Python cannot read; re-zip it with Deflate (`zip -r`, "
+                                   "7-Zip) or give a .tar.gz")
+            members.append(_Member(_safe_path(filename, name), info.file_size, info.is_dir(),
                                    lambda info=info: zf.open(info)))
         yield members
+
+
+def _check_count(count: int, name: str) -> None:
+    if count > MAX_MEMBERS:
+        raise ArchiveError(f"{name} holds {count:,} members, over the {MAX_MEMBERS:,} this pipeline extracts; "
+                           "split the dataset")
+
+
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """The member's name; a name without the UTF-8 flag is read as UTF-8 when it is valid UTF-8.
+
+    Zip tools that write UTF-8 without setting the flag are common (`寿司` would otherwise read as cp437
+    `Ä⌡Äi`); a true cp437 name is rarely valid UTF-8.
+    """
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
+
+
+def _check_tree(members: list[_Member], name: str) -> None:
+    """Refuse paths a file system cannot hold, or holds differently: a path twice (the last would win),
+    a file where a folder must be, names differing only in case (one folder on macOS and Windows, two
+    on Linux), names over 255 bytes."""
+    files = [m.path for m in members if not m.is_dir]
+    twice = [path for path, n in Counter(files).items() if n > 1]
+    if twice:
+        raise ArchiveError(f"{name}: holds {str(twice[0])[:80]!r} twice; refusing an archive whose contents "
+                           "depend on extraction order")
+    dirs = {parent for m in members for parent in m.path.parents if parent.parts}
+    dirs |= {m.path for m in members if m.is_dir}
+    clash = sorted(set(files) & dirs)
+    if clash:
+        raise ArchiveError(f"{name}: {str(clash[0])[:80]!r} is both a file and a folder; refusing the archive")
+    folded: dict[str, PurePosixPath] = {}
+    for path in sorted(dirs | set(files)):
+        if any(len(part.encode("utf-8")) > 255 for part in path.parts):
+            raise ArchiveError(f"{name}: {str(path)[:80]!r}… has a name over 255 bytes, which no common file "
+                               "system holds; rename it")
+        other = folded.setdefault(str(path).casefold(), path)
+        if other != path:
+            raise ArchiveError(f"{name}: {str(other)[:80]!r} and {str(path)[:80]!r} differ only in case: one "
+                               "folder on macOS and Windows, two on Linux; rename one")
 
 
 @contextmanager
 def _tar_members(archive: Path, name: str) -> Iterator[list[_Member]]:
     with tarfile.open(archive, mode="r:*") as tf:
         members = []
-        for info in tf.getmembers():
+        infos = tf.getmembers()
+        _check_count(len(infos), name)
+        for info in infos:
             if info.issym() or info.islnk():
                 raise ArchiveError(f"{name}: member {info.name!r} is a link; refusing the archive")
             if not (info.isfile() or info.isdir()):

@@ -62,13 +62,15 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     if empty:
         raise DatasetError(f"no images for {empty[0]} in {raw_dir} ({layout} layout); every class needs images "
                            "in train and test (with plain class folders: at least 2 images per class)")
+    hidden = _hidden_folders(root, layout)
     spec = {"root": raw_dir.as_posix(), "layout": layout, "classes": names, "splits": splits, "counts": counts,
-            "ignored_files": ignored, "skipped_corrupt": unreadable}
+            "ignored_files": ignored, "ignored_folders": hidden, "skipped_corrupt": unreadable}
     write_json(spec_path, spec)
     summary = ", ".join(f"{s}: {len(splits[s])}" for s in SPLITS)
     shown = ", ".join(names) if len(names) <= 10 else f"{', '.join(names[:10])}, …"
     print(f"wrote {spec_path}: {layout} layout, {len(names)} classes ({shown}), {summary}, "
-          f"{ignored} non-image file(s) ignored, {len(unreadable)} unreadable image(s) skipped")
+          f"{ignored} non-image file(s) ignored, {len(unreadable)} unreadable image(s) skipped"
+          + (f", hidden folder(s) not taken as classes: {_listed(hidden)}" if hidden else ""))
     return spec
 
 
@@ -92,6 +94,12 @@ def _is_layout(folder: Path) -> bool:
 
 def _hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
+
+
+def _hidden_folders(root: Path, layout: str) -> list[str]:
+    """Folders where classes live whose names start with `.`: not classes, but said, not silently dropped."""
+    parents = {"train/test": [root / s for s in SPLITS], "food-101": [root / "images"]}.get(layout, [root])
+    return sorted({p.name for parent in parents for p in parent.iterdir() if p.is_dir() and _hidden(p.name)})
 
 
 def _class_dirs(folder: Path) -> list[Path]:
