@@ -174,3 +174,20 @@ def test_cleanup_spares_the_temporaries_of_live_writers(tmp_path):
     killed.write_bytes(b"half a model, its writer is gone")
     write_text(tmp_path / "model.pt", "done")
     assert live.exists() and not killed.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
+    """Writes that hit ENOSPC (here: the temporary file is /dev/full) name the output; nothing stays."""
+    from foodvision.atomic import OutputError, atomic_path, write_json
+
+    dest = tmp_path / "metrics" / "eval.json"
+    with pytest.raises(OutputError, match=f"^cannot write {dest}: no space left on the device; free space"):
+        with atomic_path(dest) as tmp:
+            tmp.unlink()
+            tmp.symlink_to("/dev/full")
+            with open(tmp, "w") as f:
+                f.write("{}" * 100_000)
+    assert list(dest.parent.iterdir()) == []
+    write_json(dest, {"ok": 1})  # the next run writes normally
+    assert dest.read_text() == '{\n  "ok": 1\n}\n'

@@ -1,8 +1,10 @@
-"""Write-then-rename helpers: a killed run never leaves a file that looks complete."""
+"""Write-then-rename helpers: a killed run never leaves a file that looks complete, and a full disk or a
+folder the user may not write to is one line naming the output, with the temporaries removed."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -10,6 +12,29 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from foodvision.errors import FoodVisionError
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.EROFS: "read-only file system"}
+
+
+class OutputError(FoodVisionError):
+    pass
+
+
+@contextmanager
+def _named_disk_errors(dest: Path) -> Iterator[None]:
+    """A full disk or a forbidden folder while writing `dest` becomes one line that names `dest`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != dest else ""
+        raise OutputError(f"cannot write {dest}: {DISK_ERRORS[exc.errno]}{where}; free space or fix the "
+                          "folder's permissions, then run again") from None
 
 
 def _umask() -> int:
@@ -53,38 +78,40 @@ def remove_stale(dest: Path) -> None:
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest), suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(tmp_path, dest)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with _named_disk_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dest)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest), suffix=".tmp")
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+            os.replace(tmp_path, dest)
+        finally:
+            tmp_path.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `dest`; swap it in for `dest` on success."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(dest)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest), suffix=".tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest, "old."), suffix=".tmp"))
-            os.replace(dest, old / "previous")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _named_disk_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dest)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest), suffix=".tmp"))
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())
+            if dest.exists():
+                old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest, "old."), suffix=".tmp"))
+                os.replace(dest, old / "previous")
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(dest: Path, text: str) -> None:
