@@ -195,7 +195,7 @@ def exp_timing(project: Path, work: Path) -> None:
     shutil.rmtree(project / "models")
     for generated in ("metrics", "plots"):
         shutil.rmtree(project / generated, ignore_errors=True)
-    params["data"]["url"] = str(archive)
+    params["data"].update(url=str(archive), content_sha256=None)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)

@@ -98,6 +98,8 @@ def main() -> None:
         project = make_project(work / "project", args.model, None)
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["data"]["url"] = str(archive)
+        if not REAL.is_file():  # generated images: not the ones params.yaml pins
+            params["data"]["content_sha256"] = None
         params["train"]["epochs"] = args.epochs
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         subprocess.run(["git", "init", "-q"], cwd=project, check=True)

@@ -10,6 +10,7 @@ from foodvision.stage import run
 def main() -> None:
     params = load_params()
     download_dataset(params.data.url, Path(params.paths.raw), sha256=params.data.sha256,
+                     content_sha256=params.data.content_sha256,
                      max_extract_mb=params.data.max_extract_mb, max_download_mb=params.data.max_download_mb)
 
 

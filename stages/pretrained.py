@@ -10,7 +10,8 @@ from foodvision.stage import run
 def main() -> None:
     params = load_params()
     m, paths = params.model, params.paths
-    fetch_pretrained(m.name, m.weights, m.weights_url, Path(paths.pretrained), transform_out=Path(paths.transform))
+    fetch_pretrained(m.name, m.weights, m.weights_url, Path(paths.pretrained), transform_out=Path(paths.transform),
+                     sha256=m.sha256)
 
 
 if __name__ == "__main__":

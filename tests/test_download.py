@@ -239,3 +239,28 @@ def test_the_member_count_is_capped(tmp_path, monkeypatch):
     archive = zip_with(tmp_path / "many.zip", *[(f"train/pizza/{i}.jpg", b"") for i in range(101)])
     with pytest.raises(ArchiveError, match="holds 101 members, over the 100 this pipeline extracts"):
         extract_dataset(archive, tmp_path / "out")
+
+
+def test_the_content_digest_survives_re_zipping_and_catches_a_changed_image(tmp_path):
+    write_dataset(tmp_path / "src")
+    first = zip_dir(tmp_path / "src", tmp_path / "a.zip")
+    digest = extract_dataset(first, tmp_path / "out")
+    with zipfile.ZipFile(tmp_path / "b.zip", "w", zipfile.ZIP_DEFLATED) as zf:  # other order, compression, top folder
+        for path in sorted((tmp_path / "src").rglob("*"), reverse=True):
+            if path.is_file():
+                zf.write(path, "wrapped/" + path.relative_to(tmp_path / "src").as_posix())
+    assert (tmp_path / "b.zip").read_bytes() != first.read_bytes()
+    assert extract_dataset(tmp_path / "b.zip", tmp_path / "out", content_sha256=digest) == digest
+    (tmp_path / "src" / "test" / "sushi" / "001.jpg").write_bytes(b"another photo")
+    changed = zip_dir(tmp_path / "src", tmp_path / "c.zip")
+    with pytest.raises(ArchiveError, match=f"holds other images than data.content_sha256 pins: expected {digest}"):
+        extract_dataset(changed, tmp_path / "out2", content_sha256=digest)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_the_articles_images_match_the_pinned_digest(shared_data, tmp_path):
+    import yaml
+    from conftest import default_params_text
+
+    pinned = yaml.safe_load(default_params_text())["data"]["content_sha256"]
+    assert extract_dataset(shared_data / "pizza_steak_sushi.zip", tmp_path / "out", content_sha256=pinned) == pinned

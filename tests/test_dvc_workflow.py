@@ -23,7 +23,7 @@ def repo(tmp_path_factory, server_url, dataset_zip, backbone_file) -> Path:
     base = tmp_path_factory.mktemp("workflow")
     project = copy_project(base / "repo")
     make_image("sushi", 3).save(project / "own.png")
-    set_params(project, data__url=f"{server_url}/{dataset_zip.name}",
+    set_params(project, data__url=f"{server_url}/{dataset_zip.name}", data__content_sha256=None,
                model__weights_url=f"{server_url}/{backbone_file.name}", train__epochs=1, train__batch_size=4,
                train__device="cpu", predict__num_samples=1, predict__images=["own.png"])
     sh(project, "git", "init", "-q", "-b", "main")

@@ -46,3 +46,14 @@ def test_unknown_backbone_or_member_lists_accepted():
         resolve_weights("efficientnet_b9", "DEFAULT")
     with pytest.raises(ModelError, match="accepted: DEFAULT, IMAGENET1K_V1, or null"):
         resolve_weights("efficientnet_b0", "IMAGENET21K")
+
+
+def test_a_full_sha256_pins_the_mirrors_file(server_url, backbone_file, tmp_path):
+    import hashlib
+
+    digest = hashlib.sha256(backbone_file.read_bytes()).hexdigest()
+    url = f"{server_url}/{backbone_file.name}"
+    fetch_pretrained("efficientnet_b0", "DEFAULT", url, tmp_path / "b.pth", sha256=digest)
+    with pytest.raises(FetchError, match=f"expected {'1' * 64}, got {digest}"):
+        fetch_pretrained("efficientnet_b0", "DEFAULT", url, tmp_path / "c.pth", sha256="1" * 64)
+    assert not (tmp_path / "c.pth").exists()

@@ -21,6 +21,7 @@ from typing import IO
 from foodvision.atomic import atomic_dir, remove_stale, temp_prefix
 from foodvision.errors import FoodVisionError
 from foodvision.fetch import fetch, redact
+from foodvision.spec import content_sha256 as dataset_digest
 
 MAX_MEMBERS = 500_000  # Food-101 holds about 101,000
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
@@ -32,8 +33,8 @@ class ArchiveError(FoodVisionError):
     pass
 
 
-def download_dataset(url: str, target: Path, *, sha256: str | None = None, max_extract_mb: int = 5000,
-                     max_download_mb: int = 10000) -> Path:
+def download_dataset(url: str, target: Path, *, sha256: str | None = None, content_sha256: str | None = None,
+                     max_extract_mb: int = 5000, max_download_mb: int = 10000) -> Path:
     """Fetch the archive at `url` (http(s), file:// or a path) and extract it into `target`.
 
     The archive is kept only in a temporary directory: DVC caches the extracted images, so
@@ -47,15 +48,18 @@ def download_dataset(url: str, target: Path, *, sha256: str | None = None, max_e
         digest = fetch(url, archive, sha256=sha256, what="dataset archive", max_bytes=max_download_mb * 2**20,
                        limit_name=f"data.max_download_mb ({max_download_mb} MB)")
         print(f"downloaded {redact(url)} (sha256 {digest})")
-        extract_dataset(archive, target, source=redact(url), max_bytes=max_extract_mb * 2**20)
+        extract_dataset(archive, target, source=redact(url), max_bytes=max_extract_mb * 2**20,
+                        content_sha256=content_sha256)
     return target
 
 
-def extract_dataset(archive: Path, target: Path, *, source: str | None = None, max_bytes: int = 5000 * 2**20) -> None:
-    """Extract a zip or (compressed) tar archive into `target`, all or nothing.
+def extract_dataset(archive: Path, target: Path, *, source: str | None = None, max_bytes: int = 5000 * 2**20,
+                    content_sha256: str | None = None) -> str:
+    """Extract a zip or (compressed) tar archive into `target`, all or nothing; return its content digest.
 
     Refuses archives that would write outside `target`, hold links or devices, or inflate beyond
-    `max_bytes` (counted both from the headers and while writing, since headers can lie).
+    `max_bytes` (counted both from the headers and while writing, since headers can lie), and, when
+    `content_sha256` is given, images that are not the ones pinned (see `spec.content_sha256`).
     """
     name = source or str(archive)
     if zipfile.is_zipfile(archive):
@@ -88,12 +92,18 @@ def extract_dataset(archive: Path, target: Path, *, source: str | None = None, m
                         if written > max_bytes:
                             raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")
                         dst.write(chunk)
+            digest = dataset_digest(tmp)
+            if content_sha256 is not None and digest != content_sha256.lower():
+                raise ArchiveError(f"{name} holds other images than data.content_sha256 pins: expected "
+                                   f"{content_sha256.lower()}, got {digest}; the upstream data changed (check it, "
+                                   "then update the param)")
     except UnicodeDecodeError:
         raise ArchiveError(f"{name} has a member name flagged as UTF-8 that is not UTF-8; re-create the archive "
                            "(or use .tar.gz)") from None
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, EOFError) as exc:
         raise ArchiveError(f"{name} is a corrupt archive ({exc}); download it again or fix data.url") from None
-    print(f"extracted {name} to {target}")
+    print(f"extracted {name} to {target} (content sha256 {digest}: set data.content_sha256 to pin it)")
+    return digest
 
 
 class _Member:

@@ -12,7 +12,6 @@ every failure is one line with any credentials in the URL redacted. Credentials 
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from foodvision.atomic import atomic_path
 from foodvision.errors import FoodVisionError
+from foodvision.spec import file_sha256
 
 CHUNK = 1 << 20
 MIN_BYTES_PER_WINDOW = 16 * 1024  # a transfer slower than this per `timeout` seconds is stalled
@@ -130,14 +130,6 @@ def fetch(
                 f"{sha256_prefix}; the download is corrupt or the mirror serves another file"
             )
     return digest
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download(url: str, dest: Path, *, timeout: float, retries: int, max_bytes: int | None, limit_name: str,

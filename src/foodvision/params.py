@@ -32,10 +32,25 @@ class ParamsError(FoodVisionError):
     pass
 
 
+def check_sha256(value: str | None, key: str) -> None:
+    if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ParamsError(f"{key} must be 64 hex digits or null, got {shown(value)}")
+
+
+def shown(value: Any, quote: bool = True) -> str:
+    """A value as an error message quotes it: at most SHOWN characters (an alias bomb is megabytes)."""
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = SHOWN, SHOWN, 6, 6, 2
+    text = short.repr(value)
+    text = text if quote or not isinstance(value, str) else value
+    return text if len(text) <= SHOWN else text[:SHOWN - 1] + "…"
+
+
 @dataclass(frozen=True)
 class DataParams:
     url: str
     sha256: str | None = None
+    content_sha256: str | None = None
     max_extract_mb: int = 5000
     max_download_mb: int = 10000
     skip_corrupt: bool = False
@@ -51,10 +66,8 @@ class DataParams:
         for key in ("max_extract_mb", "max_download_mb"):
             if getattr(self, key) <= 0:
                 raise ParamsError(f"data.{key} must be a positive integer, got {getattr(self, key)}")
-        if self.sha256 is not None:
-            digest = self.sha256.lower()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ParamsError("data.sha256 must be 64 hex digits or null")
+        for key in ("sha256", "content_sha256"):
+            check_sha256(getattr(self, key), f"data.{key}")
 
 
 @dataclass(frozen=True)
@@ -62,9 +75,11 @@ class ModelParams:
     name: str = "efficientnet_b0"
     weights: str | None = "DEFAULT"
     weights_url: str | None = None
+    sha256: str | None = None
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
+        check_sha256(self.sha256, "model.sha256")
         if not 0.0 <= self.dropout < 1.0:
             raise ParamsError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -205,12 +220,3 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if not ok:
         raise ParamsError(f"{key} must be {hint.__name__}, got {shown(value)}")
     return float(value) if hint is float else value
-
-
-def shown(value: Any, quote: bool = True) -> str:
-    """A value as an error message quotes it: at most SHOWN characters (an alias bomb is megabytes)."""
-    short = reprlib.Repr()
-    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = SHOWN, SHOWN, 6, 6, 2
-    text = short.repr(value)
-    text = text if quote or not isinstance(value, str) else value
-    return text if len(text) <= SHOWN else text[:SHOWN - 1] + "…"

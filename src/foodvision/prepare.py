@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from foodvision.atomic import write_json
-from foodvision.spec import IMG_EXTENSIONS, SPLITS, DatasetError
+from foodvision.spec import SPLITS, DatasetError, dataset_root, hidden, is_image_name
 
 MAX_LISTED = 10  # names shown in one error line
 CHECK_CHUNK = 256  # files per header-check task
@@ -45,7 +45,7 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     ignored = 0
     for split in SPLITS:
         kept = [(rel, c) for rel, c in candidates.pop(split) if c in index]
-        images[split] = [(rel, c) for rel, c in kept if _is_image_name(rel.rpartition("/")[2])]
+        images[split] = [(rel, c) for rel, c in kept if is_image_name(rel.rpartition("/")[2])]
         ignored += len(kept) - len(images[split])
     unreadable = _unreadable(raw_dir, [rel for split in SPLITS for rel, _ in images[split]])
     if unreadable and not skip_corrupt:
@@ -74,36 +74,14 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     return spec
 
 
-def dataset_root(raw_dir: Path) -> Path:
-    """Step into wrapper folders (`food-101/`, `pizza_steak_sushi/`): a folder holding one folder and no image."""
-    if not raw_dir.is_dir():
-        raise DatasetError(f"{raw_dir} is missing: run `dvc repro download` first")
-    root = raw_dir
-    while True:
-        entries = [e for e in root.iterdir() if not _hidden(e.name)]
-        dirs = [e for e in entries if e.is_dir()]
-        has_images = any(_is_image_name(e.name) for e in entries if e.is_file())
-        if len(dirs) != 1 or has_images or _is_layout(root):
-            return root
-        root = dirs[0]
-
-
-def _is_layout(folder: Path) -> bool:
-    return all((folder / s).is_dir() for s in SPLITS) or (folder / "images").is_dir() and (folder / "meta").is_dir()
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def _hidden_folders(root: Path, layout: str) -> list[str]:
     """Folders where classes live whose names start with `.`: not classes, but said, not silently dropped."""
     parents = {"train/test": [root / s for s in SPLITS], "food-101": [root / "images"]}.get(layout, [root])
-    return sorted({p.name for parent in parents for p in parent.iterdir() if p.is_dir() and _hidden(p.name)})
+    return sorted({p.name for parent in parents for p in parent.iterdir() if p.is_dir() and hidden(p.name)})
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name)), key=lambda p: p.name)
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not hidden(p.name)), key=lambda p: p.name)
 
 
 def _relative(raw_dir: Path, path: Path, *rest: str) -> str:
@@ -121,11 +99,6 @@ def _files(raw_dir: Path, folder: Path) -> list[str]:
         base = _relative(raw_dir, Path(dirpath))
         found += [f"{base}/{name}" for name in filenames]
     return sorted(found)
-
-
-def _is_image_name(name: str) -> bool:
-    """An image extension and not hidden (`._IMG.jpg` is macOS metadata, not a photo)."""
-    return not _hidden(name) and Path(name).suffix.lower() in IMG_EXTENSIONS
 
 
 def _find_samples(raw_dir: Path, root: Path, test_fraction: float,
@@ -167,7 +140,7 @@ def _split_folders(raw_dir: Path, dirs: list[Path], test_fraction: float,
     """Per class, a seeded shuffle; the first `round(n * test_fraction)` files (at least one) are test."""
     out: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for d in dirs:
-        files = [f for f in _files(raw_dir, d) if _is_image_name(f.rpartition("/")[2])]
+        files = [f for f in _files(raw_dir, d) if is_image_name(f.rpartition("/")[2])]
         random.Random(f"{seed}/{d.name}").shuffle(files)
         n_test = max(1, round(len(files) * test_fraction)) if len(files) >= 2 else 0
         out["test"] += [(f, d.name) for f in sorted(files[:n_test])]

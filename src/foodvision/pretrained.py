@@ -31,8 +31,11 @@ MAX_WEIGHTS_MB = 4096  # torchvision's largest classification weights (ViT-H/14)
 
 
 def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, dest: Path,
-                     transform_out: Path | None = None) -> Path:
+                     transform_out: Path | None = None, sha256: str | None = None) -> Path:
     """Write the backbone's state dict to `dest`, and the eval transform its weights expect to `transform_out`.
+
+    `sha256` (params `model.sha256`) pins the fetched file in full; without it only the 8-digit prefix
+    in torchvision's file names is checked.
 
     `weights: null` writes torchvision's random init under a fixed seed, so the file is reproducible
     and does not depend on params `seed` (which would re-fetch real weights whenever it changed).
@@ -47,13 +50,13 @@ def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, de
             torch.save(build_backbone(name).state_dict(), tmp)
         print(f"model.weights is null: wrote a randomly initialised {name} to {dest}")
     else:
-        _fetch(name, source, weights_url or source.url, dest)
+        _fetch(name, source, weights_url or source.url, dest, sha256)
     if transform_out is not None:  # last: it exists only beside a complete weights file
         write_json(transform_out, eval_transform(name, weights))
     return dest
 
 
-def _fetch(name: str, source: Weights, url: str, dest: Path) -> None:
+def _fetch(name: str, source: Weights, url: str, dest: Path, sha256: str | None) -> None:
     """Download, hash-check, convert and strictly load the weights before `dest` appears."""
     match = HASH_REGEX.search(source_name(url))
     prefix = match.group(1) if match and match.group(1) else None
@@ -61,7 +64,7 @@ def _fetch(name: str, source: Weights, url: str, dest: Path) -> None:
     remove_stale(dest)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=temp_prefix(dest, "fetch."), suffix=".tmp") as tmp:
         staged = Path(tmp) / "weights.pth"
-        digest = fetch(url, staged, sha256_prefix=prefix, what=f"pretrained weights for {name}",
+        digest = fetch(url, staged, sha256=sha256, sha256_prefix=prefix, what=f"pretrained weights for {name}",
                        max_bytes=MAX_WEIGHTS_MB * 2**20, limit_name=f"{MAX_WEIGHTS_MB} MB")
         state = load_state_dict_file(staged)
         if source.convert is not None:  # a foreign layout: store it with torchvision's keys
