@@ -118,3 +118,17 @@ def test_credentials_in_an_image_url_stay_out_of_the_tracked_json(trained, tmp_p
     text = (tmp_path / "predictions.json").read_text()
     assert "pa55" not in text and "abc123" not in text
     assert results[0]["source"] == server_url.replace("http://", "http://bob:***@") + "/dinner.png?token=***"
+
+
+def test_predict_refuses_a_model_trained_on_other_classes(trained, tmp_path):
+    import torch
+
+    from foodvision.errors import FoodVisionError
+
+    ckpt = torch.load(trained.model, weights_only=True)
+    ckpt["class_names"] = ["pizza", "steak", "ramen"]
+    torch.save(ckpt, tmp_path / "model.pt")
+    with pytest.raises(FoodVisionError, match="was trained on other classes than .*index.json lists"):
+        predict(tmp_path / "model.pt", trained.features, num_samples=1, images=(), seed=1, device="cpu",
+                out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()

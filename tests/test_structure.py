@@ -59,3 +59,21 @@ def test_every_output_path_is_written_once_in_params():
             for out in stage.get(section, []):
                 path = out if isinstance(out, str) else next(iter(out))
                 assert path.startswith("${paths.") and path[8:-1] in params["paths"], (name, path)
+
+
+def test_the_lock_pins_every_dependency_with_hashes():
+    """The README's setup installs from requirements.lock: exact versions, sha256 for each, torch as pinned."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    lock = (ROOT / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", lock, flags=re.M))
+    normal = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins.items()}
+    for requirement in wanted:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ \[]", requirement)[0]).lower()
+        assert name in normal, f"{name} is not pinned in requirements.lock"
+    assert normal["torch"] == "2.14.1" and normal["torchvision"] == "0.29.1"
+    blocks = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", lock.split("\n\n", 1)[1] if "\n\n" in lock else lock)
+    assert all("--hash=sha256:" in block for block in blocks if "==" in block)

@@ -16,10 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-# Pillow's own error threshold (2 x Image.MAX_IMAGE_PIXELS), stated here so that no stage depends on a
-# global another library may have changed: a 108-megapixel phone photo passes, a 24 KB PNG claiming
-# 20000 x 10000 pixels (a decompression bomb) does not.
-MAX_PIXELS = 178_956_970
+from foodvision.spec import MAX_PIXELS
 
 
 class ImageTooLarge(ValueError):

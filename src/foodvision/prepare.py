@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from foodvision.atomic import write_json
-from foodvision.spec import SPLITS, DatasetError, dataset_root, hidden, is_image_name
+from foodvision.spec import MAX_PIXELS, SPLITS, DatasetError, dataset_root, hidden, is_image_name
 
 MAX_LISTED = 10  # names shown in one error line
 CHECK_CHUNK = 256  # files per header-check task
@@ -185,6 +185,6 @@ def _has_image_header(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             width, height = im.size
-        return width > 0 and height > 0
+        return 0 < width * height <= MAX_PIXELS
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False

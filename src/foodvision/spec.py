@@ -18,6 +18,10 @@ SPLITS = ("train", "test")
 # torchvision.datasets.folder.IMG_EXTENSIONS, the formats ImageFolder accepts (copied, not imported:
 # the stages that use them stay free of torch, which takes seconds to import)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Pillow's own error threshold (2 x Image.MAX_IMAGE_PIXELS), stated here so that no stage depends on a
+# global another library may have changed: a 108-megapixel phone photo passes, a 24 KB PNG claiming
+# 20000 x 10000 pixels (a decompression bomb) does not.
+MAX_PIXELS = 178_956_970
 
 
 class DatasetError(FoodVisionError):
