@@ -95,8 +95,8 @@ def extract_dataset(archive: Path, target: Path, *, source: str | None = None, m
             digest = dataset_digest(tmp)
             if content_sha256 is not None and digest != content_sha256.lower():
                 raise ArchiveError(f"{name} holds other images than data.content_sha256 pins: expected "
-                                   f"{content_sha256.lower()}, got {digest}; the upstream data changed (check it, "
-                                   "then update the param)")
+                                   f"{content_sha256.lower()}, got {digest}; if the data changed on purpose, or this "
+                                   "is another dataset, set data.content_sha256 to the new digest (or null)")
     except UnicodeDecodeError:
         raise ArchiveError(f"{name} has a member name flagged as UTF-8 that is not UTF-8; re-create the archive "
                            "(or use .tar.gz)") from None
