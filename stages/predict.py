@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from foodvision.fetch import note_untracked
 from foodvision.params import load_params
 from foodvision.predict import predict
 from foodvision.stage import run
@@ -10,6 +11,8 @@ from foodvision.stage import run
 def main() -> None:
     params = load_params()
     paths = params.paths
+    for image in params.predict.images:
+        note_untracked(image, Path(paths.inputs_images), "predict.images entry")
     predict(Path(paths.model), Path(paths.features), num_samples=params.predict.num_samples,
             images=params.predict.images, seed=params.seed, device=params.train.device,
             out_dir=Path(paths.predictions), json_out=Path(paths.predictions_json))

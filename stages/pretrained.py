@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from foodvision.fetch import note_untracked
 from foodvision.params import load_params
 from foodvision.pretrained import fetch_pretrained
 from foodvision.stage import run
@@ -10,6 +11,7 @@ from foodvision.stage import run
 def main() -> None:
     params = load_params()
     m, paths = params.model, params.paths
+    note_untracked(m.weights_url, Path(paths.inputs_weights), "model.weights_url")
     fetch_pretrained(m.name, m.weights, m.weights_url, Path(paths.pretrained), transform_out=Path(paths.transform),
                      sha256=m.sha256)
 

@@ -158,6 +158,25 @@ def test_a_head_only_experiment_reuses_the_stored_features(project):
     assert stages_to_run(project) == set()
 
 
+def test_editing_a_local_input_reruns_what_reads_it(project):
+    """Files under inputs/ are stage deps: the same name with other pixels reruns predict, and only predict."""
+    original = (project / "params.yaml").read_text()
+    photo = project / "inputs" / "images" / "mine.png"
+    try:
+        make_image("pizza", 11).save(photo)
+        set_params(project, predict__images=["inputs/images/mine.png"])
+        first = sh(project, "dvc", "repro")
+        assert "note:" not in first.stderr and stages_to_run(project) == set()
+        make_image("steak", 12).save(photo)
+        assert stages_to_run(project) == {"predict"}
+    finally:
+        photo.unlink(missing_ok=True)
+        (project / "params.yaml").write_text(original)
+        restored = sh(project, "dvc", "repro")
+    assert "note: predict.images entry own.png is outside inputs/images/" in restored.stderr + restored.stdout
+    assert stages_to_run(project) == set()
+
+
 def test_bad_params_fail_the_stage_with_one_line(project, tmp_path):
     clone = copy_project(tmp_path)
     shutil.copy2(project / "params.yaml", clone / "params.yaml")

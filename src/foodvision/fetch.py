@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import shutil
+import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
@@ -88,6 +89,23 @@ def local_path(source: str) -> Path | None:
         raise FetchError(f"{redact(source)}: {scheme}:// URLs are not supported; use http(s)://, file:// or a "
                          "path (for s3:// and the like, `dvc import-url` or a mirror over https)")
     return Path(source).expanduser()
+
+
+def note_untracked(source: str | None, folder: Path, key: str) -> str | None:
+    """A local input outside `folder` is read, but DVC does not see it change: say so (and where to put it).
+
+    `folder` (one of `paths.inputs_*`) is a dependency of the stage in dvc.yaml; a file inside it is
+    hashed by DVC, so editing it reruns the stage.
+    """
+    if source is None or _scheme(source) in ("http", "https"):
+        return None
+    path = local_path(source)
+    if path is None or path.resolve().is_relative_to(Path(folder).resolve()):
+        return None
+    note = (f"note: {key} {path} is outside {folder}/, so DVC does not notice when it changes; "
+            f"put it in {folder}/ to have edits rerun this stage")
+    print(note, file=sys.stderr)
+    return note
 
 
 def fetch(

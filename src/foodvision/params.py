@@ -125,6 +125,9 @@ class PredictParams:
 class PathsParams:
     """Where each stage reads and writes: dvc.yaml uses the same keys through `${paths.*}`."""
 
+    inputs_data: str = "inputs/data"  # local inputs placed here are DVC deps of the stage that reads them
+    inputs_weights: str = "inputs/weights"
+    inputs_images: str = "inputs/images"
     raw: str = "data/raw/dataset"
     spec: str = "data/prepared/spec.json"
     pretrained: str = "models/pretrained/backbone.pth"
