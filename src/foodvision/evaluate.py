@@ -59,8 +59,9 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     actual, predicted, total_loss, top_k = [], [], 0.0, 0
     with torch.inference_mode():
-        batches = test.batches(batch_size)
-        for feats, labels in tqdm(batches, desc="evaluate", total=-(-len(test) // batch_size), unit="batch", leave=False):
+        batches = tqdm(test.batches(batch_size), desc="evaluate", total=-(-len(test) // batch_size), unit="batch",
+                       leave=False)
+        for feats, labels in batches:
             logits, labels = head(feats.to(dev)), labels.to(dev)
             total_loss += loss_fn(logits, labels).item()
             top_k += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
