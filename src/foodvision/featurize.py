@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from foodvision import distributed
 from foodvision.atomic import atomic_dir, write_json, write_text
 from foodvision.checkpoint import pick_device
 from foodvision.data import ImageSamples, build_transform, make_loader, open_rgb
@@ -77,42 +81,104 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
     resolve_weights(model_name, None)  # a bad name fails before any work
     spec = load_spec(spec_path)
     transform = load_transform(transform_path)
+    me = distributed.current()
     dev = pick_device(device)
-    write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size, transform["crop_size"]))
-    model = load_pretrained(model_name, pretrained_path)
-    head = replace_head(model, len(spec["classes"]), dropout=0.0)
-    in_features = model.get_submodule(head)[1].in_features
-    backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
-    model.set_submodule(head, nn.Identity())
-    body = for_inference(model).to(dev)
-    del model
-    workers = decode_workers(dev)
-    index: dict[str, Any] = {"model": model_name, "head": head, "feature_dim": in_features,
-                             "backbone_params": backbone_params, "classes": spec["classes"], "root": spec["root"],
-                             "splits": {}, "skipped_corrupt": []}
-    with atomic_dir(out_dir) as tmp:
+    if me.world > 1:  # under torchrun: one slice of each split per rank, rank 0 assembles
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            dev = torch.device("cuda", me.local)
+    try:
+        if me.leader:
+            write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size,
+                                                  transform["crop_size"]))
+        model = load_pretrained(model_name, pretrained_path)
+        head = replace_head(model, len(spec["classes"]), dropout=0.0)
+        in_features = model.get_submodule(head)[1].in_features
+        backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
+        model.set_submodule(head, nn.Identity())
+        body = for_inference(model).to(dev)
+        del model
+        index: dict[str, Any] = {"model": model_name, "head": head, "feature_dim": in_features,
+                                 "backbone_params": backbone_params, "classes": spec["classes"],
+                                 "root": spec["root"], "splits": {}, "skipped_corrupt": []}
+        stream = partial(_stream_slice, body, dev, Path(spec["root"]), transform, batch_size, in_features, me)
+        if me.world == 1:
+            with atomic_dir(out_dir) as tmp:
+                for split in SPLITS:
+                    bad = stream(spec["splits"][split], split, tmp / f"{split}.npy")
+                    _finish_split(tmp / f"{split}.npy", spec, split, bad, skip_corrupt, in_features, index)
+                write_json(tmp / INDEX, index)
+            return index
+        # the torchrun agent's pid: shared by the ranks of this node, and cleanup spares it while it lives
+        parts = out_dir.parent / f".{out_dir.name}.{os.getppid()}.parts.tmp"
+        parts.mkdir(parents=True, exist_ok=True)
+        bad_by_split = {}
         for split in SPLITS:
-            samples = spec["splits"][split]
-            dataset = _Decoded(Path(spec["root"]), samples, build_transform(transform), transform["resize_size"])
-            loader = make_loader(dataset, batch_size, shuffle=False, seed=0, workers=workers)
-            start = time.perf_counter()
-            bad = _stream(body, loader, dev, tmp / f"{split}.npy", len(samples), in_features, desc=split)
-            seconds = time.perf_counter() - start
-            print(f"featurize {split}: {len(samples)} images in {seconds:.1f} s "
-                  f"({len(samples) / max(seconds, 1e-9):.1f} images/s, {workers} decode worker(s), {dev})")
-            broken = [samples[i]["path"] for i in bad]
-            if broken and not skip_corrupt:
-                raise DatasetError(f"{len(broken)} image(s) in {spec['root']} do not decode: "
-                                   f"{', '.join(broken[:MAX_LISTED])}{' …' if len(broken) > MAX_LISTED else ''}; "
-                                   "replace them, or set data.skip_corrupt: true")
-            dropped = set(bad)
-            if dropped:
-                _drop_rows(tmp / f"{split}.npy", dropped, len(samples), in_features)
-            kept = [s for i, s in enumerate(samples) if i not in dropped]
-            index["splits"][split] = {"paths": [s["path"] for s in kept], "labels": [s["label"] for s in kept]}
-            index["skipped_corrupt"] += broken
-        write_json(tmp / INDEX, index)
-    return index
+            bad = stream(spec["splits"][split], split, parts / f"{split}.{me.rank}.npy")
+            gathered: list[list[int]] = [[] for _ in range(me.world)]
+            torch.distributed.all_gather_object(gathered, bad)
+            bad_by_split[split] = sorted(i for rank_bad in gathered for i in rank_bad)
+        torch.distributed.barrier()  # every part is complete
+        if me.leader:
+            with atomic_dir(out_dir) as tmp:
+                for split in SPLITS:
+                    n = len(spec["splits"][split])
+                    _concatenate([parts / f"{split}.{r}.npy" for r in range(me.world)], tmp / f"{split}.npy", n,
+                                 in_features)
+                    _finish_split(tmp / f"{split}.npy", spec, split, bad_by_split[split], skip_corrupt, in_features,
+                                  index)
+                write_json(tmp / INDEX, index)
+            shutil.rmtree(parts, ignore_errors=True)
+        torch.distributed.barrier()  # no rank leaves before the files exist
+        return index
+    finally:
+        if me.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _stream_slice(body: nn.Module, device: torch.device, root: Path, transform: dict[str, Any], batch_size: int,
+                  cols: int, me: distributed.Rank, samples: list[dict[str, Any]], split: str, dest: Path) -> list[int]:
+    """Featurise this rank's contiguous slice of `samples` into `dest`; return bad positions in `samples`."""
+    lo, hi = me.slice(len(samples))
+    dataset = _Decoded(root, samples[lo:hi], build_transform(transform), transform["resize_size"])
+    workers = decode_workers(device)
+    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, workers=workers)
+    start = time.perf_counter()
+    bad = _stream(body, loader, device, dest, hi - lo, cols, desc=split)
+    seconds = time.perf_counter() - start
+    who = f"rank {me.rank}/{me.world}, " if me.world > 1 else ""
+    print(f"featurize {split}: {hi - lo} images in {seconds:.1f} s ({(hi - lo) / max(seconds, 1e-9):.1f} images/s, "
+          f"{who}{workers} decode worker(s), {device})")
+    return [lo + i for i in bad]
+
+
+def _finish_split(path: Path, spec: dict[str, Any], split: str, bad: list[int], skip_corrupt: bool, cols: int,
+                  index: dict[str, Any]) -> None:
+    """Name the images that did not decode (or drop their rows), and record the split in the index."""
+    samples = spec["splits"][split]
+    broken = [samples[i]["path"] for i in bad]
+    if broken and not skip_corrupt:
+        raise DatasetError(f"{len(broken)} image(s) in {spec['root']} do not decode: "
+                           f"{', '.join(broken[:MAX_LISTED])}{' …' if len(broken) > MAX_LISTED else ''}; "
+                           "replace them, or set data.skip_corrupt: true")
+    dropped = set(bad)
+    if dropped:
+        _drop_rows(path, dropped, len(samples), cols)
+    kept = [s for i, s in enumerate(samples) if i not in dropped]
+    index["splits"][split] = {"paths": [s["path"] for s in kept], "labels": [s["label"] for s in kept]}
+    index["skipped_corrupt"] += broken
+
+
+def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, chunk: int = 4096) -> None:
+    """The ranks' part files, in rank order, into one .npy: streamed, never whole in memory."""
+    writer = NpyWriter(dest, rows, cols)
+    for rank, part in enumerate(parts):
+        lo, hi = distributed.Rank(rank, len(parts)).slice(rows)
+        source = FeatureFile(part, [0] * (hi - lo))
+        for feats, _ in source.batches(chunk):
+            writer.write(feats.numpy())
+        source.close()
+    writer.close()
 
 
 def _prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:

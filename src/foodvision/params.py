@@ -87,10 +87,12 @@ class ModelParams:
 @dataclass(frozen=True)
 class FeaturizeParams:
     batch_size: int = 32
+    processes: int = 1  # > 1: torchrun, one rank each (byte-identical outputs, so not a DVC param dep)
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ParamsError(f"featurize.batch_size must be a positive integer, got {self.batch_size}")
+        for key in ("batch_size", "processes"):
+            if getattr(self, key) <= 0:
+                raise ParamsError(f"featurize.{key} must be a positive integer, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

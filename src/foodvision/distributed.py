@@ -1,0 +1,79 @@
+"""More than one process for `featurize`, through torchrun (`torch.distributed.run`), never a launcher of ours.
+
+With `featurize.processes: N > 1` the stage script re-runs itself under
+`torchrun --standalone --nproc_per_node N`; each rank featurises a contiguous slice of each split and
+rank 0 writes the final files in the dataset's order. Across machines, run the same script under
+`torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` yourself (README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from foodvision.errors import FoodVisionError
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this process stands: rank, world size, local rank (its GPU on this node)."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def slice(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share of n items: no padding, no duplicates (unlike DistributedSampler)."""
+        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+
+
+def current() -> Rank:
+    """The rank torchrun gave this process (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+    env = os.environ
+    return Rank(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def launch(script: Path, processes: int) -> int:
+    """Run `script` under `torchrun --standalone --nproc_per_node processes`; return its exit code.
+
+    A failing rank is reported in one line, from the error file torchrun's `record` writes for it.
+    """
+    with tempfile.TemporaryDirectory(prefix="foodvision-torchrun.") as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               f"--log-dir={logs}", str(script)]
+        result = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, check=False)
+        if result.returncode == 0:
+            return 0
+        print(f"error: {failure(Path(logs), processes)}", file=sys.stderr)
+    return result.returncode or 1
+
+
+def failure(logs: Path, processes: int) -> str:
+    """One line naming the first failed rank and its error, from torchrun's per-rank error files."""
+    for error_file in sorted(logs.rglob("error.json")):
+        try:
+            message = json.loads(error_file.read_text())["message"]
+        except (OSError, ValueError, KeyError):
+            continue
+        text = message.get("message", "") if isinstance(message, dict) else str(message)
+        rank = error_file.parent.name
+        last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no message)"]
+        return f"featurize rank {rank} of {processes} failed: {last[0].strip()[:300]}"
+    return f"featurize under torchrun with {processes} processes failed (a rank was killed?); run it again"
+
+
+class DistributedError(FoodVisionError):
+    pass
