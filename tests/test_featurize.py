@@ -77,3 +77,32 @@ def test_missing_or_damaged_index_names_the_stage_that_makes_it(tmp_path):
     (tmp_path / "index.json").write_text("{half")
     with pytest.raises(DatasetError, match=r"cannot read .*index.json .*run `dvc repro featurize`"):
         load_index(tmp_path)
+
+
+def run_stage(trained, folder, processes: int):
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT, default_params_text
+
+    params = yaml.safe_load(default_params_text())
+    params["featurize"].update(batch_size=4, processes=processes)
+    params["train"]["device"] = "cpu"
+    params["paths"].update(spec=str(trained.spec), pretrained=str(trained.pretrained), transform=str(trained.transform))
+    folder.mkdir(parents=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run([sys.executable, str(ROOT / "stages" / "featurize.py")], cwd=folder, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_two_torchrun_processes_write_the_same_bytes_as_one(trained, tmp_path):
+    one = run_stage(trained, tmp_path / "one", 1)
+    two = run_stage(trained, tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "rank 1/2" in two.stdout + two.stderr, "two ranks really ran"
+    for name in ("data/features/train.npy", "data/features/test.npy", "data/features/index.json",
+                 "models/summary.txt"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert not list((tmp_path / "two").rglob("*.tmp")), "no part files left"

@@ -31,9 +31,11 @@ class Rank:
     def leader(self) -> bool:
         return self.rank == 0
 
-    def slice(self, n: int) -> tuple[int, int]:
-        """This rank's contiguous share of n items: no padding, no duplicates (unlike DistributedSampler)."""
-        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+    def slice(self, n: int, unit: int = 1) -> tuple[int, int]:
+        """This rank's contiguous share of n items, in whole units (batches): no padding and no duplicates
+        (unlike DistributedSampler), and every batch holds the same images as in a single process."""
+        units = -(-n // unit)
+        return min(n, units * self.rank // self.world * unit), min(n, units * (self.rank + 1) // self.world * unit)
 
 
 def current() -> Rank:

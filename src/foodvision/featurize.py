@@ -57,6 +57,11 @@ class _Decoded(ImageSamples):
             return torch.zeros(3, crop, crop), False
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def decode_workers(device: torch.device, cpus: int | None = None) -> int:
     """DataLoader worker processes that decode while the backbone runs.
 
@@ -65,8 +70,7 @@ def decode_workers(device: torch.device, cpus: int | None = None) -> int:
     thread decodes the next batch instead (`_prefetched`): on 2 cores a worker process measured 2%
     slower than none, the thread 6% faster.
     """
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = cpus or cpu_count()
     if device.type != "cpu":
         return max(1, min(8, cpus - 1))
     return 1 if cpus >= 4 else 0
@@ -83,6 +87,11 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
     transform = load_transform(transform_path)
     me = distributed.current()
     dev = pick_device(device)
+    if dev.type == "cpu":
+        # the same intra-op thread count in every process (torchrun sets OMP_NUM_THREADS=1): some kernels
+        # (B0's squeeze-excitation) sum in another order with another thread count, and the files
+        # must not depend on how many processes wrote them
+        torch.set_num_threads(cpu_count())
     if me.world > 1:  # under torchrun: one slice of each split per rank, rank 0 assembles
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
@@ -124,7 +133,7 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
                 for split in SPLITS:
                     n = len(spec["splits"][split])
                     _concatenate([parts / f"{split}.{r}.npy" for r in range(me.world)], tmp / f"{split}.npy", n,
-                                 in_features)
+                                 in_features, batch_size)
                     _finish_split(tmp / f"{split}.npy", spec, split, bad_by_split[split], skip_corrupt, in_features,
                                   index)
                 write_json(tmp / INDEX, index)
@@ -139,7 +148,7 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
 def _stream_slice(body: nn.Module, device: torch.device, root: Path, transform: dict[str, Any], batch_size: int,
                   cols: int, me: distributed.Rank, samples: list[dict[str, Any]], split: str, dest: Path) -> list[int]:
     """Featurise this rank's contiguous slice of `samples` into `dest`; return bad positions in `samples`."""
-    lo, hi = me.slice(len(samples))
+    lo, hi = me.slice(len(samples), batch_size)
     dataset = _Decoded(root, samples[lo:hi], build_transform(transform), transform["resize_size"])
     workers = decode_workers(device)
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, workers=workers)
@@ -169,11 +178,11 @@ def _finish_split(path: Path, spec: dict[str, Any], split: str, bad: list[int], 
     index["skipped_corrupt"] += broken
 
 
-def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, chunk: int = 4096) -> None:
+def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, unit: int, chunk: int = 4096) -> None:
     """The ranks' part files, in rank order, into one .npy: streamed, never whole in memory."""
     writer = NpyWriter(dest, rows, cols)
     for rank, part in enumerate(parts):
-        lo, hi = distributed.Rank(rank, len(parts)).slice(rows)
+        lo, hi = distributed.Rank(rank, len(parts)).slice(rows, unit)
         source = FeatureFile(part, [0] * (hi - lo))
         for feats, _ in source.batches(chunk):
             writer.write(feats.numpy())
