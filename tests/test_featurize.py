@@ -106,3 +106,21 @@ def test_two_torchrun_processes_write_the_same_bytes_as_one(trained, tmp_path):
                  "models/summary.txt"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert not list((tmp_path / "two").rglob("*.tmp")), "no part files left"
+
+
+def test_a_failing_rank_is_one_line_naming_it(trained, tmp_path):
+    import shutil
+
+    spec = tmp_path / "spec.json"
+    shutil.copy(trained.spec, spec)
+    spec.write_text(spec.read_text()[:100])  # a truncated spec: every rank fails reading it
+
+    class Broken:  # the trained fixture, but with the broken spec
+        def __getattr__(self, name):
+            return spec if name == "spec" else getattr(trained, name)
+
+    result = run_stage(Broken(), tmp_path / "two", 2)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: featurize rank 0 of 2 failed: DatasetError: cannot read")
+    assert not (tmp_path / "two" / "data" / "features").exists()
