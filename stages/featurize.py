@@ -22,7 +22,8 @@ def main() -> None:
     paths = params.paths
     featurize(Path(paths.spec), Path(paths.pretrained), Path(paths.transform), Path(paths.features),
               model_name=params.model.name, batch_size=params.featurize.batch_size, device=params.train.device,
-              skip_corrupt=params.data.skip_corrupt, summary_out=Path(paths.summary))
+              skip_corrupt=params.data.skip_corrupt, summary_out=Path(paths.summary),
+              precision=params.featurize.precision)
 
 
 if __name__ == "__main__":

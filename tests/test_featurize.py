@@ -124,3 +124,30 @@ def test_a_failing_rank_is_one_line_naming_it(trained, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: featurize rank 0 of 2 failed: DatasetError: cannot read")
     assert not (tmp_path / "two" / "data" / "features").exists()
+
+
+def test_precision_is_chosen_by_what_the_hardware_has():
+    from foodvision.checkpoint import ModelError
+    from foodvision.featurize import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu, cpu_flags={"avx2", "avx512_bf16"}) == torch.bfloat16
+    assert autocast_dtype("bf16", cpu, cpu_flags={"avx2", "amx_bf16"}) == torch.bfloat16
+    with pytest.raises(ModelError, match="neither AVX-512-BF16 nor AMX, where bf16 ran the backbone about 17x slower"):
+        autocast_dtype("bf16", cpu, cpu_flags={"avx2", "fma"})
+    with pytest.raises(ModelError, match="fp16 needs a CUDA GPU, not cpu"):
+        autocast_dtype("fp16", cpu)
+
+
+def test_bf16_features_stay_close_to_fp32_where_the_cpu_has_bf16(trained, tmp_path):
+    from foodvision.featurize import _cpu_flags, featurize
+
+    if not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        pytest.skip("this CPU has no bf16 arithmetic (the stage refuses bf16 here, tested above)")
+    featurize(trained.spec, trained.pretrained, trained.transform, tmp_path / "bf16", model_name="efficientnet_b0",
+              batch_size=4, device="cpu", skip_corrupt=False, summary_out=tmp_path / "s.txt", precision="bf16")
+    fp32, bf16 = np.load(trained.features / "test.npy"), np.load(tmp_path / "bf16" / "test.npy")
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert not np.array_equal(bf16, fp32)
+    assert np.abs(bf16 - fp32).max() <= 0.1 * np.abs(fp32).max()

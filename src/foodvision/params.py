@@ -88,8 +88,11 @@ class ModelParams:
 class FeaturizeParams:
     batch_size: int = 32
     processes: int = 1  # > 1: torchrun, one rank each (byte-identical outputs, so not a DVC param dep)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ParamsError(f"featurize.precision must be fp32, bf16 or fp16, got {shown(self.precision)}")
         for key in ("batch_size", "processes"):
             if getattr(self, key) <= 0:
                 raise ParamsError(f"featurize.{key} must be a positive integer, got {getattr(self, key)}")
