@@ -16,8 +16,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from foodvision.errors import FoodVisionError
-
 
 @dataclass(frozen=True)
 class Rank:
@@ -75,7 +73,3 @@ def failure(logs: Path, processes: int) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no message)"]
         return f"featurize rank {rank} of {processes} failed: {last[0].strip()[:300]}"
     return f"featurize under torchrun with {processes} processes failed (a rank was killed?); run it again"
-
-
-class DistributedError(FoodVisionError):
-    pass

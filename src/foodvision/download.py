@@ -6,6 +6,7 @@ The archive is extracted as it is; `prepare` finds the layout inside (train/test
 from __future__ import annotations
 
 import gzip
+import hashlib
 import lzma
 import stat
 import tarfile
@@ -80,19 +81,23 @@ def extract_dataset(archive: Path, target: Path, *, source: str | None = None, m
                 raise ArchiveError(f"{name} would inflate to {declared // 2**20} MB, over {limit}; "
                                    "raise that param if the dataset really is this big")
             written = 0
+            hashes: dict[str, str] = {}  # hashed while writing: the digest then reads no file again
             for member in members:
                 out = tmp.joinpath(*member.path.parts)
                 if member.is_dir:
                     out.mkdir(parents=True, exist_ok=True)
                     continue
                 out.parent.mkdir(parents=True, exist_ok=True)
+                h = hashlib.sha256()
                 with member.open() as src, open(out, "wb") as dst:
                     while chunk := src.read(1 << 20):
                         written += len(chunk)
                         if written > max_bytes:
                             raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")
                         dst.write(chunk)
-            digest = dataset_digest(tmp)
+                        h.update(chunk)
+                hashes[member.path.as_posix()] = h.hexdigest()
+            digest = dataset_digest(tmp, hashes)
             if content_sha256 is not None and digest != content_sha256.lower():
                 raise ArchiveError(f"{name} holds other images than data.content_sha256 pins: expected "
                                    f"{content_sha256.lower()}, got {digest}; if the data changed on purpose, or this "

@@ -77,7 +77,7 @@ def decode_workers(device: torch.device, cpus: int | None = None) -> int:
 
 
 class Autocast(nn.Module):
-    """The backbone under torch.autocast at a lower precision; features come out as float32 all the same."""
+    """The backbone under torch.autocast at a lower precision (`_stream` stores float32 all the same)."""
 
     def __init__(self, inner: nn.Module, device_type: str, dtype: torch.dtype) -> None:
         super().__init__()
@@ -85,7 +85,7 @@ class Autocast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.inner(x).float()
+            return self.inner(x)
 
 
 def autocast_dtype(precision: str, device: torch.device, cpu_flags: set[str] | None = None) -> torch.dtype | None:
@@ -128,7 +128,7 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
     transform = load_transform(transform_path)
     me = distributed.current()
     dev = pick_device(device)
-    autocast_dtype(precision, dev)  # refused before any work
+    dtype = autocast_dtype(precision, dev)  # refused before any work
     if dev.type == "cpu":
         # the same intra-op thread count in every process (torchrun sets OMP_NUM_THREADS=1): some kernels
         # (B0's squeeze-excitation) sum in another order with another thread count, and the files
@@ -149,7 +149,6 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
         model.set_submodule(head, nn.Identity())
         body = for_inference(model).to(dev)
         del model
-        dtype = autocast_dtype(precision, dev)
         if dtype is not None:
             body = Autocast(body, dev.type, dtype)
         index: dict[str, Any] = {"model": model_name, "head": head, "feature_dim": in_features,

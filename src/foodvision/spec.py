@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,21 +76,25 @@ def is_image_name(name: str) -> bool:
     return not hidden(name) and Path(name).suffix.lower() in IMG_EXTENSIONS
 
 
-def content_sha256(folder: Path) -> str:
+def content_sha256(folder: Path, known: Mapping[str, str] | None = None) -> str:
     """A digest of the dataset by content: its images' paths (from the dataset root) and bytes.
 
     Re-zipping the same images, or wrapping them in another top folder, keeps it; changing, adding or
     removing an image changes it. It is the sha256 of the lines `sha256sum` prints for the images,
-    `<sha256>  <path from the dataset root>`, sorted by path.
+    `<sha256>  <path from the dataset root>`, sorted by path. `known` (POSIX path from `folder` ->
+    sha256) spares reading files again whose hash is already known (download hashes while extracting).
     """
-    root = dataset_root(Path(folder))
+    folder = Path(folder)
+    known = known or {}
+    root = dataset_root(folder)
     lines = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not hidden(d)]
         for name in filenames:
             if is_image_name(name):
                 path = Path(dirpath) / name
-                lines.append(f"{file_sha256(path)}  {path.relative_to(root).as_posix()}\n")
+                sha = known.get(path.relative_to(folder).as_posix()) or file_sha256(path)
+                lines.append(f"{sha}  {path.relative_to(root).as_posix()}\n")
     lines.sort(key=lambda line: line[66:].encode("utf-8"))
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
