@@ -79,53 +79,6 @@ def test_missing_or_damaged_index_names_the_stage_that_makes_it(tmp_path):
         load_index(tmp_path)
 
 
-def run_stage(trained, folder, processes: int):
-    import subprocess
-    import sys
-
-    import yaml
-    from conftest import ROOT, default_params_text
-
-    params = yaml.safe_load(default_params_text())
-    params["featurize"].update(batch_size=4, processes=processes)
-    params["train"]["device"] = "cpu"
-    params["paths"].update(spec=str(trained.spec), pretrained=str(trained.pretrained), transform=str(trained.transform))
-    folder.mkdir(parents=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "featurize.py")], cwd=folder, capture_output=True,
-                          text=True, timeout=300, check=False)
-
-
-def test_two_torchrun_processes_write_the_same_bytes_as_one(trained, tmp_path):
-    one = run_stage(trained, tmp_path / "one", 1)
-    two = run_stage(trained, tmp_path / "two", 2)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "rank 1/2" in two.stdout + two.stderr, "two ranks really ran"
-    for name in ("data/features/train.npy", "data/features/test.npy", "data/features/index.json",
-                 "models/summary.txt"):
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-    assert not list((tmp_path / "two").rglob("*.tmp")), "no part files left"
-
-
-def test_a_failing_rank_is_one_line_naming_it(trained, tmp_path):
-    import shutil
-
-    spec = tmp_path / "spec.json"
-    shutil.copy(trained.spec, spec)
-    spec.write_text(spec.read_text()[:100])  # a truncated spec: every rank fails reading it
-
-    class Broken:  # the trained fixture, but with the broken spec
-        def __getattr__(self, name):
-            return spec if name == "spec" else getattr(trained, name)
-
-    result = run_stage(Broken(), tmp_path / "two", 2)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: featurize rank 0 of 2 failed: DatasetError: cannot read")
-    assert not (tmp_path / "two" / "data" / "features").exists()
-
-
 def test_precision_is_chosen_by_what_the_hardware_has():
     from foodvision.checkpoint import ModelError
     from foodvision.featurize import autocast_dtype

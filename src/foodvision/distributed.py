@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,11 +20,12 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Rank:
-    """Where this process stands: rank, world size, local rank (its GPU on this node)."""
+    """Where this process stands: rank, world size, local rank (its GPU on this node), ranks on this node."""
 
     rank: int = 0
     world: int = 1
     local: int = 0
+    local_world: int = 1
 
     @property
     def leader(self) -> bool:
@@ -37,9 +39,10 @@ class Rank:
 
 
 def current() -> Rank:
-    """The rank torchrun gave this process (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+    """The rank torchrun gave this process (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), or a single process."""
     env = os.environ
-    return Rank(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    return Rank(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def under_torchrun() -> bool:
@@ -57,12 +60,13 @@ def launch(script: Path, processes: int) -> int:
         result = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, check=False)
         if result.returncode == 0:
             return 0
-        print(f"error: {failure(Path(logs), processes)}", file=sys.stderr)
+        print(f"error: {failure(Path(logs), processes, result.stderr)}", file=sys.stderr)
     return result.returncode or 1
 
 
-def failure(logs: Path, processes: int) -> str:
-    """One line naming the first failed rank and its error, from torchrun's per-rank error files."""
+def failure(logs: Path, processes: int, stderr: str = "") -> str:
+    """One line naming the first failed rank and its error, from torchrun's per-rank error files, or
+    for a rank that was killed (no error file), from the root cause torchrun prints."""
     for error_file in sorted(logs.rglob("error.json")):
         try:
             message = json.loads(error_file.read_text())["message"]
@@ -72,4 +76,10 @@ def failure(logs: Path, processes: int) -> str:
         rank = error_file.parent.name
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no message)"]
         return f"featurize rank {rank} of {processes} failed: {last[0].strip()[:300]}"
-    return f"featurize under torchrun with {processes} processes failed (a rank was killed?); run it again"
+    cause = stderr.partition("Root Cause")[2]
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.MULTILINE)
+    how = re.search(r"^\s*traceback\s*:\s*(.+)$", cause, re.MULTILINE)
+    if rank:
+        what = how.group(1).strip() if how else "it exited"
+        return f"featurize rank {rank.group(1)} of {processes} failed: {what}; nothing was written, run it again"
+    return f"featurize under torchrun with {processes} processes failed; nothing was written, run it again"

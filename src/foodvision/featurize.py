@@ -62,15 +62,15 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def decode_workers(device: torch.device, cpus: int | None = None) -> int:
+def decode_workers(device: torch.device, cpus: int | None = None, ranks_here: int = 1) -> int:
     """DataLoader worker processes that decode while the backbone runs.
 
     On a GPU the CPU only decodes: use the cores (up to 8 per process). On a CPU the backbone already
     uses every core; one worker process pays once there are 4 cores or more to share. Below that, a
     thread decodes the next batch instead (`_prefetched`): on 2 cores a worker process measured 2%
-    slower than none, the thread 6% faster.
+    slower than none, the thread 6% faster. `ranks_here` processes on this node share its cores.
     """
-    cpus = cpus or cpu_count()
+    cpus = max(1, (cpus or cpu_count()) // ranks_here)
     if device.type != "cpu":
         return max(1, min(8, cpus - 1))
     return 1 if cpus >= 4 else 0
@@ -162,8 +162,11 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
                     _finish_split(tmp / f"{split}.npy", spec, split, bad, skip_corrupt, in_features, index)
                 write_json(tmp / INDEX, index)
             return index
-        # the torchrun agent's pid: shared by the ranks of this node, and cleanup spares it while it lives
-        parts = out_dir.parent / f".{out_dir.name}.{os.getppid()}.parts.tmp"
+        # named after rank 0's torchrun agent, whose node assembles the files (cleanup spares it while the
+        # agent lives); every node must see this folder: a shared filesystem across machines (README)
+        parts_name = [f".{out_dir.name}.{os.getppid()}.parts.tmp"]
+        torch.distributed.broadcast_object_list(parts_name, src=0)
+        parts = out_dir.parent / parts_name[0]
         parts.mkdir(parents=True, exist_ok=True)
         bad_by_split = {}
         for split in SPLITS:
@@ -194,7 +197,7 @@ def _stream_slice(body: nn.Module, device: torch.device, root: Path, transform: 
     """Featurise this rank's contiguous slice of `samples` into `dest`; return bad positions in `samples`."""
     lo, hi = me.slice(len(samples), batch_size)
     dataset = _Decoded(root, samples[lo:hi], build_transform(transform), transform["resize_size"])
-    workers = decode_workers(device)
+    workers = decode_workers(device, ranks_here=me.local_world)
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, workers=workers)
     start = time.perf_counter()
     bad = _stream(body, loader, device, dest, hi - lo, cols, desc=split)

@@ -1,0 +1,135 @@
+"""featurize on more than one process: torchrun ranks, one node or two, failures and reruns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, default_params_text, write_dataset
+
+from foodvision.prepare import prepare
+
+FEATURES = ("data/features/train.npy", "data/features/test.npy", "data/features/index.json", "models/summary.txt")
+
+
+def project(folder: Path, spec: Path, trained, processes: int = 1) -> Path:
+    """A folder with params.yaml pointing at `spec` and the trained fixture's pretrained backbone."""
+    params = yaml.safe_load(default_params_text())
+    params["featurize"].update(batch_size=4, processes=processes)
+    params["train"]["device"] = "cpu"
+    params["paths"].update(spec=str(spec), pretrained=str(trained.pretrained), transform=str(trained.transform))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return folder
+
+
+def featurize_in(folder: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "featurize.py")], cwd=folder, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def same_outputs(a: Path, b: Path) -> None:
+    for name in FEATURES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_two_torchrun_processes_write_the_same_bytes_as_one(trained, tmp_path):
+    code1, _, err1 = finish(featurize_in(project(tmp_path / "one", trained.spec, trained)))
+    code2, out2, err2 = finish(featurize_in(project(tmp_path / "two", trained.spec, trained, processes=2)))
+    assert code1 == 0, err1[-2000:]
+    assert code2 == 0, err2[-2000:]
+    assert "rank 1/2" in out2 + err2, "two ranks really ran"
+    same_outputs(tmp_path / "one", tmp_path / "two")
+    assert not list((tmp_path / "two").rglob("*.tmp")), "no part files left"
+
+
+def test_a_failing_rank_is_one_line_naming_it(trained, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(trained.spec.read_text()[:100])  # a truncated spec: every rank fails reading it
+    code, _, err = finish(featurize_in(project(tmp_path / "two", spec, trained, processes=2)))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: featurize rank 0 of 2 failed: DatasetError: cannot read")
+    assert not (tmp_path / "two" / "data" / "features").exists()
+
+
+@pytest.fixture(scope="module")
+def bigger_spec(tmp_path_factory) -> Path:
+    """180 train images: each rank of two needs seconds, time enough to kill one mid-way."""
+    root = tmp_path_factory.mktemp("bigger")
+    write_dataset(root / "raw", n_train=60, n_test=4)
+    prepare(root / "raw", root / "spec.json", seed=0)
+    return root / "spec.json"
+
+
+def rank_pid(folder: Path, rank: int) -> int | None:
+    """The pid of torchrun's rank `rank` working in `folder` (Linux /proc), or None."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc / "cwd")) != folder.resolve():
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"TORCHELASTIC_RUN_ID" in b"\0".join(env) and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process in /proc")
+def test_a_killed_rank_leaves_nothing_train_would_accept_and_a_rerun_recovers(trained, bigger_spec, tmp_path):
+    folder = project(tmp_path / "two", bigger_spec, trained, processes=2)
+    stage = featurize_in(folder)
+    deadline = time.monotonic() + 120
+    while not list(folder.glob("data/.features.*.parts.tmp/train.1.npy")):  # rank 1 is writing its part
+        assert stage.poll() is None and time.monotonic() < deadline, "rank 1 never started writing"
+        time.sleep(0.02)
+    os.kill(rank_pid(folder, 1), signal.SIGKILL)
+    code, _, err = finish(stage)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: featurize rank 1 of 2 failed: Signal 9 (SIGKILL)"), err
+    assert not (folder / "data" / "features").exists(), "no output that looks complete"
+
+    code, _, err = finish(featurize_in(folder))  # the rerun
+    assert code == 0, err[-2000:]
+    clean = project(tmp_path / "clean", bigger_spec, trained)
+    assert finish(featurize_in(clean))[0] == 0
+    same_outputs(clean, folder)
+    assert not list(folder.rglob("*.tmp")), "the killed run's parts are cleaned up"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_c10d_rendezvous_write_the_same_bytes_as_one_process(trained, tmp_path):
+    """Two torchrun agents on loopback stand in for two machines sharing the project's filesystem."""
+    one = project(tmp_path / "one", trained.spec, trained)
+    assert finish(featurize_in(one))[0] == 0
+    nodes = project(tmp_path / "nodes", trained.spec, trained)
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=foodvision-test", str(ROOT / "stages" / "featurize.py")]
+    agents = [subprocess.Popen(cmd, cwd=nodes, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for _ in range(2)]
+    results = [a.communicate(timeout=300) for a in agents]
+    for agent, (_out, err) in zip(agents, results):
+        assert agent.returncode == 0, err[-3000:]
+    assert "rank 1/2" in "".join(out + err for out, err in results)
+    same_outputs(one, nodes)
+    assert not list(nodes.rglob("*.tmp"))
