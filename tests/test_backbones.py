@@ -12,7 +12,8 @@ from torchvision.models import EfficientNet_B0_Weights
 from torchvision.ops.misc import SqueezeExcitation
 
 from foodvision import lite0
-from foodvision.data import build_transform, open_rgb
+from foodvision.data import build_transform
+from foodvision.images import open_rgb
 from foodvision.model import (
     build_backbone,
     eval_transform,

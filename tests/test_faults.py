@@ -16,9 +16,9 @@ import pytest
 from conftest import write_dataset
 from PIL import Image
 
-from foodvision.data import open_rgb
 from foodvision.download import ArchiveError, download_dataset, extract_dataset
 from foodvision.fetch import FetchError, fetch
+from foodvision.images import open_rgb
 from foodvision.model import ModelError
 
 

@@ -4,7 +4,7 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from foodvision.data import open_rgb
+from foodvision.images import open_rgb
 from foodvision.predict import main, predict
 
 

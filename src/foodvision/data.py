@@ -11,54 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from foodvision.spec import MAX_PIXELS
-
-
-class ImageTooLarge(ValueError):
-    pass
-
-
-def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
-    """Any image Pillow opens (RGBA, L, P, CMYK, EXIF-rotated phone photo) as upright RGB.
-
-    With `min_size`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides at
-    least `min_size`: a 12-megapixel phone photo decodes 8x smaller, before the transform resizes it.
-    Images over MAX_PIXELS are refused before any pixel is decoded.
-    """
-    try:
-        opened = Image.open(path)
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(f"its header claims over the {MAX_PIXELS:,}-pixel limit (a decompression bomb?); "
-                            "not decoded") from None
-    with opened as im:
-        if im.width * im.height > MAX_PIXELS:
-            raise ImageTooLarge(f"{im.width} x {im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
-                                "(a decompression bomb?); not decoded")
-        if min_size:
-            im.draft("RGB", (min_size, min_size))
-        im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-            im = _to_8bit(im)
-        if im.mode in ("P", "LA", "PA", "RGBA"):  # transparency goes onto white, not black
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        return im.convert("RGB")
-
-
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit and float grayscale to 8-bit L; Pillow's own convert would clip everything above 255."""
-    pixels = np.asarray(im, dtype=np.float64)
-    if im.mode.startswith("I;16") or (im.mode == "I" and pixels.max() > 255):
-        pixels = pixels / 257.0
-    elif im.mode == "F" and pixels.max() <= 1.0:
-        pixels = pixels * 255.0
-    return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
+from foodvision.images import open_rgb
 
 
 def build_transform(transform: dict[str, Any]) -> ImageClassification:

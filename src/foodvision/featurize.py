@@ -28,8 +28,9 @@ from tqdm import tqdm
 from foodvision import distributed
 from foodvision.atomic import atomic_dir, write_json, write_text
 from foodvision.checkpoint import ModelError, pick_device
-from foodvision.data import ImageSamples, build_transform, make_loader, open_rgb
+from foodvision.data import ImageSamples, build_transform, make_loader
 from foodvision.features import INDEX, FeatureFile, NpyWriter
+from foodvision.images import open_rgb
 from foodvision.model import (
     build_backbone,
     for_inference,

@@ -18,10 +18,11 @@ from torch import nn
 
 from foodvision.atomic import atomic_dir, write_json
 from foodvision.checkpoint import pick_device
-from foodvision.data import build_transform, open_rgb
+from foodvision.data import build_transform
 from foodvision.errors import FoodVisionError
 from foodvision.features import load_index
 from foodvision.fetch import fetch, local_path, redact, source_name
+from foodvision.images import open_rgb
 from foodvision.model import for_inference, load_checkpoint
 
 MAX_IMAGE_MB = 200  # a photo, not a video
@@ -96,6 +97,8 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
                                       "fix predict.images in params.yaml") from None
             result = describe(predictor(image), predictor.classes, source, true)
             result["plot"] = f"{stem}_{Path(source_name(source)).stem}.png"
+            if true is not None:
+                result["path"] = str(path)  # the test photo itself: `foodvision-serve` offers it as an example
             prediction(image, title(result), None if true is None else result["pred"] == true,
                        tmp_out / result["plot"])
             print(f"{source}: {title(result)}")

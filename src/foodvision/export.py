@@ -1,0 +1,86 @@
+"""export stage: the trained classifier as ONNX (dynamic batch), checked against torch on every test image.
+
+ONNX Runtime runs the model without the training stack (no torch, no torchvision): `foodvision.serve`
+uses it, and so can any ONNX runtime. The file carries its classes and eval transform as metadata, so
+it is all a runtime needs. The check runs both models on the same decoded test batches and fails the
+stage where they disagree, so a wrong export never reaches `dvc push`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from foodvision.atomic import atomic_path, write_json
+from foodvision.checkpoint import ModelError
+from foodvision.data import ImageSamples, build_transform, make_loader
+from foodvision.features import load_index
+from foodvision.model import load_checkpoint
+
+OPSET = 18
+MAX_ABS_DIFF = 1e-4  # the largest logit difference accepted between ONNX Runtime and torch
+BATCH = 32
+
+
+def export(model_path: Path, features_dir: Path, onnx_out: Path, metrics_out: Path) -> dict[str, Any]:
+    """Write `onnx_out` and the check's figures to `metrics_out`; return the figures."""
+    import onnxruntime as ort
+
+    model, ckpt = load_checkpoint(model_path)
+    index = load_index(features_dir)
+    if ckpt["class_names"] != index["classes"]:
+        raise ModelError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
+                         "run `dvc repro` so train and export see the same data")
+    crop = ckpt["transform"]["crop_size"]
+    program = torch.onnx.export(model, (torch.zeros(2, 3, crop, crop),), input_names=["images"],
+                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                opset_version=OPSET, dynamo=True, verbose=False)
+    proto = program.model_proto
+    for key, value in (("classes", ckpt["class_names"]), ("transform", ckpt["transform"]),
+                       ("backbone", ckpt["model_name"])):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    data = proto.SerializeToString(deterministic=True)
+    with atomic_path(onnx_out) as tmp:
+        tmp.write_bytes(data)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        figures = _compare(model, session, index, ckpt["transform"])
+        figures.update(opset=OPSET, onnx_mb=round(len(data) / 2**20, 2))
+        if figures["max_abs_diff"] > MAX_ABS_DIFF or figures["argmax_agreement"] < 1.0:
+            raise ModelError(f"the ONNX export of {model_path} disagrees with torch on the test images "
+                             f"(max |logit difference| {figures['max_abs_diff']:.3g}, same class on "
+                             f"{figures['argmax_agreement']:.2%}); not written. Report it with your torch and "
+                             "onnxruntime versions")
+    write_json(metrics_out, figures)
+    return figures
+
+
+def _compare(model: torch.nn.Module, session: Any, index: dict[str, Any], transform: dict[str, Any]) -> dict[str, Any]:
+    """Both models on the same decoded test batches: the largest logit difference and argmax agreement."""
+    split = index["splits"]["test"]
+    samples = [{"path": path, "label": label} for path, label in zip(split["paths"], split["labels"])]
+    dataset = ImageSamples(Path(index["root"]), samples,
+                           build_transform(transform), transform["resize_size"])
+    loader = make_loader(dataset, BATCH, shuffle=False, seed=0)
+    worst, same, seen, torch_s, ort_s = 0.0, 0, 0, 0.0, 0.0
+    with torch.inference_mode():
+        for images, _ in tqdm(loader, desc="export check", unit="batch", leave=False):
+            start = time.perf_counter()
+            expected = model(images).numpy()
+            middle = time.perf_counter()
+            got = session.run(["logits"], {"images": images.numpy()})[0]
+            torch_s, ort_s = torch_s + middle - start, ort_s + time.perf_counter() - middle
+            worst = max(worst, float(np.abs(got - expected).max()))
+            same += int((got.argmax(1) == expected.argmax(1)).sum())
+            seen += len(images)
+    if not seen:
+        raise ModelError("the test split is empty: nothing to check the ONNX export on")
+    print(f"export check: {seen} test images, max |logit difference| {worst:.3g}, same class on {same}/{seen}; "
+          f"torch {seen / torch_s:.1f} images/s, ONNX Runtime {seen / ort_s:.1f} images/s (batch {BATCH})")
+    return {"images": seen, "max_abs_diff": float(f"{worst:.3g}"), "argmax_agreement": round(same / seen, 6)}

@@ -1,0 +1,72 @@
+"""Photos in, pixels out, without torch: the decoding every stage shares, and the eval transform in
+numpy for runtimes without the training stack (ONNX Runtime in `foodvision.serve`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from foodvision.spec import MAX_PIXELS
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def open_rgb(path: Path | IO[bytes], min_size: int | None = None) -> Image.Image:
+    """Any image Pillow opens (RGBA, L, P, CMYK, EXIF-rotated phone photo) as upright RGB.
+
+    With `min_size`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides at
+    least `min_size`: a 12-megapixel phone photo decodes 8x smaller, before the transform resizes it.
+    Images over MAX_PIXELS are refused before any pixel is decoded.
+    """
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"its header claims over the {MAX_PIXELS:,}-pixel limit (a decompression bomb?); "
+                            "not decoded") from None
+    with opened as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageTooLarge(f"{im.width} x {im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
+                                "(a decompression bomb?); not decoded")
+        if min_size:
+            im.draft("RGB", (min_size, min_size))
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+            im = _to_8bit(im)
+        if im.mode in ("P", "LA", "PA", "RGBA"):  # transparency goes onto white, not black
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im)
+        return im.convert("RGB")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and float grayscale to 8-bit L; Pillow's own convert would clip everything above 255."""
+    pixels = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and pixels.max() > 255):
+        pixels = pixels / 257.0
+    elif im.mode == "F" and pixels.max() <= 1.0:
+        pixels = pixels * 255.0
+    return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
+
+
+def eval_array(image: Image.Image, transform: dict[str, Any]) -> np.ndarray:
+    """The weights' eval transform (transform.json) as torchvision applies it to a PIL image: shorter
+    side resized with Pillow, centre crop, scaled to [0, 1], normalised; a 3 x crop x crop float32 array."""
+    size, crop = transform["resize_size"], transform["crop_size"]
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    long = int(size * long / short)
+    resized = image.resize((size, long) if w <= h else (long, size), _RESAMPLE[transform["interpolation"]])
+    left, top = int(round((resized.width - crop) / 2.0)), int(round((resized.height - crop) / 2.0))
+    pixels = np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(transform["mean"], np.float32)) / np.asarray(transform["std"], np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+             "nearest": Image.Resampling.NEAREST}

@@ -1,0 +1,153 @@
+"""foodvision-serve: a local web page and a JSON endpoint for the exported classifier.
+
+    foodvision-serve [--model models/model.onnx] [--examples plots/predictions.json] [--host 127.0.0.1] [--port 8000]
+
+ONNX Runtime, Pillow and numpy only: no torch, so it starts in about a second and installs small
+(`pip install -e '.[serve]'`). The model is loaded once; the page is one static HTML file with no
+external resources, so it works offline. `POST /api/predict` (multipart field `image`) answers
+`{"class", "probability", "probabilities", "ms"}`, or HTTP 400 with a one-line `error`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from foodvision.images import ImageTooLarge, eval_array, open_rgb
+
+MAX_UPLOAD_MB = 50
+PAGE = Path(__file__).with_name("static") / "serve.html"
+
+
+class BadImage(ValueError):
+    """An upload the classifier cannot take; its message is the endpoint's one-line `error`."""
+
+
+class Classifier:
+    """The ONNX model and its own classes and eval transform (export writes them into its metadata)."""
+
+    def __init__(self, model_path: Path) -> None:
+        import onnxruntime as ort
+
+        if not Path(model_path).is_file():
+            raise FileNotFoundError(f"{model_path} not found: run `dvc repro export` (or `dvc pull export`), "
+                                    "or pass --model")
+        try:
+            self.session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.classes: list[str] = json.loads(meta["classes"])
+            self.transform: dict[str, Any] = json.loads(meta["transform"])
+        except Exception as exc:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) share no narrower base
+            raise ValueError(f"{model_path} is not a FoodVision ONNX export ({str(exc).splitlines()[0][:200]}); "
+                             "run `dvc repro export`") from None
+
+    def __call__(self, data: bytes) -> dict[str, Any]:
+        """Class, probability, every class's probability (highest first) and the milliseconds it took."""
+        start = time.perf_counter()
+        if not data:
+            raise BadImage("empty upload: choose a photo")
+        try:
+            image = open_rgb(io.BytesIO(data), self.transform["resize_size"])
+        except ImageTooLarge as exc:
+            raise BadImage(f"image too large: {exc}") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            raise BadImage("not an image Pillow can read (JPEG, PNG, WebP, ...)") from None
+        logits = self.session.run(["logits"], {"images": eval_array(image, self.transform)[None]})[0][0]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        return {"class": self.classes[order[0]], "probability": round(float(probs[order[0]]), 6),
+                "probabilities": {self.classes[i]: round(float(probs[i]), 6) for i in order},
+                "ms": round(1000 * (time.perf_counter() - start), 1)}
+
+
+def examples(predictions_json: Path) -> list[dict[str, str]]:
+    """The last run's test samples (`predict` stage) that are still on disk: one click away on the page."""
+    try:
+        results = json.loads(Path(predictions_json).read_text())
+    except (OSError, ValueError):
+        return []
+    return [{"name": Path(r["source"]).name, "true": r["true"], "path": r["path"]} for r in results
+            if isinstance(r, dict) and r.get("true") and r.get("path") and Path(r["path"]).is_file()]
+
+
+def app(classifier: Classifier, samples: list[dict[str, str]]) -> Any:
+    """The Starlette application: the page, the endpoint, the examples."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    def error(message: str, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text())
+
+    async def predict(request: Request) -> Response:
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return error("not a multipart/form-data upload: send the photo in the field `image`")
+        if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_MB * 2**20:
+            return error(f"upload over {MAX_UPLOAD_MB} MB: send a photo", 413)
+        try:
+            async with request.form(max_files=1, max_fields=10) as form:
+                upload = form.get("image")
+                if not isinstance(upload, UploadFile):
+                    return error("no file in the multipart field `image`")
+                data = await upload.read()
+        except Exception as exc:  # a malformed body is the client's error, whatever the parser raised
+            return error(f"not a multipart/form-data upload ({str(exc).splitlines()[0][:100] if str(exc) else exc!r})")
+        try:
+            return JSONResponse(await run_in_threadpool(classifier, data))
+        except BadImage as exc:
+            return error(str(exc))
+
+    async def example_list(request: Request) -> Response:
+        return JSONResponse([{"name": s["name"], "true": s["true"], "url": f"/examples/{i}"}
+                             for i, s in enumerate(samples)])
+
+    async def example(request: Request) -> Response:
+        i = request.path_params["i"]
+        return FileResponse(samples[i]["path"]) if i < len(samples) else error("no such example", 404)
+
+    return Starlette(routes=[Route("/", page), Route("/api/predict", predict, methods=["POST"]),
+                             Route("/api/examples", example_list), Route("/examples/{i:int}", example)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="foodvision-serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/model.onnx"), help="the export stage's file")
+    parser.add_argument("--examples", type=Path, default=Path("plots/predictions.json"),
+                        help="the predict stage's results: their test samples are the page's examples")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (no authentication)")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        print("error: the web server is an extra: pip install -e '.[serve]'", file=sys.stderr)
+        return 2
+    try:
+        classifier = Classifier(args.model)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    samples = examples(args.examples)
+    print(f"FoodVision: {args.model} ({len(classifier.classes)} classes, {len(samples)} examples) on "
+          f"http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app(classifier, samples), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""DVC stage `export`: paths.model as ONNX (paths.onnx), checked against torch on the test images."""
+
+from pathlib import Path
+
+from foodvision.export import export
+from foodvision.params import load_params
+from foodvision.stage import run
+
+
+def main() -> None:
+    paths = load_params().paths
+    export(Path(paths.model), Path(paths.features), onnx_out=Path(paths.onnx), metrics_out=Path(paths.export_metrics))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,166 @@
+"""foodvision-serve: the JSON endpoint with good and bad uploads, concurrency, and the page in a real browser."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import make_image
+from PIL import Image
+
+from foodvision.export import export
+from foodvision.predict import Predictor
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jpeg(cls: str, seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    make_image(cls, seed, size).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve")
+    export(trained.model, trained.features, out / "model.onnx", out / "export.json")
+    example = sorted((trained.raw / "test" / "sushi").glob("*.jpg"))[0]
+    (out / "predictions.json").write_text(json.dumps(
+        [{"source": "test/sushi/000.jpg", "true": "sushi", "pred": "sushi", "path": str(example)},
+         {"source": "https://example.org/mine.jpg", "true": None, "pred": "pizza"}]))
+    return out / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model) -> Iterator[str]:
+    """`python -m foodvision.serve` on a free loopback port; stopped (and waited for) after the module."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--examples",
+                             str(onnx_model.parent / "predictions.json"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "the server did not start in 60 s"
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def post(url: str, data: bytes, field: str = "image") -> requests.Response:
+    return requests.post(f"{url}/api/predict", files={field: ("photo.jpg", data, "image/jpeg")}, timeout=60)
+
+
+def test_a_photo_gets_the_same_answer_as_the_torch_model(server, trained, tmp_path):
+    data = jpeg("sushi", 7)
+    answer = post(server, data)
+    assert answer.status_code == 200
+    result = answer.json()
+    assert set(result) == {"class", "probability", "probabilities", "ms"}
+    assert list(result["probabilities"]) == sorted(result["probabilities"], key=result["probabilities"].get,
+                                                   reverse=True)
+    assert abs(sum(result["probabilities"].values()) - 1) < 1e-5 and 0 < result["ms"] < 10_000
+    (tmp_path / "photo.jpg").write_bytes(data)
+    predictor = Predictor(trained.model, "cpu")  # the training stack: torch, torchvision, the checkpoint
+    probs = predictor(predictor.load(tmp_path / "photo.jpg"))
+    assert result["class"] == predictor.classes[int(probs.argmax())]
+    for cls, p in zip(predictor.classes, probs.tolist()):
+        assert abs(result["probabilities"][cls] - p) < 1e-4, cls
+
+
+def test_bad_uploads_get_a_one_line_400_and_the_server_keeps_serving(server, tmp_path):
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 10000)).save(bomb, "PNG", optimize=True)  # 200 megapixels in a few KB
+    cases = {
+        "text": (post(server, b"hello, not a photo"), "not an image Pillow can read"),
+        "empty": (post(server, b""), "empty upload"),
+        "bomb": (post(server, bomb.getvalue()), "178,956,970-pixel limit"),
+        "no field": (post(server, jpeg("pizza", 1), field="photo"), "no file in the multipart field `image`"),
+        "no form": (requests.post(f"{server}/api/predict", data=b"x", timeout=10), "not a multipart/form-data"),
+    }
+    for name, (answer, expected) in cases.items():
+        assert answer.status_code == 400, name
+        error = answer.json()["error"]
+        assert expected in error and "\n" not in error, (name, error)
+    assert post(server, jpeg("pizza", 1)).status_code == 200, "still serving"
+
+
+def test_twenty_concurrent_requests_are_all_answered_correctly(server):
+    photos = [jpeg(("pizza", "steak", "sushi")[i % 3], 100 + i) for i in range(20)]
+    alone = [post(server, p).json()["probabilities"] for p in photos]
+    with ThreadPoolExecutor(20) as pool:
+        together = list(pool.map(lambda p: post(server, p), photos))
+    assert [a.status_code for a in together] == [200] * 20
+    assert [a.json()["probabilities"] for a in together] == alone
+
+
+def test_the_examples_are_the_last_runs_test_photos(server, trained):
+    listed = requests.get(f"{server}/api/examples", timeout=10).json()
+    assert listed == [{"name": "000.jpg", "true": "sushi", "url": "/examples/0"}]
+    image = requests.get(f"{server}{listed[0]['url']}", timeout=10)
+    assert image.content == sorted((trained.raw / "test" / "sushi").glob("*.jpg"))[0].read_bytes()
+    assert requests.get(f"{server}/examples/5", timeout=10).status_code == 404
+
+
+def test_a_missing_or_foreign_model_is_one_line_at_start(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"not onnx")
+    for model, expected in ((tmp_path / "none.onnx", "not found: run `dvc repro export`"),
+                            (tmp_path / "model.onnx", "is not a FoodVision ONNX export")):
+        run = subprocess.run([sys.executable, "-m", "foodvision.serve", "--model", str(model)], capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and expected in run.stderr, run.stderr
+
+
+def chromium_page(url: str):
+    """A page of the system's headless Chromium, driven by Playwright (no browser download)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not executable:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    return playwright.sync_playwright(), executable
+
+
+def test_the_page_classifies_a_picked_photo_and_an_example_in_headless_chromium(server, tmp_path):
+    (tmp_path / "steak.jpg").write_bytes(jpeg("steak", 3, (300, 200)))
+    expected = post(server, (tmp_path / "steak.jpg").read_bytes()).json()["class"]
+    manager, executable = chromium_page(server)
+    with manager as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page()
+        requested = []
+        page.on("request", lambda r: requested.append(r.url))
+        page.goto(server)
+        page.set_input_files("#files", str(tmp_path / "steak.jpg"))
+        page.wait_for_function("document.querySelector('.class') && !document.querySelector('.class')"
+                               ".textContent.startsWith('…')", timeout=30_000)
+        card = page.locator(".card").first
+        assert card.locator(".class").text_content().startswith(f"{expected} ")
+        assert card.locator(".bar").count() == 3 and " ms" in card.locator(".meta").text_content()
+        page.locator("#examples img").first.click()
+        page.wait_for_function("document.querySelectorAll('.card').length == 2 && !document.querySelector('.class')"
+                               ".textContent.startsWith('…')", timeout=30_000)
+        assert page.locator(".card .meta").first.text_content().startswith("000.jpg")
+        browser.close()
+    assert requested and all(u.startswith((server, "blob:")) for u in requested), "nothing from the internet"
