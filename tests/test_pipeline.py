@@ -142,14 +142,14 @@ def test_param_changes_rerun_only_what_reads_them(project):
 
 
 def test_a_head_only_experiment_reuses_the_stored_features(project):
-    """`-S train.lr=...`: train, evaluate and predict rerun on the stored features; featurize does not."""
+    """`-S train.lr=...`: train, evaluate, export and predict rerun (the first two on the stored features); featurize does not."""
     features = (project / "data/features/train.npy").read_bytes()
     original = (project / "params.yaml").read_text()
     try:
         set_params(project, train__lr=0.05, train__epochs=1)
         out = sh(project, "dvc", "repro").stdout
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-        assert ran == {"train", "evaluate", "predict"}, out
+        assert ran == {"train", "evaluate", "export", "predict"}, out
         assert (project / "data/features/train.npy").read_bytes() == features
         assert json.loads((project / "metrics/train.json").read_text())["epoch"] == 1
     finally:

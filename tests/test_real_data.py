@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from test_pipeline import copy_project, set_params, sh
+from test_serve import classes_shown_for, serving
 
 
 def test_lite0_reaches_the_articles_accuracy_on_real_data(shared_data, tmp_path):
@@ -32,3 +33,8 @@ def test_lite0_reaches_the_articles_accuracy_on_real_data(shared_data, tmp_path)
     sushi = predictions[-1]
     assert sushi["source"].endswith("sushi.jpg") and sushi["pred"] == "sushi", sushi
     assert sorted(p.name for p in (project / "plots/predictions").iterdir()) == sorted(p["plot"] for p in predictions)
+
+    exported = json.loads((project / "metrics/export.json").read_text())
+    assert exported["images"] == 75 and exported["max_abs_diff"] <= 1e-4 and exported["argmax_agreement"] == 1.0
+    with serving(project / "models/model.onnx", project / "plots/predictions.json") as url:
+        assert classes_shown_for(url, shared_data / "sushi.jpg").startswith("sushi "), "the page says sushi"

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,13 +46,13 @@ def onnx_model(trained, tmp_path_factory) -> Path:
     return out / "model.onnx"
 
 
-@pytest.fixture(scope="module")
-def server(onnx_model) -> Iterator[str]:
-    """`python -m foodvision.serve` on a free loopback port; stopped (and waited for) after the module."""
+@contextmanager
+def serving(model: Path, examples: Path) -> Iterator[str]:
+    """`python -m foodvision.serve` on a free loopback port; stopped (and waited for) at the end."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--examples",
-                             str(onnx_model.parent / "predictions.json"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(model), "--examples",
+                             str(examples), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -67,6 +68,12 @@ def server(onnx_model) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model) -> Iterator[str]:
+    with serving(onnx_model, onnx_model.parent / "predictions.json") as url:
+        yield url
 
 
 def post(url: str, data: bytes, field: str = "image") -> requests.Response:
@@ -140,6 +147,21 @@ def chromium_page(url: str):
     if not executable:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     return playwright.sync_playwright(), executable
+
+
+def classes_shown_for(url: str, photo: Path) -> str:
+    """Pick `photo` on the page in headless Chromium; the class line its card shows."""
+    manager, executable = chromium_page(url)
+    with manager as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url)
+        page.set_input_files("#files", str(photo))
+        page.wait_for_function("document.querySelector('.class') && !document.querySelector('.class')"
+                               ".textContent.startsWith('…')", timeout=60_000)
+        shown = page.locator(".card .class").first.text_content()
+        browser.close()
+    return shown
 
 
 def test_the_page_classifies_a_picked_photo_and_an_example_in_headless_chromium(server, tmp_path):

@@ -37,16 +37,7 @@ def export(model_path: Path, features_dir: Path, onnx_out: Path, metrics_out: Pa
     if ckpt["class_names"] != index["classes"]:
         raise ModelError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
                          "run `dvc repro` so train and export see the same data")
-    crop = ckpt["transform"]["crop_size"]
-    program = torch.onnx.export(model, (torch.zeros(2, 3, crop, crop),), input_names=["images"],
-                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                opset_version=OPSET, dynamo=True, verbose=False)
-    proto = program.model_proto
-    for key, value in (("classes", ckpt["class_names"]), ("transform", ckpt["transform"]),
-                       ("backbone", ckpt["model_name"])):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    data = proto.SerializeToString(deterministic=True)
+    data = onnx_bytes(model, ckpt["class_names"], ckpt["transform"], ckpt["model_name"])
     with atomic_path(onnx_out) as tmp:
         tmp.write_bytes(data)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
@@ -59,6 +50,19 @@ def export(model_path: Path, features_dir: Path, onnx_out: Path, metrics_out: Pa
                              "onnxruntime versions")
     write_json(metrics_out, figures)
     return figures
+
+
+def onnx_bytes(model: torch.nn.Module, classes: list[str], transform: dict[str, Any], backbone: str) -> bytes:
+    """The eval-mode classifier as an ONNX model with a dynamic batch; the same bytes for the same model."""
+    crop = transform["crop_size"]
+    program = torch.onnx.export(model.eval(), (torch.zeros(2, 3, crop, crop),), input_names=["images"],
+                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                opset_version=OPSET, dynamo=True, verbose=False)
+    proto = program.model_proto
+    for key, value in (("classes", classes), ("transform", transform), ("backbone", backbone)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    return proto.SerializeToString(deterministic=True)
 
 
 def _compare(model: torch.nn.Module, session: Any, index: dict[str, Any], transform: dict[str, Any]) -> dict[str, Any]:
