@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -118,10 +117,11 @@ def serve(onnx_path: Path, photo: bytes, n: int) -> None:
         for bad in (b"", b"not an image"):
             assert requests.post(f"{url}/api/predict", files={"image": ("x", bad)}, timeout=60).status_code == 400
         alive = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)}, timeout=60).status_code
+        status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        peak = int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) / 1024  # the server's own
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     q = statistics.quantiles(latencies, n=10)
     print(f"\nfoodvision-serve: first answer {started:.2f} s after the command; peak RSS {peak:.0f} MB")
     print(f"POST /api/predict, {size[0]}x{size[1]} JPEG ({len(photo) / 2**20:.1f} MB), {n} sequential requests: "
