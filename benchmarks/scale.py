@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "pizza_steak_sushi.zip"
 CLASSES = ("pizza", "steak", "sushi")
-STAGES = ("prepare", "featurize", "train", "evaluate", "predict")
+STAGES = ("prepare", "featurize", "train", "evaluate", "export", "predict")
 ENV = {**os.environ, "TQDM_DISABLE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 

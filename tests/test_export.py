@@ -30,6 +30,20 @@ def test_onnx_matches_torch_on_every_test_image_and_says_so_in_its_metrics(expor
     assert written == figures
     assert written["images"] == 6 and written["argmax_agreement"] == 1.0 and written["max_abs_diff"] <= 1e-4
     assert written["opset"] == 18 and written["onnx_mb"] > 1
+    assert written["torch_reference"] == "head on stored features"
+
+
+def test_after_a_lower_precision_featurize_the_whole_torch_model_is_the_reference(trained, tmp_path):
+    import shutil
+
+    features = tmp_path / "features"
+    shutil.copytree(trained.features, features)
+    index = json.loads((features / "index.json").read_text())
+    index["precision"] = "bf16"  # the stored features are no longer what model.pt computes in float32
+    (features / "index.json").write_text(json.dumps(index))
+    figures = export(trained.model, features, tmp_path / "model.onnx", tmp_path / "export.json")
+    assert figures["torch_reference"] == "whole model"
+    assert figures["images"] == 6 and figures["argmax_agreement"] == 1.0 and figures["max_abs_diff"] <= 1e-4
 
 
 def test_the_onnx_file_takes_any_batch_and_carries_classes_and_transform(exported, trained):
@@ -66,3 +80,16 @@ def test_a_model_for_other_classes_is_refused_in_one_line(trained, tmp_path):
     with pytest.raises(ModelError, match=r"trained on other classes .* run `dvc repro`"):
         export(trained.model, features, tmp_path / "model.onnx", tmp_path / "export.json")
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_a_disagreeing_export_fails_the_stage_and_writes_nothing(trained, tmp_path):
+    import shutil
+
+    features = tmp_path / "features"
+    shutil.copytree(trained.features, features)
+    stored = np.load(features / "test.npy")
+    np.save(features / "test.npy", stored + np.float32(0.01))  # torch's side now differs from the images'
+    with pytest.raises(ModelError, match=r"disagrees with torch .*max \|logit difference\| .*not written"):
+        export(trained.model, features, tmp_path / "model.onnx", tmp_path / "export.json")
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "export.json").exists()
+    assert not list(tmp_path.glob(".model.onnx*")), "no temporary left"

@@ -154,7 +154,8 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
             body = Autocast(body, dev.type, dtype)
         index: dict[str, Any] = {"model": model_name, "head": head, "feature_dim": in_features,
                                  "backbone_params": backbone_params, "classes": spec["classes"],
-                                 "root": spec["root"], "splits": {}, "skipped_corrupt": []}
+                                 "root": spec["root"], "precision": precision, "splits": {},
+                                 "skipped_corrupt": []}
         stream = partial(_stream_slice, body, dev, Path(spec["root"]), transform, batch_size, in_features, me)
         if me.world == 1:
             with atomic_dir(out_dir) as tmp:
