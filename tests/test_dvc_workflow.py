@@ -103,7 +103,7 @@ def test_push_then_pull_in_a_fresh_clone_restores_everything(repo, tmp_path):
     assert not (clone / "models/model.pt").exists()
     sh(clone, "dvc", "pull")
     for out in ("data/raw/dataset/train/pizza/000.jpg", "models/pretrained/backbone.pth",
-                "data/prepared/spec.json", "models/model.pt", "plots/train/loss_curves.png",
+                "data/prepared/spec.json", "models/model.pt", "models/model.onnx", "plots/train/loss_curves.png",
                 "plots/predictions/image_0_own.png"):
         assert (clone / out).exists(), out
     assert "up to date" in sh(clone, "dvc", "status").stdout
@@ -120,3 +120,5 @@ def test_model_artifact_of_a_revision_can_be_fetched(repo, tmp_path):
     assert (tmp_path / "fetched.pt").read_bytes() == (repo / "models/model.pt").read_bytes()
     sh(tmp_path, "dvc", "get", str(repo), "models/model.pt", "--rev", "main", "-o", "via-get.pt")
     assert (tmp_path / "via-get.pt").read_bytes() == (repo / "models/model.pt").read_bytes()
+    sh(tmp_path, "dvc", "artifacts", "get", str(repo), "foodvision-classifier-onnx", "-o", "fetched.onnx")
+    assert (tmp_path / "fetched.onnx").read_bytes() == (repo / "models/model.onnx").read_bytes()
