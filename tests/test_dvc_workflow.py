@@ -120,5 +120,7 @@ def test_model_artifact_of_a_revision_can_be_fetched(repo, tmp_path):
     assert (tmp_path / "fetched.pt").read_bytes() == (repo / "models/model.pt").read_bytes()
     sh(tmp_path, "dvc", "get", str(repo), "models/model.pt", "--rev", "main", "-o", "via-get.pt")
     assert (tmp_path / "via-get.pt").read_bytes() == (repo / "models/model.pt").read_bytes()
-    sh(tmp_path, "dvc", "artifacts", "get", str(repo), "foodvision-classifier-onnx", "-o", "fetched.onnx")
+    sh(repo, "git", "tag", "-a", "foodvision-classifier-onnx@v1.0.0", "-m", "its ONNX export")
+    sh(tmp_path, "dvc", "artifacts", "get", str(repo), "foodvision-classifier-onnx", "--rev", "v1.0.0",
+       "-o", "fetched.onnx")
     assert (tmp_path / "fetched.onnx").read_bytes() == (repo / "models/model.onnx").read_bytes()
