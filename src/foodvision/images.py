@@ -54,6 +54,15 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
 
 
+PHOTO_MIN_SIZE = 600  # predict's plot needs this much; every eval transform here resizes to less
+
+
+def open_photo(path: Path | IO[bytes], transform: dict[str, Any]) -> Image.Image:
+    """A user's photo, decoded alike by `predict` (stage and command) and `foodvision-serve`, so all three
+    give the same probabilities: a reduced-scale decode alters pixels, so the scale must not differ."""
+    return open_rgb(path, max(PHOTO_MIN_SIZE, transform["resize_size"]))
+
+
 def eval_array(image: Image.Image, transform: dict[str, Any]) -> np.ndarray:
     """The weights' eval transform (transform.json) as torchvision applies it to a PIL image: shorter
     side resized with Pillow, centre crop, scaled to [0, 1], normalised; a 3 x crop x crop float32 array."""

@@ -22,18 +22,10 @@ from foodvision.data import build_transform
 from foodvision.errors import FoodVisionError
 from foodvision.features import load_index
 from foodvision.fetch import fetch, local_path, redact, source_name
-from foodvision.images import open_rgb
+from foodvision.images import open_photo
 from foodvision.model import for_inference, load_checkpoint
 
 MAX_IMAGE_MB = 200  # a photo, not a video
-DISPLAY_SIZE = 600  # decode at least this big: enough for the plot and for any eval transform here
-
-
-def load_image(path: Path, transform: dict[str, Any]) -> Image.Image:
-    """The same reduced-scale decode for the stage and the command, so both predict alike."""
-    return open_rgb(path, max(DISPLAY_SIZE, transform["resize_size"]))
-
-
 class Predictor:
     """The whole trained model (backbone + head) on images, loaded once: the stage and the command share it."""
 
@@ -45,7 +37,7 @@ class Predictor:
         self.classes: list[str] = self.ckpt["class_names"]
 
     def load(self, path: Path) -> Image.Image:
-        return load_image(path, self.ckpt["transform"])
+        return open_photo(path, self.ckpt["transform"])
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return classify(self.model, self.transform, image, self.device)

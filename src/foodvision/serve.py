@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from foodvision.images import ImageTooLarge, eval_array, open_rgb
+from foodvision.images import ImageTooLarge, eval_array, open_photo
 
 MAX_UPLOAD_MB = 50
 PAGE = Path(__file__).with_name("static") / "serve.html"
@@ -55,7 +55,7 @@ class Classifier:
         if not data:
             raise BadImage("empty upload: choose a photo")
         try:
-            image = open_rgb(io.BytesIO(data), self.transform["resize_size"])
+            image = open_photo(io.BytesIO(data), self.transform)
         except ImageTooLarge as exc:
             raise BadImage(f"image too large: {exc}") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
