@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import ENV, REAL, make_dataset, make_project, peak_of, photo_pool  # noqa: E402
+from scale import ENV, REAL, cpu_name, make_dataset, make_project, peak_of, photo_pool  # noqa: E402
 
 
 def set_processes(project: Path, processes: int) -> None:
@@ -42,8 +42,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", default="efficientnet_lite0")
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; backbone {args.model}; data: "
           f"{'real photos' if REAL.is_file() else 'generated JPEGs'}", flush=True)
     print(f"{'N':>7} {'processes':>9} {'seconds':>8} {'images/s':>9} {'vs 1':>6} {'peak MB':>8} {'same bytes':>10}",

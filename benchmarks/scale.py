@@ -112,6 +112,13 @@ def peak_of(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     return tuple(json.loads(out.stdout.splitlines()[-1]))
 
 
+def cpu_name() -> str:
+    """The CPU model (machines vary between sessions: say which one a figure comes from)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def bare_forward(model: str, pretrained: Path, batches: int) -> float:
     """Images/s of the backbone alone on random batches of 32 (BN folded, channels-last, inference mode)."""
     code = f"""
@@ -140,8 +147,7 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--exp", type=int, default=0, help="also time `dvc repro` vs a head-only `dvc exp run` at N")
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; backbone {args.model}; data: "
           f"{'real photos' if REAL.is_file() else 'generated JPEGs'}", flush=True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("SCALE_TMP")) as tmp:

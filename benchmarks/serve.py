@@ -34,6 +34,8 @@ from foodvision.export import onnx_bytes
 from foodvision.model import build_backbone, eval_transform, for_inference, replace_head
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "04-pizza-dad.jpeg"
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import cpu_name  # noqa: E402
 
 
 def rate(run, batch: int, seconds: float = 3.0) -> float:
@@ -46,9 +48,12 @@ def rate(run, batch: int, seconds: float = 3.0) -> float:
     return done / (time.perf_counter() - start)
 
 
-def phone_photo(folder: Path) -> bytes:
-    if PHOTO.is_file() and Image.open(PHOTO).size[0] * Image.open(PHOTO).size[1] >= 12_000_000:
-        return PHOTO.read_bytes()
+def phone_photo() -> bytes:
+    """The article's 12-megapixel photo where ../shared has it, else a generated one of that size."""
+    if PHOTO.is_file():
+        with Image.open(PHOTO) as im:
+            if im.width * im.height >= 12_000_000:
+                return PHOTO.read_bytes()
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (63, 84, 3), dtype=np.uint8)
     image = Image.fromarray(small).resize((3024, 4032), Image.Resampling.BICUBIC)
@@ -62,8 +67,7 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--requests", type=int, default=20)
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; {args.model}; torch {torch.__version__}, onnxruntime "
           f"{ort.__version__}", flush=True)
     torch.manual_seed(0)
@@ -85,7 +89,7 @@ def main() -> None:
                 folded = rate(lambda: fast(xl), batch)  # noqa: B023
             onnx = rate(lambda: session.run(["logits"], {"images": xn}), batch)  # noqa: B023
             print(f"{batch:>5} {plain:>9.1f}/s {folded:>12.1f}/s {onnx:>11.1f}/s {onnx / folded:>13.2f}x", flush=True)
-        serve(onnx_path, phone_photo(Path(tmp)), args.requests)
+        serve(onnx_path, phone_photo(), args.requests)
 
 
 def serve(onnx_path: Path, photo: bytes, n: int) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import os
 import signal
+import socket
 import subprocess
 import threading
 import zipfile
@@ -34,6 +35,13 @@ CLASSES = ("pizza", "steak", "sushi")
 COLOURS = {"pizza": (200, 60, 40), "steak": (90, 50, 30), "sushi": (240, 240, 230)}
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a server a test starts on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def default_params_text() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, default_params_text, write_dataset
+from conftest import ROOT, default_params_text, free_port, write_dataset
 
 from foodvision.prepare import prepare
 
@@ -75,15 +74,18 @@ def bigger_spec(tmp_path_factory) -> Path:
 
 
 def rank_pid(folder: Path, rank: int) -> int | None:
-    """The pid of torchrun's rank `rank` working in `folder` (Linux /proc), or None."""
+    """The pid of torchrun's rank `rank` working in `folder` (Linux /proc), or None: a child of the
+    torchrun agent, not one of its DataLoader workers (which inherit RANK and the working directory)."""
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if Path(os.readlink(proc / "cwd")) != folder.resolve():
                 continue
             env = (proc / "environ").read_bytes().split(b"\0")
+            parent = (proc / "stat").read_text().rpartition(")")[2].split()[1]
+            launcher = Path(f"/proc/{parent}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"TORCHELASTIC_RUN_ID" in b"\0".join(env) and f"RANK={rank}".encode() in env:
+        if f"RANK={rank}".encode() in env and b"torch.distributed.run" in launcher:
             return int(proc.name)
     return None
 
@@ -96,7 +98,9 @@ def test_a_killed_rank_leaves_nothing_train_would_accept_and_a_rerun_recovers(tr
     while not list(folder.glob("data/.features.*.parts.tmp/train.1.npy")):  # rank 1 is writing its part
         assert stage.poll() is None and time.monotonic() < deadline, "rank 1 never started writing"
         time.sleep(0.02)
-    os.kill(rank_pid(folder, 1), signal.SIGKILL)
+    pid = rank_pid(folder, 1)
+    assert pid is not None, "rank 1's process not found"
+    os.kill(pid, signal.SIGKILL)
     code, _, err = finish(stage)
     assert code != 0
     lines = err.strip().splitlines()
@@ -109,12 +113,6 @@ def test_a_killed_rank_leaves_nothing_train_would_accept_and_a_rerun_recovers(tr
     assert finish(featurize_in(clean))[0] == 0
     same_outputs(clean, folder)
     assert not list(folder.rglob("*.tmp")), "the killed run's parts are cleaned up"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_with_c10d_rendezvous_write_the_same_bytes_as_one_process(trained, tmp_path):

@@ -67,6 +67,10 @@ def test_decode_workers_fit_the_machine():
     assert decode_workers(torch.device("cpu"), cpus=16) == 1
     assert decode_workers(torch.device("cuda"), cpus=16) == 8
     assert decode_workers(torch.device("cuda"), cpus=2) == 1
+    # torchrun ranks on one node share its cores
+    assert decode_workers(torch.device("cuda"), cpus=16, ranks_here=4) == 3
+    assert decode_workers(torch.device("cpu"), cpus=16, ranks_here=4) == 1
+    assert decode_workers(torch.device("cpu"), cpus=16, ranks_here=8) == 0
 
 
 def test_missing_or_damaged_index_names_the_stage_that_makes_it(tmp_path):

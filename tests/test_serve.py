@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,20 +12,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
-from conftest import make_image
+from conftest import free_port, make_image
 from PIL import Image
 
 from foodvision.export import export
 from foodvision.predict import Predictor
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jpeg(cls: str, seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -141,49 +135,56 @@ def test_a_missing_or_foreign_model_is_one_line_at_start(tmp_path):
         assert run.returncode == 2 and run.stderr.count("\n") == 1 and expected in run.stderr, run.stderr
 
 
-def chromium_page(url: str):
+@contextmanager
+def browser_page() -> Iterator[Any]:
     """A page of the system's headless Chromium, driven by Playwright (no browser download)."""
-    playwright = pytest.importorskip("playwright.sync_api")
+    sync_api = pytest.importorskip("playwright.sync_api")
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if not executable:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    return playwright.sync_playwright(), executable
-
-
-def classes_shown_for(url: str, photo: Path) -> str:
-    """Pick `photo` on the page in headless Chromium; the class line its card shows."""
-    manager, executable = chromium_page(url)
-    with manager as p:
+    with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        page = browser.new_page()
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def wait_for_cards(page: Any, n: int) -> None:
+    """Until `n` cards show and the newest one has its answer (not the placeholder)."""
+    page.wait_for_function(f"document.querySelectorAll('.card').length == {n} && "
+                           "!document.querySelector('.class').textContent.startsWith('…')", timeout=60_000)
+
+
+def class_shown_for(url: str, photo: Path) -> str:
+    """Pick `photo` on the page in headless Chromium; the class line its card shows."""
+    with browser_page() as page:
         page.goto(url)
         page.set_input_files("#files", str(photo))
-        page.wait_for_function("document.querySelector('.class') && !document.querySelector('.class')"
-                               ".textContent.startsWith('…')", timeout=60_000)
-        shown = page.locator(".card .class").first.text_content()
-        browser.close()
-    return shown
+        wait_for_cards(page, 1)
+        return page.locator(".card .class").first.text_content()
 
 
 def test_the_page_classifies_a_picked_photo_and_an_example_in_headless_chromium(server, tmp_path):
     (tmp_path / "steak.jpg").write_bytes(jpeg("steak", 3, (300, 200)))
     expected = post(server, (tmp_path / "steak.jpg").read_bytes()).json()["class"]
-    manager, executable = chromium_page(server)
-    with manager as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        page = browser.new_page()
-        requested = []
+    requested = []
+    with browser_page() as page:
         page.on("request", lambda r: requested.append(r.url))
         page.goto(server)
         page.set_input_files("#files", str(tmp_path / "steak.jpg"))
-        page.wait_for_function("document.querySelector('.class') && !document.querySelector('.class')"
-                               ".textContent.startsWith('…')", timeout=30_000)
+        wait_for_cards(page, 1)
         card = page.locator(".card").first
         assert card.locator(".class").text_content().startswith(f"{expected} ")
         assert card.locator(".bar").count() == 3 and " ms" in card.locator(".meta").text_content()
         page.locator("#examples img").first.click()
-        page.wait_for_function("document.querySelectorAll('.card').length == 2 && !document.querySelector('.class')"
-                               ".textContent.startsWith('…')", timeout=30_000)
+        wait_for_cards(page, 2)
         assert page.locator(".card .meta").first.text_content().startswith("000.jpg")
-        browser.close()
     assert requested and all(u.startswith((server, "blob:")) for u in requested), "nothing from the internet"
+
+
+def test_the_server_never_imports_torch(onnx_model):
+    code = ("import io, sys; from foodvision.serve import Classifier; from PIL import Image; b = io.BytesIO(); "
+            "Image.new('RGB', (300, 200), 'red').save(b, 'JPEG'); Classifier(sys.argv[1])(b.getvalue()); "
+            "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code, str(onnx_model)], timeout=60).returncode == 0

@@ -65,21 +65,27 @@ def launch(script: Path, processes: int) -> int:
 
 
 def failure(logs: Path, processes: int, stderr: str = "") -> str:
-    """One line naming the first failed rank and its error, from torchrun's per-rank error files, or
-    for a rank that was killed (no error file), from the root cause torchrun prints."""
-    for error_file in sorted(logs.rglob("error.json")):
+    """One line naming the rank torchrun reports as the root cause, with its own error (the last line of
+    the error file `record` wrote for it) or, for a rank that was killed and wrote none, its signal.
+
+    The root cause comes first: when one rank dies, the others fail too, on the broken collective."""
+    cause = stderr.partition("Root Cause")[2]
+    found = re.search(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)", cause, re.MULTILINE)
+    files = sorted(logs.rglob("error.json"))
+    if found:
+        files = [f for f in files if f.parent.name == found.group(2)]
+    for error_file in files:
         try:
             message = json.loads(error_file.read_text())["message"]
         except (OSError, ValueError, KeyError):
             continue
         text = message.get("message", "") if isinstance(message, dict) else str(message)
-        rank = error_file.parent.name
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no message)"]
+        rank = found.group(1) if found else error_file.parent.name
         return f"featurize rank {rank} of {processes} failed: {last[0].strip()[:300]}"
-    cause = stderr.partition("Root Cause")[2]
-    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.MULTILINE)
     how = re.search(r"^\s*traceback\s*:\s*(.+)$", cause, re.MULTILINE)
-    if rank:
+    again = "the features were not written, run it again"
+    if found:
         what = how.group(1).strip() if how else "it exited"
-        return f"featurize rank {rank.group(1)} of {processes} failed: {what}; nothing was written, run it again"
-    return f"featurize under torchrun with {processes} processes failed; nothing was written, run it again"
+        return f"featurize rank {found.group(1)} of {processes} failed: {what}; {again}"
+    return f"featurize under torchrun with {processes} processes failed; {again}"

@@ -83,7 +83,8 @@ def _compare(model: torch.nn.Module, head: torch.nn.Module | None, features_dir:
     dataset = ImageSamples(Path(index["root"]), samples,
                            build_transform(transform), transform["resize_size"])
     loader = make_loader(dataset, BATCH, shuffle=False, seed=0)
-    stored = open_split(features_dir, index, "test").batches(BATCH) if head is not None else None
+    feature_file = open_split(features_dir, index, "test") if head is not None else None
+    stored = feature_file.batches(BATCH) if feature_file is not None else None
     worst, same, seen, ort_s = 0.0, 0, 0, 0.0
     with torch.inference_mode():
         for images, _ in tqdm(loader, desc="export check", unit="batch", leave=False):
@@ -94,6 +95,8 @@ def _compare(model: torch.nn.Module, head: torch.nn.Module | None, features_dir:
             worst = max(worst, float(np.abs(got - expected).max()))
             same += int((got.argmax(1) == expected.argmax(1)).sum())
             seen += len(images)
+    if feature_file is not None:
+        feature_file.close()
     if not seen:
         raise ModelError("the test split is empty: nothing to check the ONNX export on")
     reference = "whole model" if stored is None else "head on stored features"

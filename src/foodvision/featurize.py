@@ -130,15 +130,20 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
     me = distributed.current()
     dev = pick_device(device)
     dtype = autocast_dtype(precision, dev)  # refused before any work
+    if dev.type == "cuda" and dtype is None:
+        # fp32 means fp32: cuDNN's default TF32 convolutions would store features about 1e-3 off what the
+        # model computes elsewhere (export checks ONNX Runtime against these features)
+        torch.backends.cudnn.allow_tf32 = False
     if dev.type == "cpu":
         # the same intra-op thread count in every process (torchrun sets OMP_NUM_THREADS=1): some kernels
         # (B0's squeeze-excitation) sum in another order with another thread count, and the files
         # must not depend on how many processes wrote them
         torch.set_num_threads(cpu_count())
     if me.world > 1:  # under torchrun: one slice of each split per rank, rank 0 assembles
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             dev = torch.device("cuda", me.local)
+            torch.cuda.set_device(dev)  # NCCL's collectives use the current GPU: this rank's, not GPU 0
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         if me.leader:
             write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size,

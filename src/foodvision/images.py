@@ -70,12 +70,13 @@ def eval_array(image: Image.Image, transform: dict[str, Any]) -> np.ndarray:
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     long = int(size * long / short)
-    resized = image.resize((size, long) if w <= h else (long, size), _RESAMPLE[transform["interpolation"]])
+    resized = image.resize((size, long) if w <= h else (long, size), RESAMPLE[transform["interpolation"]])
     left, top = int(round((resized.width - crop) / 2.0)), int(round((resized.height - crop) / 2.0))
     pixels = np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255.0
     pixels = (pixels - np.asarray(transform["mean"], np.float32)) / np.asarray(transform["std"], np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-             "nearest": Image.Resampling.NEAREST}
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+            "nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+            "lanczos": Image.Resampling.LANCZOS}  # torchvision's InterpolationMode values that Pillow has

@@ -2,10 +2,11 @@
 
     foodvision-serve [--model models/model.onnx] [--examples plots/predictions.json] [--host 127.0.0.1] [--port 8000]
 
-ONNX Runtime, Pillow and numpy only: no torch, so it starts in about a second and installs small
-(`pip install -e '.[serve]'`). The model is loaded once; the page is one static HTML file with no
-external resources, so it works offline. `POST /api/predict` (multipart field `image`) answers
-`{"class", "probability", "probabilities", "ms"}`, or HTTP 400 with a one-line `error`.
+It runs ONNX Runtime, Pillow and numpy, never torch (a test checks), so it starts in a fraction of
+a second; the extra adds three small packages (`pip install -e '.[serve]'`). The model is loaded
+once; the page is one static HTML file with no external resources, so it works offline.
+`POST /api/predict` (multipart field `image`) answers `{"class", "probability", "probabilities", "ms"}`,
+or HTTP 400 with a one-line `error`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from foodvision.images import ImageTooLarge, eval_array, open_photo
+from foodvision.images import RESAMPLE, ImageTooLarge, eval_array, open_photo
 
 MAX_UPLOAD_MB = 50
 PAGE = Path(__file__).with_name("static") / "serve.html"
@@ -45,6 +46,8 @@ class Classifier:
             meta = self.session.get_modelmeta().custom_metadata_map
             self.classes: list[str] = json.loads(meta["classes"])
             self.transform: dict[str, Any] = json.loads(meta["transform"])
+            if self.transform["interpolation"] not in RESAMPLE:
+                raise ValueError(f"interpolation {self.transform['interpolation']!r} has no Pillow equivalent")
         except Exception as exc:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) share no narrower base
             raise ValueError(f"{model_path} is not a FoodVision ONNX export ({str(exc).splitlines()[0][:200]}); "
                              "run `dvc repro export`") from None
@@ -91,19 +94,25 @@ def app(classifier: Classifier, samples: list[dict[str, str]]) -> Any:
     def error(message: str, status: int = 400) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
+    html = PAGE.read_text()
+
     async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE.read_text())
+        return HTMLResponse(html)
 
     async def predict(request: Request) -> Response:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error("not a multipart/form-data upload: send the photo in the field `image`")
-        if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_MB * 2**20:
-            return error(f"upload over {MAX_UPLOAD_MB} MB: send a photo", 413)
+        too_big = error(f"upload over {MAX_UPLOAD_MB} MB: send a photo", 413)
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_UPLOAD_MB * 2**20:
+            return too_big if length.isdigit() else error("a Content-Length that is not a number")
         try:
             async with request.form(max_files=1, max_fields=10) as form:
                 upload = form.get("image")
                 if not isinstance(upload, UploadFile):
                     return error("no file in the multipart field `image`")
+                if (upload.size or 0) > MAX_UPLOAD_MB * 2**20:  # a chunked body has no Content-Length
+                    return too_big
                 data = await upload.read()
         except Exception as exc:  # a malformed body is the client's error, whatever the parser raised
             return error(f"not a multipart/form-data upload ({str(exc).splitlines()[0][:100] if str(exc) else exc!r})")
@@ -118,7 +127,9 @@ def app(classifier: Classifier, samples: list[dict[str, str]]) -> Any:
 
     async def example(request: Request) -> Response:
         i = request.path_params["i"]
-        return FileResponse(samples[i]["path"]) if i < len(samples) else error("no such example", 404)
+        if i >= len(samples) or not Path(samples[i]["path"]).is_file():
+            return error("no such example (deleted since the server started?)", 404)
+        return FileResponse(samples[i]["path"])
 
     return Starlette(routes=[Route("/", page), Route("/api/predict", predict, methods=["POST"]),
                              Route("/api/examples", example_list), Route("/examples/{i:int}", example)])
