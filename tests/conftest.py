@@ -168,6 +168,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory, server_url: str, dataset_z
                       f"{server_url}/{backbone_file.name}")
 
 
+@pytest.fixture(scope="session")
+def exported(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The trained fixture's model exported to ONNX (folder with model.onnx, export.json) and its figures."""
+    from foodvision.export import export
+
+    out = tmp_path_factory.mktemp("export")
+    return out, export(trained.model, trained.features, out / "model.onnx", out / "export.json")
+
+
 def kill_processes_in(folder: Path) -> list[int]:
     """SIGKILL every process whose working directory is inside `folder` (e.g. `dvc queue` workers).
 

@@ -66,9 +66,9 @@ def test_a_failing_rank_is_one_line_naming_it(trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def bigger_spec(tmp_path_factory) -> Path:
-    """180 train images: each rank of two needs seconds, time enough to kill one mid-way."""
+    """120 train images: each rank of two needs seconds, time enough to kill one mid-way."""
     root = tmp_path_factory.mktemp("bigger")
-    write_dataset(root / "raw", n_train=60, n_test=4)
+    write_dataset(root / "raw", n_train=40, n_test=4)
     prepare(root / "raw", root / "spec.json", seed=0)
     return root / "spec.json"
 

@@ -17,13 +17,6 @@ from foodvision.images import open_rgb
 from foodvision.model import load_checkpoint
 
 
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    figures = export(trained.model, trained.features, out / "model.onnx", out / "export.json")
-    return out, figures
-
-
 def test_onnx_matches_torch_on_every_test_image_and_says_so_in_its_metrics(exported, trained):
     out, figures = exported
     written = json.loads((out / "export.json").read_text())

@@ -19,7 +19,6 @@ import requests
 from conftest import free_port, make_image
 from PIL import Image
 
-from foodvision.export import export
 from foodvision.predict import Predictor
 
 
@@ -30,9 +29,8 @@ def jpeg(cls: str, seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def onnx_model(trained, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve")
-    export(trained.model, trained.features, out / "model.onnx", out / "export.json")
+def onnx_model(trained, exported) -> Path:
+    out, _ = exported
     example = sorted((trained.raw / "test" / "sushi").glob("*.jpg"))[0]
     (out / "predictions.json").write_text(json.dumps(
         [{"source": "test/sushi/000.jpg", "true": "sushi", "pred": "sushi", "path": str(example)},
