@@ -1,4 +1,4 @@
-"""Speed benchmark: the article's training loop as one process against a whole forced `dvc repro -f`.
+"""Speed benchmark: the article's training loop as one process against a forced `dvc repro -f predict`.
 
     python benchmarks/speed.py [--model efficientnet_lite0] [--epochs 5]
 
@@ -23,7 +23,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import ENV, REAL, make_project, peak_of  # noqa: E402
 
-STAGES = ("download", "pretrained", "prepare", "featurize", "train", "evaluate", "predict")
+STAGES = ("download", "pretrained", "prepare", "featurize", "train", "evaluate", "export", "predict")
 COUNTS = {"train": {"pizza": 78, "steak": 75, "sushi": 72}, "test": {"pizza": 25, "steak": 19, "sushi": 31}}
 
 
@@ -110,12 +110,15 @@ def main() -> None:
                        "--article", *inputs]
         t_loop, peak_loop, out = peak_of(article_cmd, project)
         loop_acc = float(out.split()[-1])
-        t_repro, peak_repro, _ = peak_of(["dvc", "repro", "-f"], project)
+        # what the article does, up to `predict` (its upstream is every stage but `export`): like for like
+        t_repro, peak_repro, _ = peak_of(["dvc", "repro", "-f", "predict"], project)
+        t_all, _, _ = peak_of(["dvc", "repro", "-f"], project)
         t_noop, _, _ = peak_of(["dvc", "repro"], project)
         ours = json.loads((project / paths["eval_metrics"]).read_text())["accuracy"]
         print(f"data: {archive.name}, backbone: {args.model}, {args.epochs} epochs, {os.cpu_count()} cores")
         print(f"article's loop, one process: {t_loop:.1f} s (peak {peak_loop:.0f} MB), test accuracy {loop_acc:.4f}")
-        print(f"dvc repro -f, every stage:  {t_repro:.1f} s (peak {peak_repro:.0f} MB), test accuracy {ours:.4f}")
+        print(f"dvc repro -f predict (all but export): {t_repro:.1f} s (peak {peak_repro:.0f} MB), test accuracy "
+              f"{ours:.4f}; dvc repro -f (export too): {t_all:.1f} s")
         print(f"speed-up: {t_loop / t_repro:.1f}x; no-op dvc repro: {t_noop:.2f} s")
         print(f"{'stage':>10} {'seconds':>8} {'peak MB':>8}")
         for stage in STAGES:
