@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from foodvision.data import decode_workers, prefetched
 from foodvision.features import FeatureFile, NpyWriter, load_index
-from foodvision.featurize import _prefetched, decode_workers
 
 
 def test_feature_files_are_plain_npy_in_the_specs_order(trained):
@@ -52,11 +52,11 @@ def test_the_decode_thread_hands_on_errors_and_stops_with_its_consumer():
 
     got = []
     with pytest.raises(OSError, match="disk gone"):
-        for b in _prefetched(batches()):
+        for b in prefetched(batches()):
             got.append(b)
     assert got == [1, 2]
 
-    endless = _prefetched(iter(range(10**9)), depth=2)
+    endless = prefetched(iter(range(10**9)), depth=2)
     assert next(endless) == 0
     endless.close()  # the consumer stops early: the producer thread ends too
     assert not [t for t in threading.enumerate() if t.name == "featurize-decode"]

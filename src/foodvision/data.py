@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import queue
 import random
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +18,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from foodvision.images import open_rgb
+
+Item = TypeVar("Item")
 
 
 def build_transform(transform: dict[str, Any]) -> ImageClassification:
@@ -63,6 +67,65 @@ class ImageSamples(Dataset):
 def loader_workers(device: torch.device) -> int:
     """On CPU, torch's kernels already use every core: decoding in workers would oversubscribe them."""
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decode_workers(device: torch.device, cpus: int | None = None, ranks_here: int = 1) -> int:
+    """DataLoader worker processes that decode while the backbone runs.
+
+    On a GPU the CPU only decodes: use the cores (up to 8 per process). On a CPU the backbone already
+    uses every core; one worker process pays once there are 4 cores or more to share. Below that, a
+    thread decodes the next batch instead (`prefetched`): on 2 cores a worker process measured 2%
+    slower than none, the thread 6% faster. `ranks_here` processes on this node share its cores.
+    """
+    cpus = max(1, (cpus or cpu_count()) // ranks_here)
+    if device.type != "cpu":
+        return max(1, min(8, cpus - 1))
+    return 1 if cpus >= 4 else 0
+
+
+def prefetched(batches: Iterable[Item], depth: int = 2) -> Iterator[Item]:
+    """Yield from `batches`, produced by a thread that runs up to `depth` batches ahead.
+
+    PIL's decoding and torch's kernels both release the GIL, so the next batch decodes while the
+    backbone runs on this one. Errors in the thread are raised here; stopping early stops the thread.
+    """
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put((batch, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            slots.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="featurize-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, error = slots.get()
+            if error is not None:
+                raise error
+            if batch is done:
+                return
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from foodvision.atomic import atomic_path, write_json
 from foodvision.checkpoint import ModelError, head_from_checkpoint
-from foodvision.data import ImageSamples, build_transform, make_loader
+from foodvision.data import ImageSamples, build_transform, decode_workers, make_loader, prefetched
 from foodvision.features import load_index, open_split
 from foodvision.model import load_checkpoint
 
@@ -82,12 +82,14 @@ def _compare(model: torch.nn.Module, head: torch.nn.Module | None, features_dir:
     samples = [{"path": path, "label": label} for path, label in zip(split["paths"], split["labels"])]
     dataset = ImageSamples(Path(index["root"]), samples,
                            build_transform(transform), transform["resize_size"])
-    loader = make_loader(dataset, BATCH, shuffle=False, seed=0)
+    workers = decode_workers(torch.device("cpu"))  # ONNX Runtime and torch run on the CPU here
+    loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=workers)
     feature_file = open_split(features_dir, index, "test") if head is not None else None
     stored = feature_file.batches(BATCH) if feature_file is not None else None
     worst, same, seen, ort_s = 0.0, 0, 0, 0.0
     with torch.inference_mode():
-        for images, _ in tqdm(loader, desc="export check", unit="batch", leave=False):
+        batches = loader if workers else prefetched(loader)  # the next batch decodes while this one runs
+        for images, _ in tqdm(batches, desc="export check", total=len(loader), unit="batch", leave=False):
             expected = (model(images) if stored is None else head(next(stored)[0])).numpy()
             start = time.perf_counter()
             got = session.run(["logits"], {"images": images.numpy()})[0]

@@ -10,14 +10,11 @@ to the output file, so memory stays flat whatever the number of images.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import threading
 import time
-from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed
@@ -28,7 +25,7 @@ from tqdm import tqdm
 from foodvision import distributed
 from foodvision.atomic import atomic_dir, write_json, write_text
 from foodvision.checkpoint import ModelError, pick_device
-from foodvision.data import ImageSamples, build_transform, make_loader
+from foodvision.data import ImageSamples, build_transform, cpu_count, decode_workers, make_loader, prefetched
 from foodvision.features import INDEX, FeatureFile, NpyWriter
 from foodvision.images import open_rgb
 from foodvision.model import (
@@ -41,7 +38,6 @@ from foodvision.model import (
 )
 from foodvision.spec import SPLITS, DatasetError, load_spec, load_transform
 
-T = TypeVar("T")
 MAX_LISTED = 10
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -56,25 +52,6 @@ class _Decoded(ImageSamples):
         except DECODE_ERRORS:
             crop = self.transform.crop_size[0]
             return torch.zeros(3, crop, crop), False
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def decode_workers(device: torch.device, cpus: int | None = None, ranks_here: int = 1) -> int:
-    """DataLoader worker processes that decode while the backbone runs.
-
-    On a GPU the CPU only decodes: use the cores (up to 8 per process). On a CPU the backbone already
-    uses every core; one worker process pays once there are 4 cores or more to share. Below that, a
-    thread decodes the next batch instead (`_prefetched`): on 2 cores a worker process measured 2%
-    slower than none, the thread 6% faster. `ranks_here` processes on this node share its cores.
-    """
-    cpus = max(1, (cpus or cpu_count()) // ranks_here)
-    if device.type != "cpu":
-        return max(1, min(8, cpus - 1))
-    return 1 if cpus >= 4 else 0
 
 
 class Autocast(nn.Module):
@@ -135,8 +112,8 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
         # model computes elsewhere (export checks ONNX Runtime against these features)
         torch.backends.cudnn.allow_tf32 = False
     if dev.type == "cpu":
-        # the same intra-op thread count in every process (torchrun sets OMP_NUM_THREADS=1): some kernels
-        # (B0's squeeze-excitation) sum in another order with another thread count, and the files
+        # the same intra-op thread count in every process (torchrun sets OMP_NUM_THREADS=1): oneDNN's 1x1
+        # convolutions on small batches sum in another order with another thread count, and the files
         # must not depend on how many processes wrote them
         torch.set_num_threads(cpu_count())
     if me.world > 1:  # under torchrun: one slice of each split per rank, rank 0 assembles
@@ -244,52 +221,12 @@ def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, unit: int,
     writer.close()
 
 
-def _prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Yield from `batches`, produced by a thread that runs up to `depth` batches ahead.
-
-    PIL's decoding and torch's kernels both release the GIL, so the next batch decodes while the
-    backbone runs on this one. Errors in the thread are raised here; stopping early stops the thread.
-    """
-    slots: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        slots.put((batch, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put((done, None))
-        except BaseException as exc:  # handed to the consumer, which raises it
-            slots.put((done, exc))
-
-    thread = threading.Thread(target=produce, name="featurize-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            batch, error = slots.get()
-            if error is not None:
-                raise error
-            if batch is done:
-                return
-            yield batch
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
 def _stream(body: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, dest: Path, rows: int,
             cols: int, desc: str) -> list[int]:
     """Append each batch's features to `dest` as it comes; return the positions of images that did not decode."""
     writer = NpyWriter(dest, rows, cols)
     bad, seen = [], 0
-    batches = loader if loader.num_workers else _prefetched(loader)
+    batches = loader if loader.num_workers else prefetched(loader)
     with torch.inference_mode():
         for images, ok in tqdm(batches, desc=f"featurize {desc}", total=len(loader), unit="batch", leave=False):
             feats = body(images.to(device, non_blocking=True, memory_format=torch.channels_last))

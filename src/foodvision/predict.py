@@ -26,6 +26,8 @@ from foodvision.images import open_photo
 from foodvision.model import for_inference, load_checkpoint
 
 MAX_IMAGE_MB = 200  # a photo, not a video
+
+
 class Predictor:
     """The whole trained model (backbone + head) on images, loaded once: the stage and the command share it."""
 
