@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,8 +60,9 @@ def test_a_failing_rank_is_one_line_naming_it(trained, tmp_path):
     spec.write_text(trained.spec.read_text()[:100])  # a truncated spec: every rank fails reading it
     code, _, err = finish(featurize_in(project(tmp_path / "two", spec, trained, processes=2)))
     assert code == 1
+    # both ranks fail; which one torchrun records first is a race, so either may be named
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: featurize rank 0 of 2 failed: DatasetError: cannot read")
+    assert len(lines) == 1 and re.match(r"error: featurize rank [01] of 2 failed: DatasetError: cannot read", lines[0]), err
     assert not (tmp_path / "two" / "data" / "features").exists()
 
 
@@ -103,8 +105,11 @@ def test_a_killed_rank_leaves_nothing_train_would_accept_and_a_rerun_recovers(tr
     os.kill(pid, signal.SIGKILL)
     code, _, err = finish(stage)
     assert code != 0
+    # rank 1's SIGKILL, or rank 0's broken collective if torchrun saw that first: one line either way
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: featurize rank 1 of 2 failed: Signal 9 (SIGKILL)"), err
+    assert len(lines) == 1, err
+    named = re.match(r"error: featurize rank ([01]) of 2 failed: (.+)", lines[0])
+    assert named and (named.group(1) == "0" or named.group(2).startswith("Signal 9 (SIGKILL)")), err
     assert not (folder / "data" / "features").exists(), "no output that looks complete"
 
     code, _, err = finish(featurize_in(folder))  # the rerun
@@ -120,12 +125,15 @@ def test_two_nodes_with_c10d_rendezvous_write_the_same_bytes_as_one_process(trai
     one = project(tmp_path / "one", trained.spec, trained)
     assert finish(featurize_in(one))[0] == 0
     nodes = project(tmp_path / "nodes", trained.spec, trained)
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=foodvision-test", str(ROOT / "stages" / "featurize.py")]
-    agents = [subprocess.Popen(cmd, cwd=nodes, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-              for _ in range(2)]
-    results = [a.communicate(timeout=300) for a in agents]
+    for _attempt in range(3):  # the endpoint's port is chosen before torchrun binds it: another process may win
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=foodvision-test",
+               str(ROOT / "stages" / "featurize.py")]
+        agents = [subprocess.Popen(cmd, cwd=nodes, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                  for _ in range(2)]
+        results = [a.communicate(timeout=300) for a in agents]
+        if not any("address already in use" in err.lower() for _out, err in results):
+            break
     for agent, (_out, err) in zip(agents, results):
         assert agent.returncode == 0, err[-3000:]
     assert "rank 1/2" in "".join(out + err for out, err in results)

@@ -50,7 +50,7 @@ def test_stalled_server_times_out_and_leaves_nothing(stalling_url, tmp_path):
     start = time.monotonic()
     with pytest.raises(FetchError, match=r"after 2 attempts \(.*(Timeout|timed out)"):
         fetch(stalling_url, tmp_path / "a.zip", timeout=0.5, retries=1)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 20, "cut off long before the server's 30 s stall ends (loose: a loaded CI machine)"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -59,10 +59,10 @@ def test_killed_download_leaves_nothing_and_the_next_run_recovers(stalling_url, 
     code = ("import sys; from pathlib import Path; from foodvision.download import download_dataset; "
             "download_dataset(sys.argv[1], Path(sys.argv[2]))")
     proc = subprocess.Popen([sys.executable, "-c", code, stalling_url, str(target)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not any(target.parent.glob(".food.*.download.*.tmp/*")) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while not any(target.parent.glob(".food.*.download.*.tmp/*")):  # the server then stalls for 30 s
+        assert proc.poll() is None and time.monotonic() < deadline, "the download never started"
         time.sleep(0.1)
-    time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not target.exists(), "a killed download must not look complete"

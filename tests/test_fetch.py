@@ -185,7 +185,7 @@ def test_a_dripping_server_is_cut_off(flaky_url, tmp_path):
     start = time.monotonic()
     with pytest.raises(FetchError, match=r"after 1 attempts \(stalled: \d+ bytes in 1 s\)"):
         fetch(f"{flaky_url}/drip", tmp_path / "f.bin", retries=0, timeout=1.0)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30, "cut off long before the 100 s drip ends (loose: a loaded CI machine)"
     assert leftovers(tmp_path) == []
 
 

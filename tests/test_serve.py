@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import free_port, make_image
+from conftest import make_image
 from PIL import Image
 
 from foodvision.predict import Predictor
@@ -40,23 +40,16 @@ def onnx_model(trained, exported) -> Path:
 
 @contextmanager
 def serving(model: Path, examples: Path) -> Iterator[str]:
-    """`python -m foodvision.serve` on a free loopback port; stopped (and waited for) at the end."""
-    port = free_port()
+    """`python -m foodvision.serve --port 0`: the OS picks a free port (no race with another process for one
+    chosen beforehand) and the banner names it; stopped (and waited for) at the end."""
     proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(model), "--examples",
-                             str(examples), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             str(examples), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "the server did not start in 60 s"
-                time.sleep(0.1)
-        yield url
+        banner = proc.stdout.readline()  # printed once the socket listens
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)/$", banner.strip())
+        assert found, f"the server did not start: {banner}"
+        yield found.group(1)
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=Path, default=Path("plots/predictions.json"),
                         help="the predict stage's results: their test samples are the page's examples")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (no authentication)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (the banner names it)")
     args = parser.parse_args(argv)
     try:
         import uvicorn
@@ -154,9 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     samples = examples(args.examples)
+    try:  # bound here, not by uvicorn: with --port 0 the banner names the port the OS gave
+        sock = socket.create_server((args.host, args.port))
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; pick another --port",
+              file=sys.stderr)
+        return 2
     print(f"FoodVision: {args.model} ({len(classifier.classes)} classes, {len(samples)} examples) on "
-          f"http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app(classifier, samples), host=args.host, port=args.port, log_level="warning")
+          f"http://{args.host}:{sock.getsockname()[1]}/", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app(classifier, samples), log_level="warning"))
+    server.run(sockets=[sock])
     return 0
 
 
