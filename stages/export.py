@@ -1,4 +1,4 @@
-"""DVC stage `export`: paths.model as ONNX (paths.onnx), checked against torch on the test images."""
+"""DVC stage `export`: the trained head joined to paths.backbone_onnx as paths.onnx, checked against torch."""
 
 from pathlib import Path
 
@@ -9,7 +9,8 @@ from foodvision.stage import run
 
 def main() -> None:
     paths = load_params().paths
-    export(Path(paths.model), Path(paths.features), onnx_out=Path(paths.onnx), metrics_out=Path(paths.export_metrics))
+    export(Path(paths.model), Path(paths.features), Path(paths.backbone_onnx), Path(paths.onnx_check),
+           onnx_out=Path(paths.onnx), metrics_out=Path(paths.export_metrics))
 
 
 if __name__ == "__main__":

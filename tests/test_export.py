@@ -1,8 +1,13 @@
-"""export: the ONNX file, its check against torch, and what a runtime without torch finds in it."""
+"""export in two parts: the backbone once per featurize, the head joined per experiment; the checks, and what a
+runtime without torch finds in the joined file."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,36 +17,66 @@ import torch
 
 from foodvision.checkpoint import ModelError
 from foodvision.data import build_transform
-from foodvision.export import export
+from foodvision.export import export, sample_rows
+from foodvision.export_backbone import export_backbone
 from foodvision.images import open_rgb
 from foodvision.model import load_checkpoint
 
 
-def test_onnx_matches_torch_on_every_test_image_and_says_so_in_its_metrics(exported, trained):
+def export_both(trained, features: Path, out: Path, model: Path | None = None) -> dict:
+    export_backbone(trained.pretrained, trained.transform, features, model_name="efficientnet_b0",
+                    onnx_out=out / "backbone.onnx", check_dir=out / "check")
+    return export(model or trained.model, features, out / "backbone.onnx", out / "check", onnx_out=out / "model.onnx",
+                  metrics_out=out / "export.json")
+
+
+def copied_features(trained, tmp_path: Path) -> Path:
+    features = tmp_path / "features"
+    shutil.copytree(trained.features, features)
+    return features
+
+
+def test_every_check_agrees_and_the_metrics_say_so(exported):
     out, figures = exported
     written = json.loads((out / "export.json").read_text())
     assert written == figures
     assert written["images"] == 6 and written["argmax_agreement"] == 1.0 and written["max_abs_diff"] <= 1e-4
+    assert written["head_max_abs_diff"] <= 1e-5, "the head alone: the same rows through ONNX Runtime and torch"
+    assert written["sample_images"] == 6 and written["sample_argmax_agreement"] == 1.0
+    assert written["sample_max_abs_diff"] <= 1e-4 and written["backbone_max_abs_diff"] <= 1e-4
     assert written["opset"] == 18 and written["onnx_mb"] > 1
-    assert written["torch_reference"] == "head on stored features"
+    assert written["torch_reference"] == "stored features"
+    assert not (out / "check" / "reference.npy").exists(), "fp32 features are their own reference"
 
 
-def test_after_a_lower_precision_featurize_the_whole_torch_model_is_the_reference(trained, tmp_path):
-    import shutil
+def test_the_backbone_check_keeps_onnx_runtimes_features_of_every_test_image(exported, trained):
+    out, _ = exported
+    ours, theirs = np.load(out / "check" / "test.npy"), np.load(trained.features / "test.npy")
+    assert ours.shape == theirs.shape == (6, 1280) and np.abs(ours - theirs).max() <= 1e-4
 
-    features = tmp_path / "features"
-    shutil.copytree(trained.features, features)
+
+def test_the_sample_is_fixed_and_spread_over_the_split():
+    assert sample_rows(6) == [0, 1, 2, 3, 4, 5]
+    rows = sample_rows(25_250)
+    assert len(rows) == 32 and rows[0] == 0 and rows[-1] == 25_249 and rows == sample_rows(25_250)
+    assert sample_rows(1) == [0] and sample_rows(0) == []
+
+
+def test_after_a_lower_precision_featurize_a_float32_backbone_is_the_reference(trained, tmp_path):
+    features = copied_features(trained, tmp_path)
     index = json.loads((features / "index.json").read_text())
-    index["precision"] = "bf16"  # the stored features are no longer what model.pt computes in float32
+    index["precision"] = "bf16"  # the stored features are no longer what the backbone computes in float32
     (features / "index.json").write_text(json.dumps(index))
-    figures = export(trained.model, features, tmp_path / "model.onnx", tmp_path / "export.json")
-    assert figures["torch_reference"] == "whole model"
+    figures = export_both(trained, features, tmp_path)
+    assert figures["torch_reference"].startswith("float32 backbone")
+    assert (tmp_path / "check" / "reference.npy").exists()
     assert figures["images"] == 6 and figures["argmax_agreement"] == 1.0 and figures["max_abs_diff"] <= 1e-4
 
 
-def test_the_onnx_file_takes_any_batch_and_carries_classes_and_transform(exported, trained):
+def test_the_joined_file_takes_any_batch_and_carries_classes_and_transform(exported, trained):
     out, _ = exported
     model = onnx.load(out / "model.onnx")
+    assert not model.graph.input[1:], "one input: the images"
     meta = {p.key: json.loads(p.value) for p in model.metadata_props}
     torch_model, ckpt = load_checkpoint(trained.model)
     assert meta["classes"] == ckpt["class_names"] == ["pizza", "steak", "sushi"]
@@ -52,37 +87,79 @@ def test_the_onnx_file_takes_any_batch_and_carries_classes_and_transform(exporte
     for batch in (torch.stack(images[:1]), torch.stack(images)):  # 1 and 5: not the traced 2
         got = session.run(["logits"], {"images": batch.numpy()})[0]
         with torch.inference_mode():
-            want = torch_model(batch).numpy()
+            want = torch_model(batch).numpy()  # the whole torch model, unfused, on the images
         assert got.shape == (len(batch), 3) and np.abs(got - want).max() <= 1e-4
 
 
 def test_a_rerun_writes_the_same_bytes(exported, trained, tmp_path):
     out, _ = exported
-    export(trained.model, trained.features, tmp_path / "model.onnx", tmp_path / "export.json")
-    assert (tmp_path / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    export_both(trained, trained.features, tmp_path)
+    for name in ("backbone.onnx", "check/test.npy", "check/check.json", "model.onnx", "export.json"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
 
 
-def test_a_model_for_other_classes_is_refused_in_one_line(trained, tmp_path):
-    import shutil
+def test_another_head_reuses_the_backbone_export(exported, trained, tmp_path):
+    """A head-only experiment: only the head's weights differ in the joined file, and the checks still pass."""
+    out, _ = exported
+    ckpt = torch.load(trained.model, weights_only=True)
+    ckpt["state_dict"]["classifier.1.weight"] = ckpt["state_dict"]["classifier.1.weight"] * 2
+    other = tmp_path / "model.pt"
+    torch.save(ckpt, other)
+    figures = export(other, trained.features, out / "backbone.onnx", out / "check", onnx_out=tmp_path / "model.onnx",
+                     metrics_out=tmp_path / "export.json")
+    assert figures["argmax_agreement"] == 1.0 and figures["max_abs_diff"] <= 1e-4
+    assert (tmp_path / "model.onnx").read_bytes() != (out / "model.onnx").read_bytes()
 
-    features = tmp_path / "features"
-    shutil.copytree(trained.features, features)
+
+def test_a_model_for_other_classes_is_refused_in_one_line(exported, trained, tmp_path):
+    out, _ = exported
+    features = copied_features(trained, tmp_path)
     index = json.loads((features / "index.json").read_text())
     index["classes"] = ["a", "b", "c"]
     (features / "index.json").write_text(json.dumps(index))
     with pytest.raises(ModelError, match=r"trained on other classes .* run `dvc repro`"):
-        export(trained.model, features, tmp_path / "model.onnx", tmp_path / "export.json")
+        export(trained.model, features, out / "backbone.onnx", out / "check", onnx_out=tmp_path / "model.onnx",
+               metrics_out=tmp_path / "export.json")
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_a_disagreeing_export_fails_the_stage_and_writes_nothing(trained, tmp_path):
-    import shutil
+def test_a_missing_backbone_export_names_the_stage_to_run(exported, trained, tmp_path):
+    with pytest.raises(ModelError, match=r"check.json is missing .* run `dvc repro export_backbone`"):
+        export(trained.model, trained.features, tmp_path / "backbone.onnx", tmp_path / "check",
+               onnx_out=tmp_path / "model.onnx", metrics_out=tmp_path / "export.json")
+    assert not (tmp_path / "model.onnx").exists()
 
-    features = tmp_path / "features"
-    shutil.copytree(trained.features, features)
-    stored = np.load(features / "test.npy")
-    np.save(features / "test.npy", stored + np.float32(0.01))  # torch's side now differs from the images'
+
+def test_a_disagreeing_backbone_export_fails_and_writes_nothing(trained, tmp_path):
+    features = copied_features(trained, tmp_path)
+    np.save(features / "test.npy", np.load(features / "test.npy") + np.float32(0.01))  # torch's side now differs
+    with pytest.raises(ModelError, match=r"backbone disagrees with torch .*max \|feature difference\| .*not written"):
+        export_backbone(trained.pretrained, trained.transform, features, model_name="efficientnet_b0",
+                        onnx_out=tmp_path / "backbone.onnx", check_dir=tmp_path / "check")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"], "nothing written, no temporary left"
+
+
+def test_a_disagreeing_export_fails_the_stage_and_writes_nothing(exported, trained, tmp_path):
+    out, _ = exported
+    features = copied_features(trained, tmp_path)
+    np.save(features / "test.npy", np.load(features / "test.npy") + np.float32(0.01))  # torch's side now differs
     with pytest.raises(ModelError, match=r"disagrees with torch .*max \|logit difference\| .*not written"):
-        export(trained.model, features, tmp_path / "model.onnx", tmp_path / "export.json")
-    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "export.json").exists()
-    assert not list(tmp_path.glob(".model.onnx*")), "no temporary left"
+        export(trained.model, features, out / "backbone.onnx", out / "check", onnx_out=tmp_path / "model.onnx",
+               metrics_out=tmp_path / "export.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"], "nothing written, no temporary left"
+
+
+def test_a_stale_backbone_check_fails_the_export(exported, trained, tmp_path):
+    """ONNX Runtime's stored features no longer what the backbone gives: the check on every image catches it."""
+    out, _ = exported
+    shutil.copytree(out / "check", tmp_path / "check")
+    np.save(tmp_path / "check" / "test.npy", np.load(out / "check" / "test.npy") + np.float32(0.01))
+    with pytest.raises(ModelError, match="disagrees with torch"):
+        export(trained.model, trained.features, out / "backbone.onnx", tmp_path / "check",
+               onnx_out=tmp_path / "model.onnx", metrics_out=tmp_path / "export.json")
+
+
+def test_export_imports_neither_torchvision_nor_the_backbone_exporter():
+    """Every experiment pays export's imports: joining a head needs torch, onnx and ONNX Runtime only."""
+    code = "import sys, foodvision.export; sys.exit('torchvision' in sys.modules or 'torch.onnx' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import SHARED_DATA
 from test_pipeline import copy_project, set_params, sh
@@ -49,6 +50,12 @@ def test_lite0_reaches_the_articles_accuracy_on_real_data(project):
 def test_the_onnx_export_agrees_and_the_page_says_sushi(project):
     exported = json.loads((project / "metrics/export.json").read_text())
     assert exported["images"] == 75 and exported["max_abs_diff"] <= 1e-4 and exported["argmax_agreement"] == 1.0
+    # real weights, real features: each part's check compares numbers far from zero
+    assert exported["sample_images"] == 32 and exported["sample_argmax_agreement"] == 1.0
+    assert max(exported[k] for k in ("backbone_max_abs_diff", "head_max_abs_diff", "sample_max_abs_diff")) <= 1e-4
+    ours, torchs = np.load(project / "data/onnx_check/test.npy"), np.load(project / "data/features/test.npy")
+    assert ours.shape == torchs.shape == (75, 1280) and np.abs(torchs).max() > 0.5
+    assert np.abs(ours - torchs).max() <= 1e-4, "ONNX Runtime's backbone features, row for row"
     with serving(project / "models/model.onnx", project / "plots/predictions.json") as url:
         assert post(url, (SHARED_DATA / "sushi.jpg").read_bytes()).json()["class"] == "sushi"
         assert class_shown_for(url, SHARED_DATA / "sushi.jpg").startswith("sushi "), "the page says sushi"

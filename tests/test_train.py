@@ -181,3 +181,33 @@ def test_train_without_augmentation_imports_no_torchvision():
 
     code = "import sys, foodvision.train, foodvision.evaluate; sys.exit('torchvision' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_our_adam_is_torchs_adam_to_the_bit_and_never_imports_dynamo():
+    """The optimizer skips torch.optim.Optimizer (its methods import torch._dynamo, a second per train process)
+    but must update the head exactly as torch.optim.Adam does."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from foodvision.checkpoint import new_head
+    from foodvision.train import Adam
+
+    def steps(make_optimizer) -> dict:
+        torch.manual_seed(0)
+        head = new_head(16, 3, 0.2)
+        optimizer = make_optimizer(head.parameters())
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(25):
+            x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(head(x), y).backward()
+            optimizer.step()
+        return head.state_dict()
+
+    ours, theirs = steps(lambda p: Adam(p, lr=0.01)), steps(lambda p: torch.optim.Adam(p, lr=0.01))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs) and not torch.equal(ours["1.bias"], torch.zeros(3))
+    code = ("import sys, torch; from foodvision.train import Adam; p = torch.nn.Parameter(torch.ones(2)); "
+            "o = Adam([p], 0.1); p.sum().backward(); o.step(); sys.exit('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from foodvision.atomic import write_csv, write_json
 from foodvision.checkpoint import ModelError, head_from_checkpoint, pick_device, read_checkpoint
-from foodvision.features import load_index, open_split
+from foodvision.features import load_index, open_split, rows_per_read
 from foodvision.plots import confusion
 
 TOP_K = 5  # reported when there are more classes than this
@@ -39,7 +39,7 @@ def classification_report(actual: list[int], predicted: list[int], classes: list
 
 
 def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: Path,
-             confusion_csv: Path, confusion_png: Path, batch_size: int = 256) -> dict[str, Any]:
+             confusion_csv: Path, confusion_png: Path) -> dict[str, Any]:
     """Score the trained head on the stored test features; write metrics JSON, confusion CSV and PNG.
 
     The features are what the backbone in models/model.pt makes of the test images (a test checks the
@@ -57,6 +57,7 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
     classes = index["classes"]
     k = min(TOP_K, len(classes))
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    batch_size = rows_per_read(test.cols)  # a fixed memory budget, not a fixed row count
     actual, predicted, total_loss, top_k = [], [], 0.0, 0
     with torch.inference_mode():
         batches = tqdm(test.batches(batch_size), desc="evaluate", total=-(-len(test) // batch_size), unit="batch",

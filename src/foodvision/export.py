@@ -1,108 +1,179 @@
-"""export stage: the trained classifier as ONNX (dynamic batch), checked against torch on every test image.
+"""export stage: the trained head attached to the backbone's ONNX graph, one self-contained model file.
 
-ONNX Runtime runs the model without the training stack (no torch, no torchvision): `foodvision.serve`
-uses it, and so can any ONNX runtime. The file carries its classes and eval transform as metadata, so
-it is all a runtime needs. The check runs ONNX Runtime on every decoded test image and fails the stage
-where it disagrees with torch, so a wrong export never reaches `dvc push`. The torch side is the
-trained head on the stored fp32 features (what `featurize` computed with the same frozen backbone):
-each head-only experiment then decodes and runs the test split once, not twice. After a bf16/fp16
-`featurize` the whole torch model runs on the images instead.
+`export_backbone` exported and checked the frozen backbone once per `featurize`; here, in every
+experiment, the head (Dropout + Linear, in eval mode a Gemm) becomes an ONNX graph of its own and
+`onnx.compose` joins it to the backbone: no second `torch.onnx.export`, no torchvision. Three checks
+against torch, each failing the stage with nothing written:
+
+- the head: ONNX Runtime against torch on every stored test feature row (a matrix product);
+- the whole model on every test image: the head on ONNX Runtime's stored backbone features (from
+  `export_backbone`) against torch's logits on its own features;
+- the file as a runtime loads it: a fixed sample of decoded test images through the joined model.
+
+So the cost of an experiment's export is flat in the number of images, apart from reading feature rows.
+ONNX Runtime runs the model without the training stack: `foodvision.serve` uses it, and so can any ONNX
+runtime. The file carries its classes and eval transform as metadata, so it is all a runtime needs.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from foodvision.atomic import atomic_path, write_json
-from foodvision.checkpoint import ModelError, head_from_checkpoint
-from foodvision.data import ImageSamples, build_transform, decode_workers, make_loader, prefetched
-from foodvision.features import load_index, open_split
-from foodvision.model import load_checkpoint
+from foodvision.checkpoint import ModelError, head_from_checkpoint, read_checkpoint
+from foodvision.features import FeatureFile, load_index, open_split, rows_per_read
+from foodvision.images import eval_array, open_rgb
 
 OPSET = 18
-MAX_ABS_DIFF = 1e-4  # the largest logit difference accepted between ONNX Runtime and torch
-BATCH = 32
+MAX_ABS_DIFF = 1e-4  # the largest difference accepted between ONNX Runtime and torch (features or logits)
+SAMPLE = 32  # decoded test images run through the joined file in every experiment
+ORT_FEATURES = "test.npy"  # in export_backbone's check folder: ONNX Runtime's features of every test image
+REFERENCE = "reference.npy"  # only after a bf16/fp16 featurize: torch's float32 features of the same images
+FIGURES = "check.json"  # export_backbone's figures
 
 
-def export(model_path: Path, features_dir: Path, onnx_out: Path, metrics_out: Path) -> dict[str, Any]:
-    """Write `onnx_out` and the check's figures to `metrics_out`; return the figures."""
+def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir: Path, *, onnx_out: Path,
+           metrics_out: Path) -> dict[str, Any]:
+    """Write `onnx_out` and the checks' figures to `metrics_out`; return the figures."""
     import onnxruntime as ort
 
-    model, ckpt = load_checkpoint(model_path)
+    ckpt = read_checkpoint(model_path)
     index = load_index(features_dir)
     if ckpt["class_names"] != index["classes"]:
         raise ModelError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
                          "run `dvc repro` so train and export see the same data")
-    data = onnx_bytes(model, ckpt["class_names"], ckpt["transform"], ckpt["model_name"])
+    if not index["splits"]["test"]["labels"]:
+        raise ModelError("the test split is empty: nothing to check the ONNX export on")
+    backbone_figures = read_figures(check_dir)
+    if backbone_figures.get("backbone") != ckpt["model_name"]:
+        raise ModelError(f"{backbone_onnx} is a {backbone_figures.get('backbone')!r} backbone, but {model_path} "
+                         f"holds {ckpt['model_name']!r}; run `dvc repro` so both see the same model")
+    head = head_from_checkpoint(model_path, ckpt)
+    backbone = _load_onnx(backbone_onnx)
+    head_graph = head_onnx(head, backbone.ir_version)
+    data = joined_bytes(backbone, head_graph, ckpt["class_names"], ckpt["transform"], ckpt["model_name"])
+    head_session = ort.InferenceSession(head_graph.SerializeToString(), providers=["CPUExecutionProvider"])
     with atomic_path(onnx_out) as tmp:
         tmp.write_bytes(data)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        head = head_from_checkpoint(model_path, ckpt) if _stored_fp32(index, ckpt) else None
-        figures = _compare(model, head, features_dir, session, index, ckpt["transform"])
-        figures.update(opset=OPSET, onnx_mb=round(len(data) / 2**20, 2))
-        if figures["max_abs_diff"] > MAX_ABS_DIFF or figures["argmax_agreement"] < 1.0:
+        figures = {"backbone_max_abs_diff": backbone_figures["backbone_max_abs_diff"],
+                   "torch_reference": backbone_figures["torch_reference"], "opset": OPSET,
+                   "onnx_mb": round(len(data) / 2**20, 2)}
+        figures.update(_check_rows(head, head_session, features_dir, check_dir, index))
+        figures.update(_check_sample(head, session, check_dir, features_dir, index, ckpt["transform"]))
+        diffs = [figures[k] for k in ("max_abs_diff", "head_max_abs_diff", "sample_max_abs_diff")]
+        agreement = min(figures["argmax_agreement"], figures["sample_argmax_agreement"])
+        if max(diffs) > MAX_ABS_DIFF or agreement < 1.0:
             raise ModelError(f"the ONNX export of {model_path} disagrees with torch on the test images "
-                             f"(max |logit difference| {figures['max_abs_diff']:.3g}, same class on "
-                             f"{figures['argmax_agreement']:.2%}); not written. Report it with your torch and "
-                             "onnxruntime versions")
+                             f"(max |logit difference| {max(diffs):.3g}, same class on {agreement:.2%}); "
+                             "not written. Report it with your torch and onnxruntime versions")
     write_json(metrics_out, figures)
+    print(f"export check: {figures['images']} test images through the head on ONNX Runtime's backbone features, "
+          f"max |logit difference| {figures['max_abs_diff']:.3g}; head alone {figures['head_max_abs_diff']:.3g}; "
+          f"{figures['sample_images']} decoded images through {onnx_out}: {figures['sample_max_abs_diff']:.3g}")
     return figures
 
 
-def onnx_bytes(model: torch.nn.Module, classes: list[str], transform: dict[str, Any], backbone: str) -> bytes:
-    """The eval-mode classifier as an ONNX model with a dynamic batch; the same bytes for the same model."""
-    crop = transform["crop_size"]
-    program = torch.onnx.export(model.eval(), (torch.zeros(2, 3, crop, crop),), input_names=["images"],
-                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                opset_version=OPSET, dynamo=True, verbose=False)
-    proto = program.model_proto
-    for key, value in (("classes", classes), ("transform", transform), ("backbone", backbone)):
-        entry = proto.metadata_props.add()
+def head_onnx(head: torch.nn.Module, ir_version: int) -> Any:
+    """The eval-mode head (Dropout + Linear) as one Gemm: `features` -> `logits`, any batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    linear = head[1]
+    classes, dim = linear.weight.shape
+    weights = [numpy_helper.from_array(linear.weight.detach().numpy().astype(np.float32), "head.weight"),
+               numpy_helper.from_array(linear.bias.detach().numpy().astype(np.float32), "head.bias")]
+    graph = helper.make_graph([helper.make_node("Gemm", ["features", "head.weight", "head.bias"], ["logits"],
+                                                transB=1)], "head",
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dim])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+                              weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=ir_version)
+
+
+def joined_bytes(backbone: Any, head: Any, classes: list[str], transform: dict[str, Any], name: str) -> bytes:
+    """Backbone and head as one model (`images` -> `logits`) with its metadata; the same bytes for the same parts."""
+    import onnx
+
+    model = onnx.compose.merge_models(backbone, head, io_map=[("features", "features")])
+    for key, value in (("classes", classes), ("transform", transform), ("backbone", name)):
+        entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    return proto.SerializeToString(deterministic=True)
+    return model.SerializeToString(deterministic=True)
 
 
-def _stored_fp32(index: dict[str, Any], ckpt: dict[str, Any]) -> bool:
-    """Whether the stored features are what the checkpoint's backbone computes in float32."""
-    return index.get("precision") == "fp32" and index["model"] == ckpt["model_name"]
+def read_figures(check_dir: Path) -> dict[str, Any]:
+    """export_backbone's figures (and the proof that its check folder is complete)."""
+    try:
+        return json.loads((Path(check_dir) / FIGURES).read_text())
+    except (OSError, ValueError):
+        raise ModelError(f"{check_dir}/{FIGURES} is missing or unreadable: run `dvc repro export_backbone`") from None
 
 
-def _compare(model: torch.nn.Module, head: torch.nn.Module | None, features_dir: Path, session: Any,
-             index: dict[str, Any], transform: dict[str, Any]) -> dict[str, Any]:
-    """ONNX Runtime on the decoded test batches against torch (the head on the stored features, or the
-    whole model on the same batches): the largest logit difference and the argmax agreement."""
-    split = index["splits"]["test"]
-    samples = [{"path": path, "label": label} for path, label in zip(split["paths"], split["labels"])]
-    dataset = ImageSamples(Path(index["root"]), samples,
-                           build_transform(transform), transform["resize_size"])
-    workers = decode_workers(torch.device("cpu"))  # ONNX Runtime and torch run on the CPU here
-    loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=workers)
-    feature_file = open_split(features_dir, index, "test") if head is not None else None
-    stored = feature_file.batches(BATCH) if feature_file is not None else None
-    worst, same, seen, ort_s = 0.0, 0, 0, 0.0
+def _load_onnx(path: Path) -> Any:
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # missing, or protobuf's DecodeError for a damaged file
+        raise ModelError(f"{path} is not a readable ONNX file ({type(exc).__name__}); "
+                         "run `dvc repro export_backbone`") from None
+
+
+def _reference(check_dir: Path, features_dir: Path, index: dict[str, Any]) -> FeatureFile:
+    """torch's float32 features of the test images: the stored ones, or export_backbone's after bf16/fp16."""
+    labels = index["splits"]["test"]["labels"]
+    own = Path(check_dir) / REFERENCE
+    return FeatureFile(own, labels) if own.exists() else open_split(features_dir, index, "test")
+
+
+def _check_rows(head: torch.nn.Module, session: Any, features_dir: Path, check_dir: Path,
+                index: dict[str, Any]) -> dict[str, Any]:
+    """Every test row, read in blocks that fit a fixed memory budget: the head on ONNX Runtime against
+    torch on the stored features, and the head on ONNX Runtime's backbone features against torch's logits."""
+    labels = index["splits"]["test"]["labels"]
+    stored, reference = open_split(features_dir, index, "test"), _reference(check_dir, features_dir, index)
+    ort_features = FeatureFile(Path(check_dir) / ORT_FEATURES, labels)
+    block = rows_per_read(stored.cols)
+    head_worst, worst, same = 0.0, 0.0, 0
     with torch.inference_mode():
-        batches = loader if workers else prefetched(loader)  # the next batch decodes while this one runs
-        for images, _ in tqdm(batches, desc="export check", total=len(loader), unit="batch", leave=False):
-            expected = (model(images) if stored is None else head(next(stored)[0])).numpy()
-            start = time.perf_counter()
-            got = session.run(["logits"], {"images": images.numpy()})[0]
-            ort_s += time.perf_counter() - start
-            worst = max(worst, float(np.abs(got - expected).max()))
-            same += int((got.argmax(1) == expected.argmax(1)).sum())
-            seen += len(images)
-    if feature_file is not None:
-        feature_file.close()
-    if not seen:
-        raise ModelError("the test split is empty: nothing to check the ONNX export on")
-    reference = "whole model" if stored is None else "head on stored features"
-    print(f"export check: {seen} test images, max |logit difference| {worst:.3g}, same class on {same}/{seen}; "
-          f"ONNX Runtime {seen / ort_s:.1f} images/s (batch {BATCH}); torch: the {reference}")
-    return {"images": seen, "max_abs_diff": float(f"{worst:.3g}"), "argmax_agreement": round(same / seen, 6),
-            "torch_reference": reference}
+        for (x, _), (ref, _), (ort_x, _) in zip(stored.batches(block), reference.batches(block),
+                                                ort_features.batches(block)):
+            head_worst = max(head_worst, _worst(session.run(["logits"], {"features": x.numpy()})[0], head(x).numpy()))
+            got, want = session.run(["logits"], {"features": ort_x.numpy()})[0], head(ref).numpy()
+            worst = max(worst, _worst(got, want))
+            same += int((got.argmax(1) == want.argmax(1)).sum())
+    for f in (stored, reference, ort_features):
+        f.close()
+    return {"images": len(labels), "max_abs_diff": float(f"{worst:.3g}"),
+            "argmax_agreement": round(same / len(labels), 6), "head_max_abs_diff": float(f"{head_worst:.3g}")}
+
+
+def sample_rows(n: int, k: int = SAMPLE) -> list[int]:
+    """`k` test rows spread evenly over the split (it is sorted by class, so every class is likely in)."""
+    m = min(k, n)
+    return sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
+
+
+def _check_sample(head: torch.nn.Module, session: Any, check_dir: Path, features_dir: Path, index: dict[str, Any],
+                  transform: dict[str, Any]) -> dict[str, Any]:
+    """The joined file on a fixed sample of test images decoded as `featurize` decodes them, against torch's logits."""
+    paths = index["splits"]["test"]["paths"]
+    rows = sample_rows(len(paths))
+    root = Path(index["root"])
+    images = np.stack([eval_array(open_rgb(root / paths[i], transform["resize_size"]), transform) for i in rows])
+    reference = _reference(check_dir, features_dir, index)
+    with torch.inference_mode():
+        want = head(reference.__getitems__(rows)[0]).numpy()
+    reference.close()
+    got = session.run(["logits"], {"images": images})[0]
+    return {"sample_images": len(rows), "sample_max_abs_diff": float(f"{_worst(got, want):.3g}"),
+            "sample_argmax_agreement": round(float((got.argmax(1) == want.argmax(1)).mean()), 6)}
+
+
+def _worst(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max()) if a.size else 0.0

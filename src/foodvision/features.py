@@ -122,3 +122,12 @@ def as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, to
 
 def open_split(features_dir: Path, index: dict[str, Any], split: str) -> FeatureFile:
     return FeatureFile(split_file(features_dir, split), index["splits"][split]["labels"])
+
+
+READ_BUDGET = 32 * 2**20  # bytes of feature rows a stage holds at once when it reads a split in order
+
+
+def rows_per_read(cols: int, budget: int = READ_BUDGET) -> int:
+    """Rows per block for an in-order pass (evaluate, export's checks): a fixed memory budget, whatever the
+    feature width, and few enough reads that a pass over 25,000 rows costs milliseconds of overhead."""
+    return max(1, budget // (cols * DTYPE.itemsize))

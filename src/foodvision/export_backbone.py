@@ -1,0 +1,117 @@
+"""export_backbone stage: the frozen backbone as ONNX (images -> features), checked on every test image.
+
+The backbone changes only when `featurize` reruns (another model.name, pretrained file or dataset), so
+its slow part, `torch.onnx.export` and a pass of ONNX Runtime over the decoded test split, runs here,
+once per featurize, not in every experiment. ONNX Runtime's features of the test split are kept
+(`check/test.npy`): the per-experiment `export` stage puts the trained head on top of them and so
+checks the whole file's logits on every test image with a matrix product, decoding nothing.
+
+The torch side is the stored fp32 features (what `featurize` computed with the same fused backbone).
+After a bf16/fp16 `featurize` the backbone runs in float32 on the same batches instead, and its
+features are kept as `check/reference.npy` for `export`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from foodvision.atomic import atomic_dir, atomic_path, write_json
+from foodvision.checkpoint import ModelError
+from foodvision.data import ImageSamples, build_transform, decode_workers, make_loader, prefetched
+from foodvision.export import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE
+from foodvision.features import NpyWriter, load_index, open_split
+from foodvision.model import for_inference, load_pretrained, replace_head
+from foodvision.spec import load_transform
+
+BATCH = 32
+
+
+def export_backbone(pretrained_path: Path, transform_path: Path, features_dir: Path, *, model_name: str,
+                    onnx_out: Path, check_dir: Path) -> dict[str, Any]:
+    """Write the backbone's ONNX file and the check folder; return the check's figures."""
+    import onnxruntime as ort
+
+    index = load_index(features_dir)
+    if index["model"] != model_name:
+        raise ModelError(f"{features_dir} holds features of {index['model']!r}, but model.name is "
+                         f"{model_name!r}; run `dvc repro featurize`")
+    transform = load_transform(transform_path)
+    body = backbone_body(model_name, pretrained_path, len(index["classes"]))
+    data = onnx_bytes(body, transform["crop_size"], "features")
+    with atomic_path(onnx_out) as tmp_onnx, atomic_dir(check_dir) as tmp_check:
+        tmp_onnx.write_bytes(data)
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        fp32 = index.get("precision") == "fp32"
+        figures = _compare(None if fp32 else body, features_dir, session, index, transform, tmp_check)
+        figures.update(opset=OPSET, onnx_mb=round(len(data) / 2**20, 2))
+        if figures["backbone_max_abs_diff"] > MAX_ABS_DIFF:
+            raise ModelError(f"the ONNX export of the {model_name} backbone disagrees with torch on the test images "
+                             f"(max |feature difference| {figures['backbone_max_abs_diff']:.3g}); not written. "
+                             "Report it with your torch and onnxruntime versions")
+        write_json(tmp_check / FIGURES, figures)
+    return figures
+
+
+def backbone_body(model_name: str, pretrained_path: Path, num_classes: int) -> nn.Module:
+    """The pretrained backbone without its head, BatchNorm folded as `featurize` runs it (same features)."""
+    model = load_pretrained(model_name, pretrained_path)
+    model.set_submodule(replace_head(model, num_classes, dropout=0.0), nn.Identity())
+    return for_inference(model).to(memory_format=torch.contiguous_format)
+
+
+def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
+    """`module` on a dynamic batch of crop x crop images as ONNX; the same bytes for the same module."""
+    program = torch.onnx.export(module.eval(), (torch.zeros(2, 3, crop, crop),), input_names=["images"],
+                                output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                opset_version=OPSET, dynamo=True, verbose=False)
+    return program.model_proto.SerializeToString(deterministic=True)
+
+
+def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: dict[str, Any],
+             transform: dict[str, Any], check_dir: Path) -> dict[str, Any]:
+    """ONNX Runtime on the decoded test batches against torch (the stored features, or `body` on the same
+    batches); ONNX Runtime's features (and torch's, with `body`) are written to `check_dir`."""
+    split = index["splits"]["test"]
+    samples = [{"path": path, "label": label} for path, label in zip(split["paths"], split["labels"])]
+    if not samples:
+        raise ModelError("the test split is empty: nothing to check the ONNX export on")
+    dataset = ImageSamples(Path(index["root"]), samples, build_transform(transform), transform["resize_size"])
+    workers = decode_workers(torch.device("cpu"))  # ONNX Runtime and torch run on the CPU here
+    loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=workers)
+    cols = index["feature_dim"]
+    stored = open_split(features_dir, index, "test")
+    ort_out = NpyWriter(check_dir / ORT_FEATURES, len(samples), cols)
+    reference = NpyWriter(check_dir / REFERENCE, len(samples), cols) if body is not None else None
+    worst, seen, ort_s = 0.0, 0, 0.0
+    with torch.inference_mode():
+        rows = stored.batches(BATCH)
+        batches = loader if workers else prefetched(loader)  # the next batch decodes while this one runs
+        for images, _ in tqdm(batches, desc="backbone check", total=len(loader), unit="batch", leave=False):
+            start = time.perf_counter()
+            got = session.run(["features"], {"images": images.numpy()})[0]
+            ort_s += time.perf_counter() - start
+            if body is None:
+                expected = next(rows)[0].numpy()
+            else:
+                expected = body(images).numpy()
+                reference.write(expected)
+            ort_out.write(got)
+            worst = max(worst, float(np.abs(got - expected).max()))
+            seen += len(images)
+    stored.close()
+    for writer in (ort_out, reference):
+        if writer is not None:
+            writer.close()
+    torch_side = "stored features" if body is None else "float32 backbone (features stored in lower precision)"
+    print(f"backbone check: {seen} test images, max |feature difference| {worst:.3g}; ONNX Runtime "
+          f"{seen / max(ort_s, 1e-9):.1f} images/s (batch {BATCH}); torch: the {torch_side}")
+    return {"images": seen, "backbone_max_abs_diff": float(f"{worst:.3g}"), "torch_reference": torch_side,
+            "backbone": index["model"]}
+

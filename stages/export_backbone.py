@@ -1,0 +1,19 @@
+"""DVC stage `export_backbone`: the frozen backbone as ONNX (paths.backbone_onnx), checked on every test image
+into paths.onnx_check; reruns only when featurize does."""
+
+from pathlib import Path
+
+from foodvision.export_backbone import export_backbone
+from foodvision.params import load_params
+from foodvision.stage import run
+
+
+def main() -> None:
+    params = load_params()
+    paths = params.paths
+    export_backbone(Path(paths.pretrained), Path(paths.transform), Path(paths.features), model_name=params.model.name,
+                    onnx_out=Path(paths.backbone_onnx), check_dir=Path(paths.onnx_check))
+
+
+if __name__ == "__main__":
+    run(main)
