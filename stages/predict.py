@@ -1,4 +1,4 @@
-"""DVC stage `predict`: the whole saved model on test images and the user's photos; paths.predictions(_json)."""
+"""DVC stage `predict`: the exported model (paths.onnx) on test images and your photos; paths.predictions(_json)."""
 
 from pathlib import Path
 
@@ -13,8 +13,8 @@ def main() -> None:
     paths = params.paths
     for image in params.predict.images:
         note_untracked(image, Path(paths.inputs_images), "predict.images entry")
-    predict(Path(paths.model), Path(paths.features), num_samples=params.predict.num_samples,
-            images=params.predict.images, seed=params.seed, device=params.train.device,
+    predict(Path(paths.onnx), Path(paths.features), num_samples=params.predict.num_samples,
+            images=params.predict.images, seed=params.seed,
             out_dir=Path(paths.predictions), json_out=Path(paths.predictions_json))
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_image
@@ -6,6 +7,10 @@ from PIL import Image
 
 from foodvision.images import open_rgb
 from foodvision.predict import main, predict
+
+
+def onnx(exported) -> Path:
+    return exported[0] / "model.onnx"
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16", "1"])
@@ -24,10 +29,10 @@ def test_exif_rotated_photo_is_upright(tmp_path):
     assert open_rgb(path).size == (20, 60)
 
 
-def test_predict_stage_writes_titled_pngs_and_json(trained, tmp_path):
+def test_predict_stage_writes_titled_pngs_and_json(trained, exported, tmp_path):
     own = tmp_path / "own.png"
     make_image("sushi", 5).convert("RGBA").save(own)
-    results = predict(trained.model, trained.features, num_samples=2, images=(str(own),), seed=42, device="cpu",
+    results = predict(onnx(exported), trained.features, num_samples=2, images=(str(own),), seed=42,
                       out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json")
     assert json.loads((tmp_path / "predictions.json").read_text()) == results
     assert [r["true"] is None for r in results] == [False, False, True]
@@ -35,60 +40,56 @@ def test_predict_stage_writes_titled_pngs_and_json(trained, tmp_path):
     for r in results:
         assert r["pred"] in ("pizza", "steak", "sushi") and r["prob"] == max(r["probs"].values())
         assert abs(sum(r["probs"].values()) - 1) < 1e-4
-    again = predict(trained.model, trained.features, num_samples=2, images=(), seed=42, device="cpu",
+    again = predict(onnx(exported), trained.features, num_samples=2, images=(), seed=42,
                     out_dir=tmp_path / "p2", json_out=tmp_path / "p2.json")
     assert [r["source"] for r in again] == [r["source"] for r in results[:2]], "the seed picks the samples"
 
 
-def test_predict_fetches_image_urls(trained, tmp_path, served, server_url):
+def test_predict_fetches_image_urls(trained, exported, tmp_path, served, server_url):
     make_image("steak", 9).save(served / "steak photo.jpg")
-    (r,) = predict(trained.model, trained.features, num_samples=0, images=(f"{server_url}/steak%20photo.jpg",), seed=1,
-                   device="cpu", out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
+    (r,) = predict(onnx(exported), trained.features, num_samples=0, images=(f"{server_url}/steak%20photo.jpg",), seed=1,
+                   out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
     assert r["plot"] == "image_0_steak photo.png" and (tmp_path / "p" / r["plot"]).is_file()
 
 
-def test_cli_prints_each_image_and_reports_bad_ones(trained, tmp_path, capsys):
+def test_cli_prints_each_image_and_reports_bad_ones(trained, exported, tmp_path, capsys):
     good = tmp_path / "good.jpg"
     make_image("pizza", 1).save(good)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    rc = main([str(good), str(tmp_path / "missing.jpg"), str(tmp_path), str(text), "--model", str(trained.model),
-               "--device", "cpu"])
+    rc = main([str(good), str(tmp_path / "missing.jpg"), str(tmp_path), str(text), "--model", str(onnx(exported))])
     out, err = capsys.readouterr()
     assert rc == 1
     assert out.startswith(f"{good}\t") and out.count("\n") == 1
     assert len(err.strip().splitlines()) == 3 and "missing.jpg" in err and "notes.txt" in err
 
 
-def test_cli_all_good_exits_zero_and_bad_model_is_clear(trained, tmp_path, capsys):
+def test_cli_all_good_exits_zero_and_bad_model_is_clear(trained, exported, tmp_path, capsys):
     good = tmp_path / "good.jpg"
     make_image("pizza", 1).save(good)
-    assert main([str(good), "--model", str(trained.model)]) == 0
-    assert main([str(good), "--model", str(tmp_path / "nope.pt")]) == 2
-    assert "nope.pt not found" in capsys.readouterr().err
+    assert main([str(good), "--model", str(onnx(exported))]) == 0
+    assert main([str(good), "--model", str(tmp_path / "nope.onnx")]) == 2
+    assert "nope.onnx not found: run `dvc repro export`" in capsys.readouterr().err
 
 
-def test_predict_refuses_broken_or_foreign_checkpoints(trained, tmp_path, capsys):
-    import torch
+def test_predict_refuses_broken_or_foreign_model_files(trained, exported, tmp_path, capsys):
+    from foodvision.errors import FoodVisionError
 
-    from foodvision.model import ModelError
-
-    broken = tmp_path / "model.pt"
-    broken.write_bytes(trained.model.read_bytes()[:5000])
-    with pytest.raises(ModelError, match="model.pt is not a readable PyTorch weights file"):
-        predict(broken, trained.features, num_samples=1, images=(), seed=1, device="cpu", out_dir=tmp_path / "p",
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(onnx(exported).read_bytes()[:5000])
+    with pytest.raises(FoodVisionError, match=r"model.onnx is not a FoodVision ONNX export \(.*\); run `dvc repro export`"):
+        predict(broken, trained.features, num_samples=1, images=(), seed=1, out_dir=tmp_path / "p",
                 json_out=tmp_path / "p.json")
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.json").exists()
-    foreign = torch.load(trained.model, weights_only=True)
-    foreign["model_name"] = "resnet18"
-    torch.save(foreign, broken)
     good = tmp_path / "good.jpg"
     make_image("pizza", 1).save(good)
-    assert main([str(good), "--model", str(broken)]) == 2
-    assert "does not match its own backbone 'resnet18'" in capsys.readouterr().err
+    backbone_only = exported[0] / "backbone.onnx"  # ONNX, but without our classes and transform
+    assert main([str(good), "--model", str(backbone_only)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "backbone.onnx is not a FoodVision ONNX export" in err
 
 
-def test_a_decompression_bomb_gets_one_line_and_the_other_photos_are_predicted(trained, tmp_path, capsys):
+def test_a_decompression_bomb_gets_one_line_and_the_other_photos_are_predicted(trained, exported, tmp_path, capsys):
     from PIL import Image
 
     bomb = tmp_path / "bomb.png"
@@ -96,39 +97,63 @@ def test_a_decompression_bomb_gets_one_line_and_the_other_photos_are_predicted(t
     assert bomb.stat().st_size < 100_000
     good = tmp_path / "good.jpg"
     make_image("pizza", 1).save(good)
-    assert main([str(bomb), str(good), "--model", str(trained.model), "--device", "cpu"]) == 1
+    assert main([str(bomb), str(good), "--model", str(onnx(exported))]) == 1
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and err.startswith(f"error: {bomb}: ") and "178,956,970-pixel limit" in err
     assert "decompression bomb" in err
     assert out.startswith(str(good))
 
 
-def test_an_unknown_device_on_the_command_line_is_one_line(trained, tmp_path, capsys):
-    good = tmp_path / "good.jpg"
-    make_image("pizza", 1).save(good)
-    assert main([str(good), "--model", str(trained.model), "--device", "tpu"]) == 2
-    assert capsys.readouterr().err == "error: device 'tpu' is not one of auto, cpu, cuda, cuda:N, mps\n"
+def test_the_stage_and_the_command_import_neither_torch_nor_torchvision():
+    """Every experiment pays predict's imports: the exported model needs ONNX Runtime, Pillow and numpy."""
+    import subprocess
+    import sys
+
+    code = "import sys, foodvision.predict; sys.exit('torch' in sys.modules or 'torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_credentials_in_an_image_url_stay_out_of_the_tracked_json(trained, tmp_path, served, server_url):
+def test_credentials_in_an_image_url_stay_out_of_the_tracked_json(trained, exported, tmp_path, served, server_url):
     make_image("sushi", 9).save(served / "dinner.png")
     url = server_url.replace("http://", "http://bob:pa55@") + "/dinner.png?token=abc123"
-    results = predict(trained.model, trained.features, num_samples=0, images=(url,), seed=1, device="cpu",
+    results = predict(onnx(exported), trained.features, num_samples=0, images=(url,), seed=1,
                       out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json")
     text = (tmp_path / "predictions.json").read_text()
     assert "pa55" not in text and "abc123" not in text
     assert results[0]["source"] == server_url.replace("http://", "http://bob:***@") + "/dinner.png?token=***"
 
 
-def test_predict_refuses_a_model_trained_on_other_classes(trained, tmp_path):
-    import torch
+def test_predict_refuses_a_model_trained_on_other_classes(trained, exported, tmp_path):
+    import json as js
 
     from foodvision.errors import FoodVisionError
 
-    ckpt = torch.load(trained.model, weights_only=True)
-    ckpt["class_names"] = ["pizza", "steak", "ramen"]
-    torch.save(ckpt, tmp_path / "model.pt")
+    features = tmp_path / "features"
+    features.mkdir()
+    index = js.loads((trained.features / "index.json").read_text())
+    index["classes"] = ["pizza", "steak", "ramen"]
+    (features / "index.json").write_text(js.dumps(index))
     with pytest.raises(FoodVisionError, match="was trained on other classes than .*index.json lists"):
-        predict(tmp_path / "model.pt", trained.features, num_samples=1, images=(), seed=1, device="cpu",
+        predict(onnx(exported), features, num_samples=1, images=(), seed=1,
                 out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
     assert not (tmp_path / "p.json").exists()
+
+
+def test_the_stage_gives_the_torch_models_probabilities(trained, exported, tmp_path):
+    """ONNX Runtime on the export against the trained checkpoint in torch, on a photo decoded at reduced scale."""
+    import torch
+
+    from foodvision.data import build_transform
+    from foodvision.images import open_photo
+    from foodvision.model import load_checkpoint
+
+    photo = tmp_path / "big.jpg"
+    make_image("sushi", 3, size=(1600, 1200)).save(photo)
+    (result,) = predict(onnx(exported), trained.features, num_samples=0, images=(str(photo),), seed=1,
+                        out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
+    model, ckpt = load_checkpoint(trained.model)
+    with torch.inference_mode():
+        x = build_transform(ckpt["transform"])(open_photo(photo, ckpt["transform"])).unsqueeze(0)
+        probs = torch.softmax(model(x), dim=1)[0]
+    for cls, p in zip(ckpt["class_names"], probs.tolist()):
+        assert abs(result["probs"][cls] - p) < 1e-4, cls

@@ -16,10 +16,13 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 from conftest import make_image
 from PIL import Image
 
-from foodvision.predict import Predictor
+from foodvision.data import build_transform
+from foodvision.images import open_photo
+from foodvision.model import load_checkpoint
 
 
 def jpeg(cls: str, seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -76,10 +79,12 @@ def test_a_photo_gets_the_same_answer_as_the_torch_model(server, trained, tmp_pa
                                                    reverse=True)
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-5 and 0 < result["ms"] < 10_000
     (tmp_path / "photo.jpg").write_bytes(data)
-    predictor = Predictor(trained.model, "cpu")  # the training stack: torch, torchvision, the checkpoint
-    probs = predictor(predictor.load(tmp_path / "photo.jpg"))
-    assert result["class"] == predictor.classes[int(probs.argmax())]
-    for cls, p in zip(predictor.classes, probs.tolist()):
+    model, ckpt = load_checkpoint(trained.model)  # the training stack: torch, torchvision, the checkpoint
+    with torch.inference_mode():
+        x = build_transform(ckpt["transform"])(open_photo(tmp_path / "photo.jpg", ckpt["transform"])).unsqueeze(0)
+        probs = torch.softmax(model(x), dim=1)[0]
+    assert result["class"] == ckpt["class_names"][int(probs.argmax())]
+    for cls, p in zip(ckpt["class_names"], probs.tolist()):
         assert abs(result["probabilities"][cls] - p) < 1e-4, cls
 
 

@@ -1,6 +1,10 @@
 """predict stage and command: class and probability for test samples and the user's own photos.
 
-    python -m foodvision.predict IMAGE [IMAGE ...] [--model models/model.pt] [--device auto]
+    python -m foodvision.predict IMAGE [IMAGE ...] [--model models/model.onnx]
+
+Both run the exported model (`export`'s models/model.onnx) on ONNX Runtime, as `foodvision-serve` does:
+the same probabilities everywhere, and a stage that imports neither torch nor torchvision (seconds of
+every experiment). A handful of photos needs no GPU.
 """
 
 from __future__ import annotations
@@ -12,47 +16,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-from torch import nn
+import numpy as np
 
 from foodvision.atomic import atomic_dir, write_json
-from foodvision.checkpoint import pick_device
-from foodvision.data import build_transform
+from foodvision.classifier import OnnxClassifier
 from foodvision.errors import FoodVisionError
-from foodvision.features import load_index
 from foodvision.fetch import fetch, local_path, redact, source_name
-from foodvision.images import open_photo
-from foodvision.model import for_inference, load_checkpoint
+from foodvision.spec import read_json
 
 MAX_IMAGE_MB = 200  # a photo, not a video
 
 
-class Predictor:
-    """The whole trained model (backbone + head) on images, loaded once: the stage and the command share it."""
-
-    def __init__(self, model_path: Path, device: str) -> None:
-        trained, self.ckpt = load_checkpoint(model_path)
-        self.device = pick_device(device)
-        self.model = for_inference(trained).to(self.device)
-        self.transform = build_transform(self.ckpt["transform"])
-        self.classes: list[str] = self.ckpt["class_names"]
-
-    def load(self, path: Path) -> Image.Image:
-        return open_photo(path, self.ckpt["transform"])
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return classify(self.model, self.transform, image, self.device)
-
-
-def classify(model: nn.Module, transform: nn.Module, image: Image.Image, device: torch.device) -> torch.Tensor:
-    """Softmax probabilities for one upright RGB image."""
-    with torch.inference_mode():
-        logits = model(transform(image).unsqueeze(0).to(device, memory_format=torch.channels_last))
-    return torch.softmax(logits, dim=1)[0].cpu()
-
-
-def describe(probs: torch.Tensor, classes: list[str], source: str, true: str | None) -> dict[str, Any]:
+def describe(probs: np.ndarray, classes: list[str], source: str, true: str | None) -> dict[str, Any]:
     idx = int(probs.argmax())
     return {"source": source, "pred": classes[idx], "prob": round(float(probs[idx]), 6), "true": true,
             "probs": {c: round(float(p), 6) for c, p in zip(classes, probs)}}
@@ -65,10 +40,10 @@ def title(result: dict[str, Any]) -> str:
 
 
 def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: tuple[str, ...], seed: int,
-            device: str, out_dir: Path, json_out: Path) -> list[dict[str, Any]]:
+            out_dir: Path, json_out: Path) -> list[dict[str, Any]]:
     """Predict `num_samples` seeded test images plus every path/URL in `images`; one PNG each."""
-    index = load_index(features_dir)
-    predictor = Predictor(model_path, device)
+    index = read_json(Path(features_dir) / "index.json", "featurize")
+    predictor = OnnxClassifier(model_path)
     if predictor.classes != index["classes"]:
         raise FoodVisionError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
                               "run `dvc repro` so train and predict see the same data")
@@ -89,7 +64,7 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
             except (OSError, ValueError) as exc:
                 raise FoodVisionError(f"cannot read image {source} ({exc}); "
                                       "fix predict.images in params.yaml") from None
-            result = describe(predictor(image), predictor.classes, source, true)
+            result = describe(predictor.probabilities(image), predictor.classes, source, true)
             result["plot"] = f"{stem}_{Path(source_name(source)).stem}.png"
             if true is not None:
                 result["path"] = str(path)  # the test photo itself: `foodvision-serve` offers it as an example
@@ -114,11 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     """Print class and probability per image; a bad file gets its own error line, the rest still run."""
     parser = argparse.ArgumentParser(prog="python -m foodvision.predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="image files or URLs")
-    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="trained checkpoint")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--model", type=Path, default=Path("models/model.onnx"), help="the export stage's file")
     args = parser.parse_args(argv)
     try:
-        predictor = Predictor(args.model, args.device)
+        predictor = OnnxClassifier(args.model)
     except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, source in enumerate(args.images):
             try:
                 path = _materialise(source, Path(tmp) / f"{i}_{source_name(source)}")
-                probs = predictor(predictor.load(path))
+                probs = predictor.probabilities(predictor.load(path))
             except (FoodVisionError, OSError, ValueError) as exc:
                 print(f"error: {redact(source)}: {exc}", file=sys.stderr)
                 failed += 1

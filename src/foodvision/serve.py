@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from foodvision.images import RESAMPLE, ImageTooLarge, eval_array, open_photo
+from foodvision.classifier import OnnxClassifier
+from foodvision.errors import FoodVisionError
+from foodvision.images import ImageTooLarge
 
 MAX_UPLOAD_MB = 50
 PAGE = Path(__file__).with_name("static") / "serve.html"
@@ -33,25 +35,8 @@ class BadImage(ValueError):
     """An upload the classifier cannot take; its message is the endpoint's one-line `error`."""
 
 
-class Classifier:
-    """The ONNX model and its own classes and eval transform (export writes them into its metadata)."""
-
-    def __init__(self, model_path: Path) -> None:
-        import onnxruntime as ort
-
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"{model_path} not found: run `dvc repro export` (or `dvc pull export`), "
-                                    "or pass --model")
-        try:
-            self.session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-            meta = self.session.get_modelmeta().custom_metadata_map
-            self.classes: list[str] = json.loads(meta["classes"])
-            self.transform: dict[str, Any] = json.loads(meta["transform"])
-            if self.transform["interpolation"] not in RESAMPLE:
-                raise ValueError(f"interpolation {self.transform['interpolation']!r} has no Pillow equivalent")
-        except Exception as exc:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) share no narrower base
-            raise ValueError(f"{model_path} is not a FoodVision ONNX export ({str(exc).splitlines()[0][:200]}); "
-                             "run `dvc repro export`") from None
+class Classifier(OnnxClassifier):
+    """The exported model, answering the endpoint: an upload's bytes in, a JSON-ready answer out."""
 
     def __call__(self, data: bytes) -> dict[str, Any]:
         """Class, probability, every class's probability (highest first) and the milliseconds it took."""
@@ -59,14 +44,12 @@ class Classifier:
         if not data:
             raise BadImage("empty upload: choose a photo")
         try:
-            image = open_photo(io.BytesIO(data), self.transform)
+            image = self.load(io.BytesIO(data))
         except ImageTooLarge as exc:
             raise BadImage(f"image too large: {exc}") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             raise BadImage("not an image Pillow can read (JPEG, PNG, WebP, ...)") from None
-        logits = self.session.run(["logits"], {"images": eval_array(image, self.transform)[None]})[0][0]
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
+        probs = self.probabilities(image)
         order = np.argsort(-probs, kind="stable")
         return {"class": self.classes[order[0]], "probability": round(float(probs[order[0]]), 6),
                 "probabilities": {self.classes[i]: round(float(probs[i]), 6) for i in order},
@@ -151,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         classifier = Classifier(args.model)
-    except (OSError, ValueError) as exc:
+    except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     samples = examples(args.examples)
