@@ -7,8 +7,12 @@ Datasets of N images (75% train, 25% test, 3 classes) are made of the real photo
 512x384 JPEGs. Each stage's script runs as its own process, imports included, as `dvc repro` runs it;
 peak RSS is the process's maximum resident set. The bare backbone forward (batch 32, BN folded,
 channels-last, random inputs) is measured in the same run, so featurize can be compared with it.
-`--exp N` also times, in a git + DVC repository of N images, a whole `dvc repro` against a head-only
-`dvc exp run -S train.lr=0.01`.
+`--exp N [N ...]` times, in a git + DVC repository of N images each, a whole `dvc repro` (after the
+download) against a head-only `dvc exp run -S train.lr=0.01` (the default 5 epochs); then each stage
+the experiment reran, as its own process, beside its imports alone (the fixed cost before any work),
+and the physical floor: reading the stored feature rows and 5 epochs of the head's matrix products.
+
+    python benchmarks/scale.py --sizes --exp 3000 30000     # issue 16's figures
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "pizza_steak_sushi.zip"
 CLASSES = ("pizza", "steak", "sushi")
-STAGES = ("prepare", "featurize", "train", "evaluate", "export", "predict")
+STAGES = ("prepare", "featurize", "export_backbone", "train", "evaluate", "export", "predict")
+# what each stage of a head-only experiment imports before its first useful line (lazy imports included)
+IMPORTS = {"train": "foodvision.train, foodvision.plots", "evaluate": "foodvision.evaluate",
+           "export": "foodvision.export, onnx, onnxruntime",
+           "predict": "foodvision.predict, foodvision.plots, onnxruntime"}
 ENV = {**os.environ, "TQDM_DISABLE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
@@ -68,8 +76,8 @@ def make_dataset(raw: Path, n: int, pool: dict[str, list[Path]]) -> None:
             os.link(next(photos), dest)
 
 
-def make_project(dest: Path, model: str, raw: Path | None) -> Path:
-    """The project's tracked files, with params for a 1-epoch run; the dataset placed at paths.raw."""
+def make_project(dest: Path, model: str, raw: Path | None, epochs: int = 1) -> Path:
+    """The project's tracked files, with params for an `epochs` run; the dataset placed at paths.raw."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True, text=True).stdout.split()
     for rel in files:
@@ -78,7 +86,7 @@ def make_project(dest: Path, model: str, raw: Path | None) -> Path:
             shutil.copy2(ROOT / rel, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["model"]["name"] = model
-    params["train"].update(epochs=1, device="cpu")
+    params["train"].update(epochs=epochs, device="cpu")
     params["predict"]["images"] = []
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if raw is not None:
@@ -143,9 +151,10 @@ print(32 * {batches} / (time.perf_counter() - start))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[300, 3000, 30000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[300, 3000, 30000])
     parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--exp", type=int, default=0, help="also time `dvc repro` vs a head-only `dvc exp run` at N")
+    parser.add_argument("--exp", type=int, nargs="*", default=[],
+                        help="time `dvc repro` against a head-only `dvc exp run` at N images")
     args = parser.parse_args()
     cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; backbone {args.model}; data: "
@@ -172,48 +181,105 @@ def main() -> None:
                       f"{peak:>8.0f}", flush=True)
             accuracy = json.loads((project / "metrics/eval.json").read_text())["accuracy"]
             print(f"{n:>7} test accuracy after 1 epoch: {accuracy:.4f}", flush=True)
-            if n != args.exp:
-                shutil.rmtree(project)
-        print()
-        small, big = min(results), max(results)
-        mid = sorted(results)[1] if len(results) > 2 else small
-        for stage in STAGES:
-            (t_mid, _), (t_big, p_big), (_, p_small) = results[mid][stage], results[big][stage], results[small][stage]
-            print(f"{stage:>10}: peak RSS {big} vs {small} images {p_big / p_small:.2f}x; "
-                  f"time per image {big} vs {mid} {t_big / big / (t_mid / mid):.2f}x")
-        for n in results:
-            if n >= 3000:
-                seconds = results[n]["featurize"][0]
-                print(f"featurize at {n}: {n / seconds:.1f} images/s = {n / seconds / bare:.2f}x the bare forward")
-        if args.exp:
-            exp_timing(work / f"p{args.exp}", work)
+            shutil.rmtree(project)
+        if results:
+            summary(results, bare)
+        experiments = {}
+        for n in args.exp:
+            make_dataset(work / f"raw{n}", n, pool)
+            project = make_project(work / f"e{n}", args.model, work / f"raw{n}", epochs=5)
+            experiments[n] = exp_timing(project, work)
+            shutil.rmtree(project)
+        if len(experiments) > 1:
+            small, big = min(experiments), max(experiments)
+            print(f"\nhead-only experiment at {big} vs {small} images: {experiments[big] / experiments[small]:.2f}x")
 
 
-def exp_timing(project: Path, work: Path) -> None:
-    """A whole `dvc repro` (after the download) against a head-only experiment, in one repository."""
+def summary(results: dict[int, dict[str, tuple[float, float]]], bare: float) -> None:
+    """Peak RSS and time per image across sizes, per stage."""
+    print()
+    small, big = min(results), max(results)
+    mid = sorted(results)[1] if len(results) > 2 else small
+    for stage in STAGES:
+        (t_mid, _), (t_big, p_big), (_, p_small) = results[mid][stage], results[big][stage], results[small][stage]
+        print(f"{stage:>10}: peak RSS {big} vs {small} images {p_big / p_small:.2f}x; "
+              f"time per image {big} vs {mid} {t_big / big / (t_mid / mid):.2f}x")
+    for n in results:
+        if n >= 3000:
+            seconds = results[n]["featurize"][0]
+            print(f"featurize at {n}: {n / seconds:.1f} images/s = {n / seconds / bare:.2f}x the bare forward")
+
+
+def exp_timing(project: Path, work: Path) -> float:
+    """A whole `dvc repro` (after the download) against a head-only experiment, in one repository; then the
+    experiment's stages one by one against their imports, and the floor. Returns the experiment's seconds."""
+    n = project.name[1:]
     params = yaml.safe_load((project / "params.yaml").read_text())
     raw = project / params["paths"]["raw"]
     archive = work / "dataset.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
         for path in sorted(raw.rglob("*.jpg")):
             zf.write(path, path.relative_to(raw).as_posix())
-    shutil.rmtree(project / "data")
-    shutil.rmtree(project / "models")
-    for generated in ("metrics", "plots"):
+    for generated in ("data", "models", "metrics", "plots"):
         shutil.rmtree(project / generated, ignore_errors=True)
     params["data"].update(url=str(archive), content_sha256=None)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run(["dvc", "repro", "download"], cwd=project, env=ENV, check=True, capture_output=True)
+    archive.unlink()
     full, full_peak, _ = peak_of(["dvc", "repro"], project)
     subprocess.run([*git, "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True)
     exp, exp_peak, out = peak_of(["dvc", "exp", "run", "-S", "train.lr=0.01"], project)
     reran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    print(f"\n{project.name[1:]} images: dvc repro after the download: {full:.1f} s "
-          f"(peak {full_peak:.0f} MB); dvc exp run -S train.lr=0.01: {exp:.1f} s (peak {exp_peak:.0f} MB) = "
-          f"{100 * exp / full:.1f}% of it; stages rerun: {', '.join(reran)}")
+    print(f"\n{n} images: dvc repro after the download: {full:.1f} s (peak {full_peak:.0f} MB); "
+          f"dvc exp run -S train.lr=0.01: {exp:.1f} s (peak {exp_peak:.0f} MB) = {100 * exp / full:.1f}% of it; "
+          f"stages rerun: {', '.join(reran)}", flush=True)
+    print(f"{'stage':>10} {'process s':>10} {'imports s':>10} {'work s':>8} {'peak MB':>8}")
+    total = 0.0
+    for stage in reran:
+        seconds, peak, _ = peak_of([sys.executable, f"stages/{stage}.py"], project)
+        imports, _, _ = peak_of([sys.executable, "-c", f"import {IMPORTS[stage]}"], project)
+        total += seconds
+        print(f"{stage:>10} {seconds:>10.2f} {imports:>10.2f} {seconds - imports:>8.2f} {peak:>8.0f}", flush=True)
+    print(f"{'stages':>10} {total:>10.2f}; DVC's own share of the experiment: {exp - total:.1f} s")
+    floor = subprocess.run([sys.executable, "-c", FLOOR, str(project / params["paths"]["features"])], env=ENV,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    print(f"floor (in one process, imports excluded): {floor}", flush=True)
+    return exp
+
+
+FLOOR = """
+import sys, time
+from pathlib import Path
+import numpy as np, torch
+from foodvision.features import load_index, open_split
+from foodvision.train import Adam
+folder = Path(sys.argv[1])
+index = load_index(folder)
+start = time.perf_counter()
+splits = {s: open_split(folder, index, s) for s in ("train", "test")}
+x = {s: torch.cat([b for b, _ in f.batches(8192)]) for s, f in splits.items()}
+y = {s: f.labels for s, f in splits.items()}
+read = time.perf_counter() - start
+torch.manual_seed(0)
+head = torch.nn.Linear(x["train"].shape[1], len(index["classes"]))
+opt = Adam(head.parameters(), 1e-3)
+start = time.perf_counter()
+for epoch in range(5):
+    order = torch.randperm(len(x["train"]))
+    for i in range(0, len(order), 32):
+        batch = order[i:i + 32]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x["train"][batch]), y["train"][batch]).backward()
+        opt.step()
+    with torch.no_grad():
+        head(x["test"])
+maths = time.perf_counter() - start
+rows = sum(len(v) for v in x.values())
+print(f"reading {rows} feature rows {read:.2f} s + 5 epochs of the head {maths:.2f} s = {read + maths:.2f} s")
+"""
 
 
 if __name__ == "__main__":
