@@ -184,3 +184,15 @@ def test_the_server_never_imports_torch(onnx_model):
             "Image.new('RGB', (300, 200), 'red').save(b, 'JPEG'); Classifier(sys.argv[1])(b.getvalue()); "
             "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code, str(onnx_model)], timeout=60).returncode == 0
+
+
+def test_a_taken_port_is_one_line_and_exit_2(onnx_model):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--port",
+                              str(port)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert "pick another --port" in run.stderr
