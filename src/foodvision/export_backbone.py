@@ -86,12 +86,12 @@ def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: di
     workers = decode_workers(torch.device("cpu"))  # ONNX Runtime and torch run on the CPU here
     loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=workers)
     cols = index["feature_dim"]
-    stored = open_split(features_dir, index, "test")
+    stored = open_split(features_dir, index, "test") if body is None else None
     ort_out = NpyWriter(check_dir / ORT_FEATURES, len(samples), cols)
     reference = NpyWriter(check_dir / REFERENCE, len(samples), cols) if body is not None else None
     worst, seen, ort_s = 0.0, 0, 0.0
     with torch.inference_mode():
-        rows = stored.batches(BATCH)
+        rows = stored.batches(BATCH) if stored is not None else None
         batches = loader if workers else prefetched(loader)  # the next batch decodes while this one runs
         for images, _ in tqdm(batches, desc="backbone check", total=len(loader), unit="batch", leave=False):
             start = time.perf_counter()
@@ -105,7 +105,8 @@ def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: di
             ort_out.write(got)
             worst = max(worst, float(np.abs(got - expected).max()))
             seen += len(images)
-    stored.close()
+    if stored is not None:
+        stored.close()
     for writer in (ort_out, reference):
         if writer is not None:
             writer.close()
