@@ -10,8 +10,7 @@ from foodvision.stage import run
 def main() -> None:
     params = load_params()
     paths = params.paths
-    evaluate(Path(paths.model), Path(paths.features), device=params.train.device,
-             metrics_out=Path(paths.eval_metrics),
+    evaluate(Path(paths.model), Path(paths.features), metrics_out=Path(paths.eval_metrics),
              confusion_csv=Path(paths.confusion_csv), confusion_png=Path(paths.confusion_png))
 
 

@@ -149,7 +149,7 @@ class Trained:
 
 def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 2, seed: int = 42) -> Trained:
     t = Trained(root, root / "raw", root / "spec.json", root / "backbone.pth", root / "transform.json",
-                root / "features", root / "model.pt", root / "train.json", root / "history.csv", root / "summary.txt",
+                root / "features", root / "model.safetensors", root / "train.json", root / "history.csv", root / "summary.txt",
                 root / "curves.png")
     download_dataset(archive_url, t.raw)
     fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained, transform_out=t.transform)

@@ -101,10 +101,10 @@ def test_push_then_pull_in_a_fresh_clone_restores_everything(repo, tmp_path):
     sh(repo, "dvc", "push")
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
-    assert not (clone / "models/model.pt").exists()
+    assert not (clone / "models/model.safetensors").exists()
     sh(clone, "dvc", "pull")
     for out in ("data/raw/dataset/train/pizza/000.jpg", "models/pretrained/backbone.pth",
-                "data/prepared/spec.json", "models/model.pt", "models/model.onnx", "plots/train/loss_curves.png",
+                "data/prepared/spec.json", "models/model.safetensors", "models/model.onnx", "plots/train/loss_curves.png",
                 "plots/predictions/image_0_own.png"):
         assert (clone / out).exists(), out
     assert "up to date" in sh(clone, "dvc", "status").stdout
@@ -115,12 +115,12 @@ def test_model_artifact_of_a_revision_can_be_fetched(repo, tmp_path):
     sh(repo, "dvc", "push")
     # a registered version is a Git tag in the model registry's (GTO's) `name@vX.Y.Z` form
     sh(repo, "git", "tag", "-a", "foodvision-classifier@v1.0.0", "-m", "baseline model")
-    sh(tmp_path, "dvc", "artifacts", "get", str(repo), "foodvision-classifier", "--rev", "v1.0.0", "-o", "fetched.pt")
-    model, ckpt = load_checkpoint(tmp_path / "fetched.pt")
+    sh(tmp_path, "dvc", "artifacts", "get", str(repo), "foodvision-classifier", "--rev", "v1.0.0", "-o", "fetched.safetensors")
+    model, ckpt = load_checkpoint(tmp_path / "fetched.safetensors")
     assert ckpt["class_names"] == ["pizza", "steak", "sushi"]
-    assert (tmp_path / "fetched.pt").read_bytes() == (repo / "models/model.pt").read_bytes()
-    sh(tmp_path, "dvc", "get", str(repo), "models/model.pt", "--rev", "main", "-o", "via-get.pt")
-    assert (tmp_path / "via-get.pt").read_bytes() == (repo / "models/model.pt").read_bytes()
+    assert (tmp_path / "fetched.safetensors").read_bytes() == (repo / "models/model.safetensors").read_bytes()
+    sh(tmp_path, "dvc", "get", str(repo), "models/model.safetensors", "--rev", "main", "-o", "via-get.safetensors")
+    assert (tmp_path / "via-get.safetensors").read_bytes() == (repo / "models/model.safetensors").read_bytes()
     sh(repo, "git", "tag", "-a", "foodvision-classifier-onnx@v1.0.0", "-m", "its ONNX export")
     sh(tmp_path, "dvc", "artifacts", "get", str(repo), "foodvision-classifier-onnx", "--rev", "v1.0.0",
        "-o", "fetched.onnx")

@@ -1,9 +1,12 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save
 
+from foodvision.checkpoint import read_checkpoint
 from foodvision.evaluate import classification_report, evaluate
 from foodvision.model import ModelError
 
@@ -20,7 +23,7 @@ def test_report_on_a_hand_checked_example():
 
 
 def test_evaluate_writes_metrics_and_confusion(trained, tmp_path):
-    m = evaluate(trained.model, trained.features, device="cpu", metrics_out=tmp_path / "eval.json",
+    m = evaluate(trained.model, trained.features, metrics_out=tmp_path / "eval.json",
                  confusion_csv=tmp_path / "confusion.csv", confusion_png=tmp_path / "confusion.png")
     assert json.loads((tmp_path / "eval.json").read_text()) == m
     assert m["samples"] == 6 and set(m["per_class"]) == {"pizza", "steak", "sushi"}
@@ -34,26 +37,66 @@ def test_evaluate_writes_metrics_and_confusion(trained, tmp_path):
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def rewritten(source, dest, **changes):
+    """`source`'s checkpoint with some metadata (or the state dict) changed, written as safetensors to `dest`."""
+    ckpt = read_checkpoint(source)
+    state = changes.pop("state_dict", ckpt.pop("state_dict"))
+    dest.write_bytes(save(state, metadata={"foodvision": json.dumps({**ckpt, **changes})}))
+    return dest
+
+
 def test_truncated_or_foreign_checkpoint(trained, tmp_path):
-    truncated = tmp_path / "model.pt"
+    truncated = tmp_path / "model.safetensors"
     truncated.write_bytes(trained.model.read_bytes()[:1000])
-    kwargs = dict(device="cpu", metrics_out=tmp_path / "e.json", confusion_csv=tmp_path / "c.csv",
+    kwargs = dict(metrics_out=tmp_path / "e.json", confusion_csv=tmp_path / "c.csv",
                   confusion_png=tmp_path / "c.png")
-    with pytest.raises(ModelError, match="model.pt is not a readable PyTorch weights file"):
+    with pytest.raises(ModelError, match="model.safetensors is not a readable safetensors file"):
         evaluate(truncated, trained.features, **kwargs)
-    ckpt = torch.load(trained.model, weights_only=True)
-    ckpt["class_names"] = ["a", "b"]
-    torch.save(ckpt, truncated)
+    torch.save(torch.load(trained.pretrained, weights_only=True), truncated)  # a torch pickle, not safetensors
+    with pytest.raises(ModelError, match="model.safetensors is not a readable safetensors file"):
+        evaluate(truncated, trained.features, **kwargs)
+    rewritten(trained.model, truncated, class_names=["a", "b"])
     with pytest.raises(ModelError, match="model for 2 classes .* holds 'efficientnet_b0' features for 3 classes"):
         evaluate(truncated, trained.features, **kwargs)
-    ckpt["class_names"] = ["pizza", "steak", "sushi"]
-    del ckpt["state_dict"]["classifier.1.weight"]
-    torch.save(ckpt, truncated)
-    with pytest.raises(ModelError, match="model.pt has no head for its 3 classes"):
+    state = read_checkpoint(trained.model)["state_dict"]
+    del state["classifier.1.weight"]
+    rewritten(trained.model, truncated, state_dict=state)
+    with pytest.raises(ModelError, match="model.safetensors has no head for its 3 classes"):
         evaluate(truncated, trained.features, **kwargs)
     with pytest.raises(ModelError, match="not found"):
-        evaluate(tmp_path / "none.pt", trained.features, **kwargs)
+        evaluate(tmp_path / "none.safetensors", trained.features, **kwargs)
     assert not (tmp_path / "e.json").exists()
+
+
+def test_numpy_head_gives_torch_logits(trained):
+    """evaluate and export run the head in NumPy: the logits are torch's own, to float32 rounding."""
+    from foodvision.checkpoint import head_logits, head_weights
+    from foodvision.head import head_from_checkpoint
+
+    ckpt = read_checkpoint(trained.model)
+    weight, _ = head_weights(trained.model, ckpt)
+    # rows at the scale of real features (the random test backbone's are about 1e-13)
+    feats = np.random.default_rng(0).standard_normal((64, weight.shape[1])).astype(np.float32)
+    with torch.inference_mode():
+        want = head_from_checkpoint(trained.model, ckpt)(torch.from_numpy(feats)).numpy()
+    got = head_logits(feats, *head_weights(trained.model, ckpt))
+    assert got.dtype == want.dtype and abs(want).max() > 1.0
+    assert abs(got - want).max() <= 1e-5 * abs(want).max()
+
+
+def test_checkpoint_bytes_depend_only_on_the_weights(trained, tmp_path):
+    """Saved twice, anywhere, the checkpoint has the same bytes: a forced rerun of train changes no md5."""
+    from foodvision.checkpoint import save_checkpoint
+
+    ckpt = read_checkpoint(trained.model)
+    state = ckpt.pop("state_dict")
+    keep = {"name": ckpt["model_name"], "head": ckpt["head"], "dropout": ckpt["dropout"],
+            "class_names": ckpt["class_names"], "transform": ckpt["transform"]}
+    save_checkpoint(tmp_path / "a" / "one.safetensors", {k: torch.from_numpy(v.copy()) for k, v in state.items()},
+                    **keep)
+    save_checkpoint(tmp_path / "b.safetensors", state, **keep)
+    assert (tmp_path / "a" / "one.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert (tmp_path / "b.safetensors").read_bytes() == trained.model.read_bytes()
 
 
 @pytest.mark.parametrize("n", [3, 101, 560])
@@ -72,11 +115,11 @@ def test_confusion_png_stays_bounded_with_many_classes(tmp_path, n):
 
 def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     """Seven classes: metrics gain top5_accuracy, computed from the head's logits on the stored features."""
-    import numpy as np
 
     from foodvision.atomic import write_json
-    from foodvision.checkpoint import new_head, save_checkpoint
+    from foodvision.checkpoint import save_checkpoint
     from foodvision.features import NpyWriter
+    from foodvision.head import new_head
 
     classes = [f"c{i}" for i in range(7)]
     feats = tmp_path / "features"
@@ -93,9 +136,9 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     with torch.no_grad():
         head[1].weight.copy_(torch.eye(7))
         head[1].bias.zero_()
-    save_checkpoint(tmp_path / "model.pt", {f"classifier.{k}": v for k, v in head.state_dict().items()},
+    save_checkpoint(tmp_path / "model.safetensors", {f"classifier.{k}": v for k, v in head.state_dict().items()},
                     name="efficientnet_b0", head="classifier", dropout=0.2, class_names=classes, transform={})
-    m = evaluate(tmp_path / "model.pt", feats, device="cpu", metrics_out=tmp_path / "e.json",
+    m = evaluate(tmp_path / "model.safetensors", feats, metrics_out=tmp_path / "e.json",
                  confusion_csv=tmp_path / "c.csv", confusion_png=tmp_path / "c.png")
     assert m["accuracy"] == round(7 / 49, 6)
     assert m["top5_accuracy"] == round(35 / 49, 6)
@@ -105,14 +148,10 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
 def test_other_format_versions_and_unknown_backbones_are_named(trained, tmp_path):
     from foodvision.model import load_checkpoint
 
-    ckpt = torch.load(trained.model, weights_only=True)
-    other = tmp_path / "model.pt"
-    torch.save({**ckpt, "format": 2}, other)
-    with pytest.raises(ModelError, match="model.pt is a FoodVision checkpoint of format 2, but this version reads format 1"):
+    other = rewritten(trained.model, tmp_path / "model.safetensors", format=3)
+    with pytest.raises(ModelError, match="model.safetensors is a FoodVision checkpoint of format 3, but this version "
+                                         "reads format 2"):
         load_checkpoint(other)
-    torch.save({**ckpt, "model_name": "efficientnet_b99"}, other)
+    rewritten(trained.model, other, model_name="efficientnet_b99")
     with pytest.raises(ModelError, match="holds a 'efficientnet_b99' model, which this torchvision does not have"):
-        load_checkpoint(other)
-    torch.save({k: v for k, v in ckpt.items() if k != "format"}, other)
-    with pytest.raises(ModelError, match=r"is not a FoodVision checkpoint \(missing format\)"):
         load_checkpoint(other)

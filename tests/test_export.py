@@ -101,10 +101,14 @@ def test_a_rerun_writes_the_same_bytes(exported, trained, tmp_path):
 def test_another_head_reuses_the_backbone_export(exported, trained, tmp_path):
     """A head-only experiment: only the head's weights differ in the joined file, and the checks still pass."""
     out, _ = exported
-    ckpt = torch.load(trained.model, weights_only=True)
-    ckpt["state_dict"]["classifier.1.weight"] = ckpt["state_dict"]["classifier.1.weight"] * 2
-    other = tmp_path / "model.pt"
-    torch.save(ckpt, other)
+    from foodvision.checkpoint import read_checkpoint, save_checkpoint
+
+    ckpt = read_checkpoint(trained.model)
+    state = ckpt["state_dict"]
+    state["classifier.1.weight"] = state["classifier.1.weight"] * 2
+    other = tmp_path / "model.safetensors"
+    save_checkpoint(other, state, name=ckpt["model_name"], head=ckpt["head"], dropout=ckpt["dropout"],
+                    class_names=ckpt["class_names"], transform=ckpt["transform"])
     figures = export(other, trained.features, out / "backbone.onnx", out / "check", onnx_out=tmp_path / "model.onnx",
                      metrics_out=tmp_path / "export.json")
     assert figures["argmax_agreement"] == 1.0 and figures["max_abs_diff"] <= 1e-4

@@ -1,10 +1,12 @@
 import csv
 import json
 
+import numpy as np
 import torch
 from conftest import train_tiny
 
-from foodvision.checkpoint import load_state_dict_file, new_head
+from foodvision.checkpoint import read_checkpoint
+from foodvision.head import load_state_dict_file, new_head
 from foodvision.model import load_checkpoint
 from foodvision.params import TrainParams
 from foodvision.train import fit_features, fit_images, seed_everything
@@ -32,14 +34,13 @@ def test_summary_is_the_articles_torchinfo_table(trained):
 
 def test_frozen_backbone_params_and_buffers_are_bit_identical_after_training(trained):
     before = load_state_dict_file(trained.pretrained)
-    ckpt = torch.load(trained.model, map_location="cpu", weights_only=True)
-    after = ckpt["state_dict"]
+    after = read_checkpoint(trained.model)["state_dict"]
     frozen = [k for k in after if not k.startswith("classifier.")]
     assert len(frozen) == len(before) - 2  # all but the old head's weight and bias
     assert any(k.endswith("running_mean") for k in frozen)
-    changed = [k for k in frozen if not torch.equal(before[k], after[k])]
+    changed = [k for k in frozen if not torch.equal(before[k], torch.from_numpy(after[k].copy()))]
     assert changed == []
-    assert not torch.equal(after["classifier.1.weight"], torch.zeros_like(after["classifier.1.weight"]))
+    assert after["classifier.1.weight"].any()
 
 
 def test_checkpoint_has_what_predict_needs(trained):
@@ -61,12 +62,10 @@ def test_same_seed_same_bytes_other_seed_differs(trained, tmp_path, server_url, 
     again = train_tiny(tmp_path / "again", *urls)
     assert again.history.read_bytes() == trained.history.read_bytes()
     assert again.metrics.read_bytes() == trained.metrics.read_bytes()
-    a = torch.load(again.model, weights_only=True)["state_dict"]
-    b = torch.load(trained.model, weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again.model.read_bytes() == trained.model.read_bytes()  # in another folder, too
     other = train_tiny(tmp_path / "other", *urls, seed=7)
-    c = torch.load(other.model, weights_only=True)["state_dict"]
-    assert not torch.equal(a["classifier.1.weight"], c["classifier.1.weight"])
+    a, c = (read_checkpoint(t.model)["state_dict"]["classifier.1.weight"] for t in (again, other))
+    assert not np.array_equal(a, c)
     assert json.loads(other.metrics.read_text())["seed"] == 7
 
 
@@ -96,22 +95,22 @@ def test_stored_features_match_the_full_loop_on_images(trained):
 
 
 def test_the_head_on_stored_features_gives_the_saved_models_logits_on_the_images(trained):
-    """What evaluate computes from the files is what models/model.pt says about the images themselves."""
-    from foodvision.checkpoint import head_from_checkpoint, read_checkpoint
+    """What evaluate computes from the files (the NumPy head) is what the checkpoint says about the images themselves."""
+    from foodvision.checkpoint import head_logits, head_weights, read_checkpoint
     from foodvision.data import ImageSamples, build_transform
     from foodvision.features import load_index, open_split
     from foodvision.spec import load_transform
 
     index = load_index(trained.features)
     feats, labels = next(open_split(trained.features, index, "test").batches(100))
-    head = head_from_checkpoint(trained.model, read_checkpoint(trained.model))
+    from_files = torch.from_numpy(head_logits(feats, *head_weights(trained.model, read_checkpoint(trained.model))))
     model, _ = load_checkpoint(trained.model)
     transform = load_transform(trained.transform)
     images = ImageSamples(trained.raw, [{"path": p, "label": 0} for p in index["splits"]["test"]["paths"]],
                           build_transform(transform), transform["resize_size"])
     batch = torch.stack([images[i][0] for i in range(len(images))])
     with torch.inference_mode():
-        from_files, from_images = head(feats), model(batch)
+        from_images = model(batch)
     assert len(from_files) == 6 and labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert torch.allclose(from_files, from_images, atol=1e-4), (from_files - from_images).abs().max()
 
@@ -191,7 +190,7 @@ def test_our_adam_is_torchs_adam_to_the_bit_and_never_imports_dynamo():
 
     import torch
 
-    from foodvision.checkpoint import new_head
+    from foodvision.head import new_head
     from foodvision.train import Adam
 
     def steps(make_optimizer) -> dict:

@@ -1,107 +1,91 @@
-"""The trained classifier on disk, and its head on its own: torch only, no torchvision.
+"""The trained classifier on disk: safetensors, so its bytes depend only on the weights and it reads without torch.
 
-`train` and `evaluate` work on stored features, so they need the head (Dropout + Linear) and the
-checkpoint format, not the backbone's architecture; importing torchvision would cost them seconds.
+`evaluate` and `export` need only the head's two arrays and the metadata: reading them with numpy
+spares those stages the seconds `import torch` costs. The metadata (classes, transform, backbone)
+travels inside the file, so it is all a later stage or a user needs.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+import numpy as np
 
 from foodvision.atomic import atomic_path
 from foodvision.errors import FoodVisionError
-from foodvision.params import DEVICE_PATTERN, shown
+from foodvision.params import shown
 
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_KEYS = {"format", "model_name", "head", "dropout", "class_names", "transform", "state_dict"}
+CHECKPOINT_FORMAT = 2  # 1 was a torch.save pickle (models/model.pt)
+META_KEY = "foodvision"
+CHECKPOINT_KEYS = {"format", "model_name", "head", "dropout", "class_names", "transform"}
 
 
 class ModelError(FoodVisionError):
     pass
 
 
-def new_head(in_features: int, num_classes: int, dropout: float) -> nn.Sequential:
-    """The article's head: Dropout, then Linear(in -> classes); its init draws from torch's global RNG."""
-    return nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(in_features, num_classes))
-
-
-def load_state_dict_file(path: Path) -> dict[str, Any]:
-    """Load a state dict (or checkpoint dict) without unpickling arbitrary objects."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"{path} not found: run `dvc repro` to create it") from None
-    except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise ModelError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}); "
-                         "delete it and run `dvc repro`") from None
-    if not isinstance(state, dict):
-        raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return state
-
-
-def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], *, name: str, head: str, dropout: float,
+def save_checkpoint(path: Path, state_dict: dict[str, Any], *, name: str, head: str, dropout: float,
                     class_names: list[str], transform: dict[str, Any]) -> None:
-    """State dict plus everything predict needs; plain types only, so weights_only loading works."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "model_name": name,
-        "head": head,
-        "dropout": dropout,
-        "class_names": list(class_names),
-        "transform": transform,
-        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-    }
+    """The whole model's weights plus what a runtime needs; `state_dict` values are torch tensors or arrays."""
+    from safetensors.numpy import save
+
+    meta = {"format": CHECKPOINT_FORMAT, "model_name": name, "head": head, "dropout": dropout,
+            "class_names": list(class_names), "transform": transform}
+    arrays = {k: _array(v) for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(save(arrays, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
+
+
+def _array(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, order="C")  # not ascontiguousarray: it makes 0-d counters 1-d
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint dict of models/model.pt, its format checked; every failure names the file."""
+    """The checkpoint's metadata plus `state_dict` (name -> numpy array); every failure names the file."""
+    from safetensors import safe_open
+
     path = Path(path)
-    ckpt = load_state_dict_file(path)
-    if "format" in ckpt and ckpt["format"] != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is a FoodVision checkpoint of format {shown(ckpt['format'])}, but this version "
+    if not path.is_file():
+        raise ModelError(f"{path} not found: run `dvc repro train` to create it")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:  # safetensors raises its own error type for a damaged or foreign file
+        raise ModelError(f"{path} is not a readable safetensors file ({type(exc).__name__}); "
+                         "run `dvc repro train` to write it again") from None
+    try:
+        meta = json.loads(raw) if raw is not None else {}
+    except ValueError:
+        meta = {}
+    if isinstance(meta, dict) and "format" in meta and meta["format"] != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path} is a FoodVision checkpoint of format {shown(meta['format'])}, but this version "
                          f"reads format {CHECKPOINT_FORMAT}; run `dvc repro train` to write it again")
-    missing = CHECKPOINT_KEYS - set(ckpt)
+    missing = CHECKPOINT_KEYS - set(meta if isinstance(meta, dict) else {})
     if missing:
         raise ModelError(f"{path} is not a FoodVision checkpoint (missing {', '.join(sorted(missing))}); "
                          "run `dvc repro train`")
-    return ckpt
+    return {**meta, "state_dict": state}
 
 
-def head_from_checkpoint(path: Path, ckpt: dict[str, Any]) -> nn.Sequential:
-    """Only the trained head, in eval mode: what evaluate applies to stored features."""
-    prefix = ckpt["head"] + "."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    weight = state.get("1.weight")
-    if weight is None or weight.ndim != 2 or weight.shape[0] != len(ckpt["class_names"]):
-        raise ModelError(f"{path} has no head for its {len(ckpt['class_names'])} classes; run `dvc repro train`")
-    head = new_head(weight.shape[1], weight.shape[0], ckpt["dropout"])
-    head.load_state_dict(state, strict=True)
-    return head.eval()
+def head_weights(path: Path, ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The trained head's Linear layer as (weight: classes x features, bias: classes), float32.
+
+    In eval mode the head (Dropout, then Linear) is `features @ weight.T + bias`: a test checks it
+    against torch's head to the last bits.
+    """
+    prefix = ckpt["head"] + ".1."
+    weight, bias = ckpt["state_dict"].get(prefix + "weight"), ckpt["state_dict"].get(prefix + "bias")
+    classes = len(ckpt["class_names"])
+    if weight is None or bias is None or weight.ndim != 2 or weight.shape[0] != classes or bias.shape != (classes,):
+        raise ModelError(f"{path} has no head for its {classes} classes; run `dvc repro train`")
+    return weight.astype(np.float32, copy=False), bias.astype(np.float32, copy=False)
 
 
-def pick_device(device: str) -> torch.device:
-    """`auto` = CUDA, then Apple MPS, then CPU; anything else must exist on this machine."""
-    if not DEVICE_PATTERN.fullmatch(device):
-        raise ModelError(f"device {shown(device)} is not one of auto, cpu, cuda, cuda:N, mps")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ModelError(f"device {device!r} asked for, but CUDA is not available here; use auto or cpu")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ModelError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s), numbered from 0")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ModelError("device 'mps' asked for, but MPS is not available here; use auto or cpu")
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def head_logits(features: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The eval-mode head on a block of feature rows, in float32 as torch computes it."""
+    return features @ weight.T + bias

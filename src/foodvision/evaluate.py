@@ -1,18 +1,19 @@
-"""evaluate stage: test-set loss, accuracy (top-5 too, with many classes), per-class precision/recall/F1, confusion."""
+"""evaluate stage: test-set loss, accuracy (top-5 too, with many classes), per-class precision/recall/F1, confusion.
+
+The head in eval mode is one matrix product, so this stage runs it in NumPy on the stored features:
+no torch to import (seconds of every experiment), the same logits to float32 rounding (a test checks).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from tqdm import tqdm
+import numpy as np
 
 from foodvision.atomic import write_csv, write_json
-from foodvision.checkpoint import ModelError, head_from_checkpoint, pick_device, read_checkpoint
+from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
 from foodvision.features import load_index, open_split, rows_per_read
-from foodvision.plots import confusion
 
 TOP_K = 5  # reported when there are more classes than this
 
@@ -38,11 +39,19 @@ def classification_report(actual: list[int], predicted: list[int], classes: list
     return {"accuracy": round(accuracy, 6), "macro_f1": round(macro_f1, 6), "per_class": per_class, "matrix": matrix}
 
 
-def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: Path,
-             confusion_csv: Path, confusion_png: Path) -> dict[str, Any]:
+def cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Summed cross-entropy of a block (log-softmax in float64: no overflow, no loss of the small terms)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float((log_norm - z[np.arange(len(labels)), labels]).sum())
+
+
+def evaluate(model_path: Path, features_dir: Path, *, metrics_out: Path, confusion_csv: Path,
+             confusion_png: Path) -> dict[str, Any]:
     """Score the trained head on the stored test features; write metrics JSON, confusion CSV and PNG.
 
-    The features are what the backbone in models/model.pt makes of the test images (a test checks the
+    The features are what the checkpoint's backbone makes of the test images (a test checks the
     logits against the whole model on the images), so no image is decoded here.
     """
     index = load_index(features_dir)
@@ -51,23 +60,18 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
         raise ModelError(f"{model_path} is a {ckpt['model_name']!r} model for {_few(ckpt['class_names'])}, but "
                          f"{features_dir} holds {index['model']!r} features for {_few(index['classes'])}; "
                          "run `dvc repro` so train and evaluate see the same data")
-    dev = pick_device(device)
-    head = head_from_checkpoint(model_path, ckpt).to(dev)
+    weight, bias = head_weights(model_path, ckpt)
     test = open_split(features_dir, index, "test")
     classes = index["classes"]
     k = min(TOP_K, len(classes))
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    batch_size = rows_per_read(test.cols)  # a fixed memory budget, not a fixed row count
     actual, predicted, total_loss, top_k = [], [], 0.0, 0
-    with torch.inference_mode():
-        batches = tqdm(test.batches(batch_size), desc="evaluate", total=-(-len(test) // batch_size), unit="batch",
-                       leave=False)
-        for feats, labels in batches:
-            logits, labels = head(feats.to(dev)), labels.to(dev)
-            total_loss += loss_fn(logits, labels).item()
-            top_k += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
-            actual += labels.tolist()
-            predicted += logits.argmax(dim=1).cpu().tolist()
+    for feats, labels in test.batches(rows_per_read(test.cols)):  # a fixed memory budget, not a row count
+        logits = head_logits(feats, weight, bias)
+        total_loss += cross_entropy_sum(logits, labels)
+        best = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < len(classes) else None
+        top_k += len(labels) if best is None else int((best == labels[:, None]).any(axis=1).sum())
+        actual += labels.tolist()
+        predicted += logits.argmax(axis=1).tolist()
     test.close()
     report = classification_report(actual, predicted, classes)
     metrics = {"loss": round(total_loss / len(actual), 6), "accuracy": report["accuracy"],
@@ -78,6 +82,8 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
     paths = index["splits"]["test"]["paths"]
     write_csv(confusion_csv, ["path", "actual", "predicted"],
               [[p, classes[a], classes[q]] for p, a, q in zip(paths, actual, predicted)])
+    from foodvision.plots import confusion  # matplotlib: only once the figures are in
+
     confusion(report["matrix"], classes, confusion_png)
     print(f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
           f"on {metrics['samples']} images")

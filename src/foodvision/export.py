@@ -2,12 +2,14 @@
 
 `export_backbone` exported and checked the frozen backbone once per `featurize`; here, in every
 experiment, the head (Dropout + Linear, in eval mode a Gemm) becomes an ONNX graph of its own and
-`onnx.compose` joins it to the backbone: no second `torch.onnx.export`, no torchvision. Three checks
-against torch, each failing the stage with nothing written:
+`onnx.compose` joins it to the backbone: no second `torch.onnx.export`, no torchvision, no torch (the
+head's weights come from the safetensors checkpoint; its logits, `features @ weight.T + bias`, are
+torch's to float32 rounding, which a test checks). Three checks, each failing the stage with nothing
+written:
 
-- the head: ONNX Runtime against torch on every stored test feature row (a matrix product);
+- the head: ONNX Runtime against the checkpoint's head on every stored test feature row;
 - the whole model on every test image: the head on ONNX Runtime's stored backbone features (from
-  `export_backbone`) against torch's logits on its own features;
+  `export_backbone`) against the head on torch's features of the same images;
 - the file as a runtime loads it: a fixed sample of decoded test images through the joined model.
 
 So the cost of an experiment's export is flat in the number of images, apart from reading feature rows.
@@ -22,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from foodvision.atomic import atomic_path, write_json
-from foodvision.checkpoint import ModelError, head_from_checkpoint, read_checkpoint
+from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
 from foodvision.features import FeatureFile, load_index, open_split, rows_per_read
 from foodvision.images import eval_array, open_rgb
 
@@ -53,7 +54,7 @@ def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir:
     if backbone_figures.get("backbone") != ckpt["model_name"]:
         raise ModelError(f"{backbone_onnx} is a {backbone_figures.get('backbone')!r} backbone, but {model_path} "
                          f"holds {ckpt['model_name']!r}; run `dvc repro` so both see the same model")
-    head = head_from_checkpoint(model_path, ckpt)
+    head = head_weights(model_path, ckpt)
     backbone = _load_onnx(backbone_onnx)
     head_graph = head_onnx(head, backbone.ir_version)
     data = joined_bytes(backbone, head_graph, ckpt["class_names"], ckpt["transform"], ckpt["model_name"])
@@ -79,14 +80,14 @@ def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir:
     return figures
 
 
-def head_onnx(head: torch.nn.Module, ir_version: int) -> Any:
-    """The eval-mode head (Dropout + Linear) as one Gemm: `features` -> `logits`, any batch."""
+def head_onnx(head: tuple[np.ndarray, np.ndarray], ir_version: int) -> Any:
+    """The eval-mode head (Dropout + Linear), given as (weight, bias), as one Gemm: `features` -> `logits`."""
     from onnx import TensorProto, helper, numpy_helper
 
-    linear = head[1]
-    classes, dim = linear.weight.shape
-    weights = [numpy_helper.from_array(linear.weight.detach().numpy().astype(np.float32), "head.weight"),
-               numpy_helper.from_array(linear.bias.detach().numpy().astype(np.float32), "head.bias")]
+    weight, bias = head
+    classes, dim = weight.shape
+    weights = [numpy_helper.from_array(weight.astype(np.float32), "head.weight"),
+               numpy_helper.from_array(bias.astype(np.float32), "head.bias")]
     graph = helper.make_graph([helper.make_node("Gemm", ["features", "head.weight", "head.bias"], ["logits"],
                                                 transB=1)], "head",
                               [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dim])],
@@ -130,25 +131,24 @@ def _own_reference(check_dir: Path, index: dict[str, Any]) -> FeatureFile | None
     return FeatureFile(own, index["splits"]["test"]["labels"]) if own.exists() else None
 
 
-def _check_rows(head: torch.nn.Module, session: Any, features_dir: Path, check_dir: Path,
+def _check_rows(head: tuple[np.ndarray, np.ndarray], session: Any, features_dir: Path, check_dir: Path,
                 index: dict[str, Any]) -> dict[str, Any]:
-    """Every test row, read in blocks that fit a fixed memory budget: the head on ONNX Runtime against
-    torch on the stored features, and the head on ONNX Runtime's backbone features against torch's logits
-    on its float32 features (the stored ones, read once, unless featurize stored lower precision)."""
+    """Every test row, read in blocks that fit a fixed memory budget: the head on ONNX Runtime against the
+    checkpoint's head on the stored features, and the head on ONNX Runtime's backbone features against the
+    head on torch's float32 features (the stored ones, read once, unless featurize stored lower precision)."""
     labels = index["splits"]["test"]["labels"]
     stored, own = open_split(features_dir, index, "test"), _own_reference(check_dir, index)
     ort_features = FeatureFile(Path(check_dir) / ORT_FEATURES, labels)
     block = rows_per_read(stored.cols)
     references = own.batches(block) if own is not None else None
     head_worst, worst, same = 0.0, 0.0, 0
-    with torch.inference_mode():
-        for (x, _), (ort_x, _) in zip(stored.batches(block), ort_features.batches(block)):
-            torch_logits = head(x).numpy()
-            head_worst = max(head_worst, _worst(session.run(["logits"], {"features": x.numpy()})[0], torch_logits))
-            want = torch_logits if references is None else head(next(references)[0]).numpy()
-            got = session.run(["logits"], {"features": ort_x.numpy()})[0]
-            worst = max(worst, _worst(got, want))
-            same += int((got.argmax(1) == want.argmax(1)).sum())
+    for (x, _), (ort_x, _) in zip(stored.batches(block), ort_features.batches(block)):
+        logits = head_logits(x, *head)
+        head_worst = max(head_worst, _worst(session.run(["logits"], {"features": x})[0], logits))
+        want = logits if references is None else head_logits(next(references)[0], *head)
+        got = session.run(["logits"], {"features": ort_x})[0]
+        worst = max(worst, _worst(got, want))
+        same += int((got.argmax(1) == want.argmax(1)).sum())
     for f in (stored, own, ort_features):
         if f is not None:
             f.close()
@@ -162,17 +162,17 @@ def sample_rows(n: int, k: int = SAMPLE) -> list[int]:
     return sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
 
 
-def _check_sample(head: torch.nn.Module, session: Any, check_dir: Path, features_dir: Path, index: dict[str, Any],
-                  transform: dict[str, Any]) -> dict[str, Any]:
-    """The joined file on a fixed sample of test images decoded as `featurize` decodes them, against torch's logits."""
+def _check_sample(head: tuple[np.ndarray, np.ndarray], session: Any, check_dir: Path, features_dir: Path,
+                  index: dict[str, Any], transform: dict[str, Any]) -> dict[str, Any]:
+    """The joined file on a fixed sample of test images decoded as `featurize` decodes them, against the head on
+    torch's features of them."""
     paths = index["splits"]["test"]["paths"]
     rows = sample_rows(len(paths))
     root = Path(index["root"])
     images = np.stack([eval_array(open_rgb(root / paths[i], transform["resize_size"]), transform) for i in rows])
     own = _own_reference(check_dir, index)
     reference = own if own is not None else open_split(features_dir, index, "test")
-    with torch.inference_mode():
-        want = head(reference.__getitems__(rows)[0]).numpy()
+    want = head_logits(reference.take(rows), *head)
     reference.close()
     got = session.run(["logits"], {"images": images})[0]
     return {"sample_images": len(rows), "sample_max_abs_diff": float(f"{_worst(got, want):.3g}"),

@@ -98,7 +98,7 @@ def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: di
             got = session.run(["features"], {"images": images.numpy()})[0]
             ort_s += time.perf_counter() - start
             if body is None:
-                expected = next(rows)[0].numpy()
+                expected = next(rows)[0]
             else:
                 expected = body(images).numpy()
                 reference.write(expected)

@@ -3,17 +3,17 @@
 Written as a stream and read back by row with `os.pread`, never memory-mapped or loaded whole, so
 neither `featurize` nor `train` nor `evaluate` holds more than a batch: their memory does not grow
 with the number of images (mapped file pages would count in a process's RSS; page-cache reads do not).
+NumPy only: `evaluate` and `export` read rows without importing torch; `train` wraps them for its DataLoader.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from foodvision.spec import DatasetError, read_json
 
@@ -53,12 +53,8 @@ class NpyWriter:
             raise ValueError(f"{self.path}: {self.written} of {self.rows} rows written")
 
 
-class FeatureFile(Dataset):
-    """One split's stored features and labels, read by row: `__getitems__` serves a whole batch.
-
-    With `DataLoader(..., collate_fn=as_batch)` a shuffled epoch costs one small read per row and
-    the same sampling order as a DataLoader over in-memory tensors with the same generator.
-    """
+class FeatureFile:
+    """One split's stored features and labels, read by row (`rows`) or in order, a block at a time (`batches`)."""
 
     def __init__(self, path: Path, labels: list[int]) -> None:
         self.path = Path(path)
@@ -81,7 +77,7 @@ class FeatureFile(Dataset):
         if self.path.stat().st_size != expected:
             raise DatasetError(f"{self.path} is {self.path.stat().st_size} bytes, expected {expected} (truncated?); "
                                "run `dvc repro featurize`")
-        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
         self._fd: int | None = None
 
     def __len__(self) -> int:
@@ -92,32 +88,24 @@ class FeatureFile(Dataset):
             self._fd = os.open(self.path, os.O_RDONLY)
         return os.pread(self._fd, count * self.row_bytes, self.offset + start * self.row_bytes)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.__getitems__([i])
-        return x[0], y[0]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, indices: list[int]) -> np.ndarray:
+        """The given rows (any order), one small read each: a shuffled batch."""
         out = np.empty((len(indices), self.cols), dtype=DTYPE)
         for j, i in enumerate(indices):
             out[j] = np.frombuffer(self._read(i, 1), dtype=DTYPE)
-        return torch.from_numpy(out), self.labels[list(indices)]
+        return out
 
-    def batches(self, batch_size: int):  # noqa: ANN201 (an iterator of (features, labels))
-        """Consecutive batches in the stored order, one read each (evaluate, the per-epoch test pass)."""
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Consecutive (features, labels) blocks in the stored order, one read each."""
         for start in range(0, self.rows, batch_size):
             count = min(batch_size, self.rows - start)
             block = np.frombuffer(self._read(start, count), dtype=DTYPE).reshape(count, self.cols)
-            yield torch.from_numpy(block.copy()), self.labels[start:start + count]
+            yield block.copy(), self.labels[start:start + count]
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`collate_fn` for `FeatureFile`: `__getitems__` already returns the batch."""
-    return batch
 
 
 def open_split(features_dir: Path, index: dict[str, Any], split: str) -> FeatureFile:

@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from foodvision import distributed
 from foodvision.atomic import atomic_dir, write_json, write_text
-from foodvision.checkpoint import ModelError, pick_device
+from foodvision.checkpoint import ModelError
 from foodvision.data import ImageSamples, build_transform, cpu_count, decode_workers, make_loader, prefetched
 from foodvision.features import INDEX, FeatureFile, NpyWriter
+from foodvision.head import pick_device
 from foodvision.images import open_rgb
 from foodvision.model import (
     build_backbone,
@@ -216,7 +217,7 @@ def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, unit: int,
         lo, hi = distributed.Rank(rank, len(parts)).slice(rows, unit)
         source = FeatureFile(part, [0] * (hi - lo))
         for feats, _ in source.batches(chunk):
-            writer.write(feats.numpy())
+            writer.write(feats)
         source.close()
     writer.close()
 
@@ -244,7 +245,7 @@ def _drop_rows(path: Path, bad: set[int], rows: int, cols: int) -> None:
     kept = path.with_suffix(".kept")
     writer = NpyWriter(kept, len(keep), cols)
     for start in range(0, len(keep), 1024):
-        writer.write(source.__getitems__(keep[start:start + 1024])[0].numpy())
+        writer.write(source.take(keep[start:start + 1024]))
     writer.close()
     source.close()
     kept.replace(path)

@@ -15,7 +15,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import get_model, get_model_weights, list_models
 
 from foodvision import lite0
-from foodvision.checkpoint import ModelError, load_state_dict_file, new_head, read_checkpoint
+from foodvision.checkpoint import ModelError, read_checkpoint
+from foodvision.head import load_state_dict_file, new_head
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def classifier_for(name: str, pretrained: Path, num_classes: int, dropout: float
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the whole trained classifier from models/model.pt (for images); failures name the file."""
+    """Rebuild the whole trained classifier from its checkpoint (for images); failures name the file."""
     path = Path(path)
     ckpt = read_checkpoint(path)
     if ckpt["model_name"] not in backbone_names():
@@ -161,7 +162,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_backbone(ckpt["model_name"])
     replace_head(model, len(ckpt["class_names"]), ckpt["dropout"])
     try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        model.load_state_dict({k: torch.tensor(v) for k, v in ckpt["state_dict"].items()}, strict=True)
     except RuntimeError as exc:
         raise ModelError(f"{path} does not match its own backbone {ckpt['model_name']!r} and "
                          f"{len(ckpt['class_names'])} classes ({str(exc).splitlines()[0]}); "

@@ -139,7 +139,7 @@ class PathsParams:
     transform: str = "models/pretrained/transform.json"
     features: str = "data/features"
     summary: str = "models/summary.txt"
-    model: str = "models/model.pt"
+    model: str = "models/model.safetensors"
     train_metrics: str = "metrics/train.json"
     history: str = "plots/train/history.csv"
     curves: str = "plots/train/loss_curves.png"

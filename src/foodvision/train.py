@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from foodvision.atomic import write_csv, write_json
-from foodvision.checkpoint import ModelError, load_state_dict_file, new_head, pick_device, save_checkpoint
-from foodvision.features import FeatureFile, as_batch, load_index, open_split
+from foodvision.checkpoint import ModelError, save_checkpoint
+from foodvision.features import FeatureFile, load_index, open_split
+from foodvision.head import load_state_dict_file, new_head, pick_device
 from foodvision.params import ModelParams, TrainParams
 from foodvision.spec import load_spec, load_transform
 
@@ -116,13 +117,35 @@ def _epochs(net: nn.Module, trainable: str, train_batches: Callable[[], Iterable
     return history
 
 
+class FeatureRows(Dataset):
+    """Stored feature rows as a torch Dataset: `__getitems__` serves a whole batch, one small read per row,
+    in the sampling order a DataLoader over in-memory tensors with the same generator would draw."""
+
+    def __init__(self, rows: FeatureFile) -> None:
+        self.file = rows
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.file.take(indices)), torch.from_numpy(self.file.labels[list(indices)])
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch  # `__getitems__` already made it
+
+
+def _in_order(rows: FeatureFile, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    return ((torch.from_numpy(x), torch.from_numpy(y)) for x, y in rows.batches(batch_size))
+
+
 def fit_features(head: nn.Module, train_set: FeatureFile, test_set: FeatureFile, params: TrainParams, seed: int,
                  device: torch.device, on_epoch: EpochHook | None = None) -> list[dict[str, Any]]:
     """Train `head` on stored features; the shuffle order is the one a DataLoader over images would draw."""
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=generator,
-                        collate_fn=as_batch)
-    return _epochs(head, "", lambda: loader, lambda: test_set.batches(params.batch_size), params, device, on_epoch)
+    loader = DataLoader(FeatureRows(train_set), batch_size=params.batch_size, shuffle=True, generator=generator,
+                        collate_fn=_as_batch)
+    return _epochs(head, "", lambda: loader, lambda: _in_order(test_set, params.batch_size), params, device, on_epoch)
 
 
 def fit_images(model: nn.Module, head: str, spec: dict[str, Any], transform: dict[str, Any], params: TrainParams,

@@ -1,0 +1,61 @@
+"""The head and where it runs: torch, no torchvision (which would cost `train` seconds of imports)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from foodvision.checkpoint import ModelError, head_weights
+from foodvision.params import DEVICE_PATTERN, shown
+
+
+def new_head(in_features: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """The article's head: Dropout, then Linear(in -> classes); its init draws from torch's global RNG."""
+    return nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(in_features, num_classes))
+
+
+def head_from_checkpoint(path: Path, ckpt: dict[str, Any]) -> nn.Sequential:
+    """Only the trained head, in eval mode, as torch modules (tests compare it with the numpy head)."""
+    weight, bias = head_weights(path, ckpt)
+    head = new_head(weight.shape[1], weight.shape[0], ckpt["dropout"])
+    head[1].load_state_dict({"weight": torch.from_numpy(weight.copy()), "bias": torch.from_numpy(bias.copy())})
+    return head.eval()
+
+
+def load_state_dict_file(path: Path) -> dict[str, Any]:
+    """Load a torch state dict (a pretrained .pth) without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found: run `dvc repro` to create it") from None
+    except Exception as exc:  # torch raises several types for truncated / foreign files
+        raise ModelError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}); "
+                         "delete it and run `dvc repro`") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` = CUDA, then Apple MPS, then CPU; anything else must exist on this machine."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ModelError(f"device {shown(device)} is not one of auto, cpu, cuda, cuda:N, mps")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} asked for, but CUDA is not available here; use auto or cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s), numbered from 0")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device 'mps' asked for, but MPS is not available here; use auto or cpu")
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
