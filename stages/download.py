@@ -1,4 +1,4 @@
-"""DVC stage `download`: the dataset archive at data.url, extracted to paths.raw."""
+"""DVC stage `download`: the dataset archive at data.url, checked and kept as one stored zip at paths.raw."""
 
 from pathlib import Path
 

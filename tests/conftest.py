@@ -77,6 +77,14 @@ def zip_dir(folder: Path, archive: Path, prefix: str = "") -> Path:
     return archive
 
 
+def stored(folder: Path, dest: Path) -> Path:
+    """`folder` as the dataset store `download` writes (what `prepare` and every later stage read)."""
+    from foodvision.download import store_dataset
+
+    store_dataset(zip_dir(folder, dest.with_name(dest.name + ".src.zip")), dest)
+    return dest
+
+
 def save_with_hash_name(state: dict, folder: Path, stem: str) -> Path:
     """torchvision's convention: `<stem>-<first 8 hex of sha256>.pth`."""
     tmp = folder / f"{stem}.tmp"
@@ -148,9 +156,9 @@ class Trained:
 
 
 def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 2, seed: int = 42) -> Trained:
-    t = Trained(root, root / "raw", root / "spec.json", root / "backbone.pth", root / "transform.json",
-                root / "features", root / "model.safetensors", root / "train.json", root / "history.csv", root / "summary.txt",
-                root / "curves.png")
+    t = Trained(root, root / "raw.zip", root / "spec.json", root / "backbone.pth", root / "transform.json",
+                root / "features", root / "model.safetensors", root / "train.json", root / "history.csv",
+                root / "summary.txt", root / "curves.png")
     download_dataset(archive_url, t.raw)
     fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained, transform_out=t.transform)
     prepare(t.raw, t.spec, seed=seed)

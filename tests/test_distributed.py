@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, default_params_text, free_port, write_dataset
+from conftest import ROOT, default_params_text, free_port, stored, write_dataset
 
 from foodvision.prepare import prepare
 
@@ -71,7 +71,7 @@ def bigger_spec(tmp_path_factory) -> Path:
     """120 train images: each rank of two needs seconds, time enough to kill one mid-way."""
     root = tmp_path_factory.mktemp("bigger")
     write_dataset(root / "raw", n_train=40, n_test=4)
-    prepare(root / "raw", root / "spec.json", seed=0)
+    prepare(stored(root / "raw", root / "raw.zip"), root / "spec.json", seed=0)
     return root / "spec.json"
 
 

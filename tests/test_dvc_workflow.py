@@ -103,7 +103,7 @@ def test_push_then_pull_in_a_fresh_clone_restores_everything(repo, tmp_path):
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     assert not (clone / "models/model.safetensors").exists()
     sh(clone, "dvc", "pull")
-    for out in ("data/raw/dataset/train/pizza/000.jpg", "models/pretrained/backbone.pth",
+    for out in ("data/raw/dataset.zip", "models/pretrained/backbone.pth",
                 "data/prepared/spec.json", "models/model.safetensors", "models/model.onnx", "plots/train/loss_curves.png",
                 "plots/predictions/image_0_own.png"):
         assert (clone / out).exists(), out

@@ -21,6 +21,7 @@ from foodvision.export import export, sample_rows
 from foodvision.export_backbone import export_backbone
 from foodvision.images import open_rgb
 from foodvision.model import load_checkpoint
+from foodvision.store import ImageStore
 
 
 def export_both(trained, features: Path, out: Path, model: Path | None = None) -> dict:
@@ -83,7 +84,8 @@ def test_the_joined_file_takes_any_batch_and_carries_classes_and_transform(expor
     assert meta["transform"] == ckpt["transform"] and meta["backbone"] == "efficientnet_b0"
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     tf = build_transform(ckpt["transform"])
-    images = [tf(open_rgb(p)) for p in sorted((trained.raw).rglob("*.jpg"))[:5]]
+    store = ImageStore(trained.raw)
+    images = [tf(open_rgb(store.open(name))) for name in store.names()[:5]]
     for batch in (torch.stack(images[:1]), torch.stack(images)):  # 1 and 5: not the traced 2
         got = session.run(["logits"], {"images": batch.numpy()})[0]
         with torch.inference_mode():

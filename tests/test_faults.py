@@ -13,10 +13,10 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import write_dataset
+from conftest import stored, write_dataset
 from PIL import Image
 
-from foodvision.download import ArchiveError, download_dataset, extract_dataset
+from foodvision.download import ArchiveError, download_dataset, store_dataset
 from foodvision.fetch import FetchError, fetch
 from foodvision.images import open_rgb
 from foodvision.model import ModelError
@@ -55,18 +55,18 @@ def test_stalled_server_times_out_and_leaves_nothing(stalling_url, tmp_path):
 
 
 def test_killed_download_leaves_nothing_and_the_next_run_recovers(stalling_url, dataset_zip, tmp_path):
-    target = tmp_path / "raw" / "food"
+    target = tmp_path / "raw" / "food.zip"
     code = ("import sys; from pathlib import Path; from foodvision.download import download_dataset; "
             "download_dataset(sys.argv[1], Path(sys.argv[2]))")
     proc = subprocess.Popen([sys.executable, "-c", code, stalling_url, str(target)], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not any(target.parent.glob(".food.*.download.*.tmp/*")):  # the server then stalls for 30 s
+    while not any(target.parent.glob(".food.zip.*.download.*.tmp/*")):  # the server then stalls for 30 s
         assert proc.poll() is None and time.monotonic() < deadline, "the download never started"
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not target.exists(), "a killed download must not look complete"
-    assert any(target.parent.glob(".food.*.tmp")), "the kill really happened mid-download"
+    assert any(target.parent.glob(".food.zip.*.tmp")), "the kill really happened mid-download"
     download_dataset(str(dataset_zip), target)
     assert sorted(p.name for p in target.parent.iterdir()) == ["food"], "stale temporaries are cleaned up"
     assert len(list(target.rglob("*.jpg"))) == 18
@@ -81,15 +81,15 @@ def test_corrupt_member_is_a_clear_error(dataset_zip, tmp_path):
     broken = tmp_path / "broken.zip"
     broken.write_bytes(bytes(data))
     with pytest.raises(ArchiveError, match="is a corrupt archive"):
-        extract_dataset(broken, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        store_dataset(broken, tmp_path / "out.zip")
+    assert not (tmp_path / "out.zip").exists()
 
 
 def test_truncated_zip(dataset_zip, tmp_path):
     half = tmp_path / "half.zip"
     half.write_bytes(dataset_zip.read_bytes()[: dataset_zip.stat().st_size // 2])
     with pytest.raises(ArchiveError, match="is not a zip or tar archive"):
-        extract_dataset(half, tmp_path / "out")
+        store_dataset(half, tmp_path / "out.zip")
 
 
 def test_zip_bomb_is_refused(tmp_path):
@@ -99,9 +99,9 @@ def test_zip_bomb_is_refused(tmp_path):
         zf.writestr("train/a/x.jpg", bytes(3 * 2**20))
     assert bomb.stat().st_size < 2**16
     with pytest.raises(ArchiveError, match=r"inflate to 3 MB, over data.max_extract_mb \(2 MB\)"):
-        extract_dataset(bomb, tmp_path / "out", max_bytes=2 * 2**20)
-    assert not (tmp_path / "out").exists()
-    extract_dataset(bomb, tmp_path / "out", max_bytes=4 * 2**20)
+        store_dataset(bomb, tmp_path / "out.zip", max_bytes=2 * 2**20)
+    assert not (tmp_path / "out.zip").exists()
+    store_dataset(bomb, tmp_path / "out.zip", max_bytes=4 * 2**20)
 
 
 def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path, backbone_file):
@@ -118,7 +118,7 @@ def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path, backbone_file):
     (tmp_path / "raw" / "train" / "sushi" / "cut.jpg").write_bytes(good[:300])  # header cut: prepare
     (tmp_path / "raw" / "test" / "steak" / "short.jpg").write_bytes(good[:-400])  # scan data cut: featurize
     (tmp_path / "t.json").write_text(json.dumps(eval_transform("efficientnet_b0", "DEFAULT")))
-    spec = prepare(tmp_path / "raw", tmp_path / "spec.json", seed=1, skip_corrupt=True)
+    spec = prepare(stored(tmp_path / "raw", tmp_path / "raw.zip"), tmp_path / "spec.json", seed=1, skip_corrupt=True)
     assert spec["skipped_corrupt"] == ["train/sushi/cut.jpg"]
     assert spec["counts"]["train"]["sushi"] == 4 and spec["counts"]["test"]["steak"] == 3
     assert all(s["path"] != "train/sushi/cut.jpg" for s in spec["splits"]["train"])

@@ -16,7 +16,7 @@ from conftest import QuietHandler, default_params_text, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [
-    "data/raw/dataset/train/pizza/000.jpg", "models/pretrained/backbone.pth", "models/pretrained/transform.json",
+    "data/raw/dataset.zip", "models/pretrained/backbone.pth", "models/pretrained/transform.json",
     "data/prepared/spec.json", "data/features/train.npy", "data/features/test.npy", "data/features/index.json",
     "models/model.safetensors", "models/summary.txt", "metrics/train.json", "plots/train/history.csv",
     "plots/train/loss_curves.png", "metrics/eval.json", "plots/eval/confusion.csv", "plots/eval/confusion.png",

@@ -3,7 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_dataset
+from conftest import stored, write_dataset
 from PIL import Image
 
 from foodvision.model import eval_transform
@@ -11,7 +11,8 @@ from foodvision.prepare import DatasetError, prepare
 
 
 def run(raw: Path, tmp_path: Path, **kwargs) -> dict:
-    return prepare(raw, tmp_path / "spec.json", seed=7, **kwargs)
+    """prepare on the folder `raw` as `download` stores it."""
+    return prepare(stored(raw, tmp_path / "raw.zip"), tmp_path / "spec.json", seed=7, **kwargs)
 
 
 def test_spec_is_a_plain_index_of_classes_and_samples(tmp_path):
@@ -38,6 +39,7 @@ def test_class_mismatch_empty_class_single_class(tmp_path):
     with pytest.raises(DatasetError, match=r"only in train: \['steak'\]"):
         run(tmp_path / "raw", tmp_path)
     (tmp_path / "raw" / "test" / "steak").mkdir()
+    (tmp_path / "raw" / "test" / "steak" / "notes.txt").write_text("no photos yet")
     with pytest.raises(DatasetError, match="no images for test/steak"):
         run(tmp_path / "raw", tmp_path)
     for split in ("train", "test"):
@@ -60,6 +62,7 @@ def test_unreadable_images_are_named(tmp_path):
 
 def test_missing_split_folder(tmp_path):
     (tmp_path / "raw" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "raw" / "train" / "a" / "x.jpg").write_bytes(b"x")
     with pytest.raises(DatasetError, match="holds 0 class folder.*no train/ and test/"):
         run(tmp_path / "raw", tmp_path)
 
@@ -130,5 +133,5 @@ def test_plain_class_folders_are_split_stratified_and_seeded(tmp_path):
     test = {s["path"] for s in spec["splits"]["test"]}
     assert not train & test and len(train | test) == 17
     assert run(tmp_path / "raw", tmp_path, test_fraction=0.25) == spec, "same seed, same split"
-    other = prepare(tmp_path / "raw", tmp_path / "other.json", seed=8, test_fraction=0.25)
+    other = prepare(tmp_path / "raw.zip", tmp_path / "other.json", seed=8, test_fraction=0.25)
     assert {s["path"] for s in other["splits"]["test"]} != test, "another seed, another split"

@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from foodvision.images import open_rgb
+from foodvision.store import ImageStore
 
 Item = TypeVar("Item")
 
@@ -48,10 +49,10 @@ def augment_transform(transform: dict[str, Any]) -> T.Compose:
 
 
 class ImageSamples(Dataset):
-    """(image tensor, label) for the spec's samples (`{"path": relative to root, "label": int}`), in order."""
+    """(image tensor, label) for the spec's samples (`{"path": name in the dataset zip, "label": int}`), in order."""
 
     def __init__(self, root: Path, samples: list[dict[str, Any]], transform: Callable, min_size: int) -> None:
-        self.root = Path(root)
+        self.store = ImageStore(root)
         self.samples = [(s["path"], s["label"]) for s in samples]
         self.transform = transform
         self.min_size = min_size
@@ -61,7 +62,7 @@ class ImageSamples(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.samples[i]
-        return self.transform(open_rgb(self.root / rel, self.min_size)), label
+        return self.transform(open_rgb(self.store.open(rel), self.min_size)), label
 
 
 def loader_workers(device: torch.device) -> int:

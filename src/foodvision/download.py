@@ -1,6 +1,10 @@
-"""download stage: fetch the dataset archive (.zip, .tar, .tar.gz/.tgz) and extract it safely.
+"""download stage: fetch the dataset archive (.zip, .tar, .tar.gz/.tgz) and keep it as the canonical store.
 
-The archive is extracted as it is; `prepare` finds the layout inside (train/test, Food-101, class folders).
+Every member is checked as if it were extracted (no escaping paths, links, devices, bombs, names a
+file system cannot hold), then copied, uncompressed and in the archive's order (a .tar.gz reads only
+forwards), into one zip (see `store`):
+`prepare` finds the layout inside (train/test, Food-101, class folders) and later stages read the images
+from it by name.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from foodvision.atomic import atomic_dir, remove_stale, temp_prefix
+from foodvision.atomic import atomic_path, remove_stale, temp_prefix
 from foodvision.errors import FoodVisionError
 from foodvision.fetch import fetch, redact
 from foodvision.spec import content_sha256 as dataset_digest
+from foodvision.store import write_store
 
 MAX_MEMBERS = 500_000  # Food-101 holds about 101,000
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
@@ -36,10 +41,10 @@ class ArchiveError(FoodVisionError):
 
 def download_dataset(url: str, target: Path, *, sha256: str | None = None, content_sha256: str | None = None,
                      max_extract_mb: int = 5000, max_download_mb: int = 10000) -> Path:
-    """Fetch the archive at `url` (http(s), file:// or a path) and extract it into `target`.
+    """Fetch the archive at `url` (http(s), file:// or a path) and store its images at `target` (a zip).
 
-    The archive is kept only in a temporary directory: DVC caches the extracted images, so
-    keeping the archive too would store the dataset twice.
+    The archive as downloaded is kept only in a temporary directory: DVC caches the store, so keeping
+    the archive too would store the dataset twice.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -49,18 +54,19 @@ def download_dataset(url: str, target: Path, *, sha256: str | None = None, conte
         digest = fetch(url, archive, sha256=sha256, what="dataset archive", max_bytes=max_download_mb * 2**20,
                        limit_name=f"data.max_download_mb ({max_download_mb} MB)")
         print(f"downloaded {redact(url)} (sha256 {digest})")
-        extract_dataset(archive, target, source=redact(url), max_bytes=max_extract_mb * 2**20,
-                        content_sha256=content_sha256)
+        store_dataset(archive, target, source=redact(url), max_bytes=max_extract_mb * 2**20,
+                      content_sha256=content_sha256)
     return target
 
 
-def extract_dataset(archive: Path, target: Path, *, source: str | None = None, max_bytes: int = 5000 * 2**20,
-                    content_sha256: str | None = None) -> str:
-    """Extract a zip or (compressed) tar archive into `target`, all or nothing; return its content digest.
+def store_dataset(archive: Path, target: Path, *, source: str | None = None, max_bytes: int = 5000 * 2**20,
+                  content_sha256: str | None = None) -> str:
+    """Copy a zip or (compressed) tar archive's files into the store zip `target`, all or nothing;
+    return the content digest.
 
-    Refuses archives that would write outside `target`, hold links or devices, or inflate beyond
-    `max_bytes` (counted both from the headers and while writing, since headers can lie), and, when
-    `content_sha256` is given, images that are not the ones pinned (see `spec.content_sha256`).
+    Refuses archives that would write outside a folder if extracted, hold links or devices, or inflate
+    beyond `max_bytes` (counted both from the headers and while copying, since headers can lie), and,
+    when `content_sha256` is given, images that are not the ones pinned (see `spec.content_sha256`).
     """
     name = source or str(archive)
     if zipfile.is_zipfile(archive):
@@ -71,33 +77,18 @@ def extract_dataset(archive: Path, target: Path, *, source: str | None = None, m
         raise ArchiveError(f"{name} is not a zip or tar archive (an HTML error page? a truncated download?)")
     limit = f"data.max_extract_mb ({max_bytes // 2**20} MB)"
     try:
-        with opener(archive, name) as members, atomic_dir(target) as tmp:
-            members = [m for m in members if not _is_junk(m.path)]
-            if not any(not m.is_dir for m in members):
+        with opener(archive, name) as members, atomic_path(target) as tmp:
+            files = [m for m in members if not _is_junk(m.path) and not m.is_dir]
+            if not files:
                 raise ArchiveError(f"{name} is empty: expected folders of images")
-            _check_tree(members, name)
-            declared = sum(m.size for m in members)
+            _check_tree([m for m in members if not _is_junk(m.path)], name)
+            declared = sum(m.size for m in files)
             if declared > max_bytes:
                 raise ArchiveError(f"{name} would inflate to {declared // 2**20} MB, over {limit}; "
                                    "raise that param if the dataset really is this big")
-            written = 0
-            hashes: dict[str, str] = {}  # hashed while writing: the digest then reads no file again
-            for member in members:
-                out = tmp.joinpath(*member.path.parts)
-                if member.is_dir:
-                    out.mkdir(parents=True, exist_ok=True)
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                h = hashlib.sha256()
-                with member.open() as src, open(out, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")
-                        dst.write(chunk)
-                        h.update(chunk)
-                hashes[member.path.as_posix()] = h.hexdigest()
-            digest = dataset_digest(tmp, hashes)
+            counted = _Counted(max_bytes, name, limit)
+            write_store(tmp, ((str(m.path), counted.wrap(str(m.path), m.open())) for m in files))
+            digest = dataset_digest(counted.hashes)
             if content_sha256 is not None and digest != content_sha256.lower():
                 raise ArchiveError(f"{name} holds other images than data.content_sha256 pins: expected "
                                    f"{content_sha256.lower()}, got {digest}; if the data changed on purpose, or this "
@@ -107,8 +98,35 @@ def extract_dataset(archive: Path, target: Path, *, source: str | None = None, m
                            "(or use .tar.gz)") from None
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, EOFError) as exc:
         raise ArchiveError(f"{name} is a corrupt archive ({exc}); download it again or fix data.url") from None
-    print(f"extracted {name} to {target} (content sha256 {digest}: set data.content_sha256 to pin it)")
+    print(f"stored {len(counted.hashes)} files of {name} in {target} "
+          f"(content sha256 {digest}: set data.content_sha256 to pin it)")
     return digest
+
+
+class _Counted:
+    """Readers that hash each member and stop the copy once the bytes read pass the limit (a zip bomb)."""
+
+    def __init__(self, max_bytes: int, name: str, limit: str) -> None:
+        self.max_bytes, self.name, self.limit = max_bytes, name, limit
+        self.total = 0
+        self.hashes: dict[str, str] = {}
+
+    def wrap(self, path: str, source: IO[bytes]) -> IO[bytes]:
+        outer, h = self, hashlib.sha256()
+
+        class Reader:
+            def read(self, size: int = -1) -> bytes:
+                chunk = source.read(size)
+                outer.total += len(chunk)
+                if outer.total > outer.max_bytes:
+                    raise ArchiveError(f"{outer.name} inflates beyond {outer.limit} (a zip bomb?); refusing it")
+                h.update(chunk)
+                if not chunk:
+                    outer.hashes[path] = h.hexdigest()
+                    source.close()
+                return chunk
+
+        return Reader()
 
 
 class _Member:

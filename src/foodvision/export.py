@@ -29,6 +29,7 @@ from foodvision.atomic import atomic_path, write_json
 from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
 from foodvision.features import FeatureFile, load_index, open_split, rows_per_read
 from foodvision.images import eval_array, open_rgb
+from foodvision.store import ImageStore
 
 OPSET = 18
 MAX_ABS_DIFF = 1e-4  # the largest difference accepted between ONNX Runtime and torch (features or logits)
@@ -168,8 +169,10 @@ def _check_sample(head: tuple[np.ndarray, np.ndarray], session: Any, check_dir: 
     torch's features of them."""
     paths = index["splits"]["test"]["paths"]
     rows = sample_rows(len(paths))
-    root = Path(index["root"])
-    images = np.stack([eval_array(open_rgb(root / paths[i], transform["resize_size"]), transform) for i in rows])
+    store = ImageStore(Path(index["root"]))
+    images = np.stack([eval_array(open_rgb(store.open(paths[i]), transform["resize_size"]), transform)
+                       for i in rows])
+    store.close()
     own = _own_reference(check_dir, index)
     reference = own if own is not None else open_split(features_dir, index, "test")
     want = head_logits(reference.take(rows), *head)

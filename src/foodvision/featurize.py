@@ -49,7 +49,7 @@ class _Decoded(ImageSamples):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         rel, _ = self.samples[i]
         try:
-            return self.transform(open_rgb(self.root / rel, self.min_size)), True
+            return self.transform(open_rgb(self.store.open(rel), self.min_size)), True
         except DECODE_ERRORS:
             crop = self.transform.crop_size[0]
             return torch.zeros(3, crop, crop), False

@@ -133,7 +133,7 @@ class PathsParams:
     inputs_data: str = "inputs/data"  # local inputs placed here are DVC deps of the stage that reads them
     inputs_weights: str = "inputs/weights"
     inputs_images: str = "inputs/images"
-    raw: str = "data/raw/dataset"
+    raw: str = "data/raw/dataset.zip"
     spec: str = "data/prepared/spec.json"
     pretrained: str = "models/pretrained/backbone.pth"
     transform: str = "models/pretrained/transform.json"

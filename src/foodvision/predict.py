@@ -13,7 +13,7 @@ import argparse
 import random
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from foodvision.classifier import OnnxClassifier
 from foodvision.errors import FoodVisionError
 from foodvision.fetch import fetch, local_path, redact, source_name
 from foodvision.spec import read_json
+from foodvision.store import ImageStore
 
 MAX_IMAGE_MB = 200  # a photo, not a video
 
@@ -53,8 +54,13 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
 
     results = []
     with atomic_dir(out_dir) as tmp_out, tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in:
-        jobs = [(Path(index["root"]) / rel, rel, index["classes"][label], f"test_{i}")
-                for i, (rel, label) in enumerate(picked)]
+        store = ImageStore(Path(index["root"]))
+        jobs = []
+        for i, (rel, label) in enumerate(picked):  # each test photo is kept beside its plot, for foodvision-serve
+            photo = tmp_out / f"test_{i}_{PurePosixPath(rel).name}"
+            photo.write_bytes(store.read(rel))
+            jobs.append((photo, rel, index["classes"][label], f"test_{i}"))
+        store.close()
         for i, source in enumerate(images):
             path = _materialise(source, Path(tmp_in) / f"{i}_{source_name(source)}")
             jobs.append((path, redact(source), None, f"image_{i}"))
@@ -66,8 +72,8 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
                                       "fix predict.images in params.yaml") from None
             result = describe(predictor.probabilities(image), predictor.classes, source, true)
             result["plot"] = f"{stem}_{Path(source_name(source)).stem}.png"
-            if true is not None:
-                result["path"] = str(path)  # the test photo itself: `foodvision-serve` offers it as an example
+            if true is not None:  # the test photo itself: `foodvision-serve` offers it as an example
+                result["path"] = (out_dir / path.name).as_posix()
             prediction(image, title(result), None if true is None else result["pred"] == true,
                        tmp_out / result["plot"])
             print(f"{source}: {title(result)}")

@@ -1,6 +1,6 @@
 """prepare stage: find the dataset's layout and classes and write the spec every later stage builds from.
 
-Three layouts are recognised, at the extracted root or under wrapper folders:
+Three layouts are recognised in the dataset zip `download` stored, at its top or under wrapper folders:
 - `train/<class>/*` and `test/<class>/*` (the article's archive);
 - Food-101's own: `images/<class>/*.jpg` with `meta/train.txt` and `meta/test.txt` (`<class>/<id>` lines);
 - plain `<class>/*` folders, split per class with `data.test_fraction` (stratified, seeded).
@@ -23,6 +23,7 @@ from PIL import Image
 
 from foodvision.atomic import write_json
 from foodvision.spec import MAX_PIXELS, SPLITS, DatasetError, dataset_root, hidden, is_image_name
+from foodvision.store import ImageStore, Tree, join
 
 MAX_LISTED = 10  # names shown in one error line
 CHECK_CHUNK = 256  # files per header-check task
@@ -30,14 +31,16 @@ CHECK_CHUNK = 256  # files per header-check task
 
 def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None = None, test_fraction: float = 0.25,
             seed: int = 42, skip_corrupt: bool = False) -> dict[str, Any]:
-    """Index the dataset under `raw_dir` into the spec JSON at `spec_path`; return the spec.
+    """Index the dataset zip `raw_dir` into the spec JSON at `spec_path`; return the spec.
 
     `classes` keeps a subset (in the given names' sorted order); `test_fraction` and `seed` only
     matter for plain class folders, which have no split of their own.
     """
     raw_dir = Path(raw_dir)
-    root = dataset_root(raw_dir)
-    layout, candidates = _find_samples(raw_dir, root, test_fraction, seed)
+    store = ImageStore(raw_dir)
+    tree = Tree(store.names())
+    root = dataset_root(tree)
+    layout, candidates = _find_samples(store, tree, root, test_fraction, seed)
     found = sorted({cls for split in SPLITS for _, cls in candidates[split]})
     names = _select(found, classes, raw_dir)
     index = {c: i for i, c in enumerate(names)}
@@ -47,7 +50,7 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
         kept = [(rel, c) for rel, c in candidates.pop(split) if c in index]
         images[split] = [(rel, c) for rel, c in kept if is_image_name(rel.rpartition("/")[2])]
         ignored += len(kept) - len(images[split])
-    unreadable = _unreadable(raw_dir, [rel for split in SPLITS for rel, _ in images[split]])
+    unreadable = _unreadable(store, [rel for split in SPLITS for rel, _ in images[split]])
     if unreadable and not skip_corrupt:
         raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {_listed(unreadable)}; "
                            "replace them, or set data.skip_corrupt: true")
@@ -62,7 +65,7 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     if empty:
         raise DatasetError(f"no images for {empty[0]} in {raw_dir} ({layout} layout); every class needs images "
                            "in train and test (with plain class folders: at least 2 images per class)")
-    hidden = _hidden_folders(root, layout)
+    hidden = _hidden_folders(tree, root, layout)
     spec = {"root": raw_dir.as_posix(), "layout": layout, "classes": names, "splits": splits, "counts": counts,
             "ignored_files": ignored, "ignored_folders": hidden, "skipped_corrupt": unreadable}
     write_json(spec_path, spec)
@@ -74,77 +77,62 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     return spec
 
 
-def _hidden_folders(root: Path, layout: str) -> list[str]:
+def _hidden_folders(tree: Tree, root: str, layout: str) -> list[str]:
     """Folders where classes live whose names start with `.`: not classes, but said, not silently dropped."""
-    parents = {"train/test": [root / s for s in SPLITS], "food-101": [root / "images"]}.get(layout, [root])
-    return sorted({p.name for parent in parents for p in parent.iterdir() if p.is_dir() and hidden(p.name)})
+    parents = {"train/test": [join(root, s) for s in SPLITS], "food-101": [join(root, "images")]}.get(layout, [root])
+    return sorted({name for parent in parents for name in tree.subdirs(parent) if hidden(name)})
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not hidden(p.name)), key=lambda p: p.name)
+def _class_dirs(tree: Tree, folder: str) -> list[str]:
+    """The class folders' names in `folder`, sorted."""
+    return [name for name in tree.subdirs(folder) if not hidden(name)]
 
 
-def _relative(raw_dir: Path, path: Path, *rest: str) -> str:
-    """`path / rest` relative to `raw_dir`, as the spec writes it (POSIX)."""
-    return "/".join(part for part in (path.relative_to(raw_dir).as_posix(), *rest) if part not in ("", "."))
-
-
-def _files(raw_dir: Path, folder: Path) -> list[str]:
-    """Every file below `folder`, relative to `raw_dir`, sorted (hidden ones too: they are counted as ignored).
-
-    Plain strings from os.walk, not Path objects: the index then costs about 100 bytes per image.
-    """
-    found = []
-    for dirpath, _, filenames in os.walk(folder):
-        base = _relative(raw_dir, Path(dirpath))
-        found += [f"{base}/{name}" for name in filenames]
-    return sorted(found)
-
-
-def _find_samples(raw_dir: Path, root: Path, test_fraction: float,
+def _find_samples(store: ImageStore, tree: Tree, root: str, test_fraction: float,
                   seed: int) -> tuple[str, dict[str, list[tuple[str, str]]]]:
-    """(layout name, split -> [(file relative to raw_dir, class name)]) before any filtering."""
-    if all((root / s).is_dir() for s in SPLITS):
-        names = {s: [d.name for d in _class_dirs(root / s)] for s in SPLITS}
+    """(layout name, split -> [(file name in the store, class name)]) before any filtering."""
+    shown = f"{store.path}:{root}/" if root else str(store.path)
+    if all(tree.is_dir(join(root, s)) for s in SPLITS):
+        names = {s: _class_dirs(tree, join(root, s)) for s in SPLITS}
         if names["train"] != names["test"]:
             only_train = sorted(set(names["train"]) - set(names["test"]))
             only_test = sorted(set(names["test"]) - set(names["train"]))
-            raise DatasetError(f"train and test classes differ in {root} (only in train: {only_train or 'none'}, "
+            raise DatasetError(f"train and test classes differ in {shown} (only in train: {only_train or 'none'}, "
                                f"only in test: {only_test or 'none'}); give both splits the same class folders")
-        return "train/test", {s: [(f, d.name) for d in _class_dirs(root / s) for f in _files(raw_dir, d)]
+        return "train/test", {s: [(f, d) for d in names[s] for f in tree.files_below(join(root, s, d))]
                               for s in SPLITS}
-    if (root / "images").is_dir() and all((root / "meta" / f"{s}.txt").is_file() for s in SPLITS):
-        return "food-101", {s: list(_food101_split(raw_dir, root, s)) for s in SPLITS}
-    dirs = _class_dirs(root)
+    if tree.is_dir(join(root, "images")) and all(tree.is_file(join(root, "meta", f"{s}.txt")) for s in SPLITS):
+        return "food-101", {s: list(_food101_split(store, root, s)) for s in SPLITS}
+    dirs = _class_dirs(tree, root)
     if len(dirs) < 2:
-        raise DatasetError(f"{root} holds {len(dirs)} class folder(s) and no train/ and test/ or images/ and meta/; "
+        raise DatasetError(f"{shown} holds {len(dirs)} class folder(s) and no train/ and test/ or images/ and meta/; "
                            "expected train/<class>/*, Food-101's images/ + meta/, or one folder per class")
-    return "class folders", _split_folders(raw_dir, dirs, test_fraction, seed)
+    return "class folders", _split_folders(tree, root, dirs, test_fraction, seed)
 
 
-def _food101_split(raw_dir: Path, root: Path, split: str) -> Iterable[tuple[str, str]]:
+def _food101_split(store: ImageStore, root: str, split: str) -> Iterable[tuple[str, str]]:
     """`meta/<split>.txt` lines are `<class>/<id>`; the image is `images/<class>/<id>.jpg`."""
-    listing = root / "meta" / f"{split}.txt"
-    for n, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+    listing = join(root, "meta", f"{split}.txt")
+    for n, line in enumerate(store.read(listing).decode("utf-8").splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
         cls, sep, _ = line.partition("/")
         if not sep or ".." in line.split("/"):
-            raise DatasetError(f"{listing}:{n}: expected `<class>/<image id>`, got {line[:80]!r}")
-        yield _relative(raw_dir, root, "images", f"{line}.jpg"), cls
+            raise DatasetError(f"{store.path}:{listing}:{n}: expected `<class>/<image id>`, got {line[:80]!r}")
+        yield join(root, "images", f"{line}.jpg"), cls
 
 
-def _split_folders(raw_dir: Path, dirs: list[Path], test_fraction: float,
+def _split_folders(tree: Tree, root: str, dirs: list[str], test_fraction: float,
                    seed: int) -> dict[str, list[tuple[str, str]]]:
     """Per class, a seeded shuffle; the first `round(n * test_fraction)` files (at least one) are test."""
     out: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for d in dirs:
-        files = [f for f in _files(raw_dir, d) if is_image_name(f.rpartition("/")[2])]
-        random.Random(f"{seed}/{d.name}").shuffle(files)
+        files = [f for f in tree.files_below(join(root, d)) if is_image_name(f.rpartition("/")[2])]
+        random.Random(f"{seed}/{d}").shuffle(files)
         n_test = max(1, round(len(files) * test_fraction)) if len(files) >= 2 else 0
-        out["test"] += [(f, d.name) for f in sorted(files[:n_test])]
-        out["train"] += [(f, d.name) for f in sorted(files[n_test:])]
+        out["test"] += [(f, d) for f in sorted(files[:n_test])]
+        out["train"] += [(f, d) for f in sorted(files[n_test:])]
     return out
 
 
@@ -166,25 +154,25 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:MAX_LISTED]) + (f" … ({len(names)} in all)" if len(names) > MAX_LISTED else "")
 
 
-def _unreadable(raw_dir: Path, rels: list[str]) -> list[str]:
-    """The files among `rels` (relative to `raw_dir`) whose header Pillow cannot read, checked by a thread pool.
+def _unreadable(store: ImageStore, rels: list[str]) -> list[str]:
+    """The files among `rels` whose header Pillow cannot read, checked by a thread pool.
 
     Chunks of files, not one task per file: a future per image would cost more memory than the index.
     """
     chunks = [rels[i:i + CHECK_CHUNK] for i in range(0, len(rels), CHECK_CHUNK)]
 
     def check(chunk: list[str]) -> list[str]:
-        return [rel for rel in chunk if not _has_image_header(raw_dir / rel)]
+        return [rel for rel in chunk if not _has_image_header(store, rel)]
 
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
         return [rel for found in pool.map(check, chunks) for rel in found]
 
 
-def _has_image_header(path: Path) -> bool:
+def _has_image_header(store: ImageStore, name: str) -> bool:
     """Pillow recognises the file and reads a plausible size: a header check, no pixel decoded."""
     try:
-        with Image.open(path) as im:
+        with store.open(name) as f, Image.open(f) as im:  # a seekable member: only the header is read
             width, height = im.size
         return 0 < width * height <= MAX_PIXELS
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (KeyError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # KeyError: not in the zip
         return False

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from foodvision.errors import FoodVisionError
+from foodvision.store import Tree, join
 
 SPLITS = ("train", "test")
 # torchvision.datasets.folder.IMG_EXTENSIONS, the formats ImageFolder accepts (copied, not imported:
@@ -49,22 +49,21 @@ def load_transform(path: Path) -> dict[str, Any]:
     return read_json(path, "pretrained")
 
 
-def dataset_root(raw_dir: Path) -> Path:
+def dataset_root(tree: Tree) -> str:
     """Step into wrapper folders (`food-101/`, `pizza_steak_sushi/`): a folder holding one folder and no image."""
-    if not raw_dir.is_dir():
-        raise DatasetError(f"{raw_dir} is missing: run `dvc repro download` first")
-    root = raw_dir
+    root = ""
     while True:
-        entries = [e for e in root.iterdir() if not hidden(e.name)]
-        dirs = [e for e in entries if e.is_dir()]
-        has_images = any(is_image_name(e.name) for e in entries if e.is_file())
-        if len(dirs) != 1 or has_images or _is_layout(root):
+        entries = [e for e in tree.entries(root) if not hidden(e)]
+        dirs = [e for e in entries if tree.is_dir(join(root, e))]
+        has_images = any(is_image_name(e) for e in entries if tree.is_file(join(root, e)))
+        if len(dirs) != 1 or has_images or _is_layout(tree, root):
             return root
-        root = dirs[0]
+        root = join(root, dirs[0])
 
 
-def _is_layout(folder: Path) -> bool:
-    return all((folder / s).is_dir() for s in SPLITS) or (folder / "images").is_dir() and (folder / "meta").is_dir()
+def _is_layout(tree: Tree, folder: str) -> bool:
+    return (all(tree.is_dir(join(folder, s)) for s in SPLITS)
+            or tree.is_dir(join(folder, "images")) and tree.is_dir(join(folder, "meta")))
 
 
 def hidden(name: str) -> bool:
@@ -76,25 +75,19 @@ def is_image_name(name: str) -> bool:
     return not hidden(name) and Path(name).suffix.lower() in IMG_EXTENSIONS
 
 
-def content_sha256(folder: Path, known: Mapping[str, str] | None = None) -> str:
+def content_sha256(hashes: Mapping[str, str]) -> str:
     """A digest of the dataset by content: its images' paths (from the dataset root) and bytes.
 
-    Re-zipping the same images, or wrapping them in another top folder, keeps it; changing, adding or
-    removing an image changes it. It is the sha256 of the lines `sha256sum` prints for the images,
-    `<sha256>  <path from the dataset root>`, sorted by path. `known` (POSIX path from `folder` ->
-    sha256) spares reading files again whose hash is already known (download hashes while extracting).
+    `hashes` maps every file's name in the archive to the sha256 of its bytes. Re-zipping the same
+    images, or wrapping them in another top folder, keeps the digest; changing, adding or removing an
+    image changes it. It is the sha256 of the lines `sha256sum` prints for the images, `<sha256>  <path
+    from the dataset root>`, sorted by path, so it can be checked on an extracted copy with shell tools.
     """
-    folder = Path(folder)
-    known = known or {}
-    root = dataset_root(folder)
-    lines = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not hidden(d)]
-        for name in filenames:
-            if is_image_name(name):
-                path = Path(dirpath) / name
-                sha = known.get(path.relative_to(folder).as_posix()) or file_sha256(path)
-                lines.append(f"{sha}  {path.relative_to(root).as_posix()}\n")
+    tree = Tree(hashes)
+    root = dataset_root(tree)
+    prefix = f"{root}/" if root else ""
+    lines = [f"{hashes[name]}  {name[len(prefix):]}\n" for name in tree.files_below(root)
+             if is_image_name(name.rpartition("/")[2]) and not any(hidden(p) for p in name.split("/"))]
     lines.sort(key=lambda line: line[66:].encode("utf-8"))
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 

@@ -1,0 +1,125 @@
+"""The dataset as `download` keeps it: one uncompressed zip (paths.raw), read member by member.
+
+One file instead of a folder of images, because DVC checks a tracked folder file by file: at 30,000
+images every `dvc status`, `dvc exp run` and checkout walked them, about 10 s of every head-only
+experiment; one file is one lookup. Stored, not deflated (photos do not compress; a member is one seek),
+with fixed timestamps and modes, so the same archive gives the same bytes on any machine.
+Members are only ever read by name, never extracted: no later stage writes a path the archive chose.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+from foodvision.errors import FoodVisionError
+
+FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no member carries the time it was written
+
+
+class StoreError(FoodVisionError):
+    pass
+
+
+class ImageStore:
+    """Read-only access to the dataset zip; each process (DataLoader workers too) opens its own handle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._zip: zipfile.ZipFile | None = None
+        self._pid = -1
+
+    def _file(self) -> zipfile.ZipFile:
+        if self._zip is None or self._pid != os.getpid():  # a forked worker must not share the parent's offset
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except FileNotFoundError:
+                raise StoreError(f"{self.path} is missing: run `dvc repro download` (or `dvc pull`)") from None
+            except (OSError, zipfile.BadZipFile) as exc:
+                raise StoreError(f"{self.path} is not a readable dataset zip ({exc}); "
+                                 "run `dvc repro -f download`") from None
+            self._pid = os.getpid()
+        return self._zip
+
+    def names(self) -> list[str]:
+        """Every file's name (POSIX path from the archive's top), sorted."""
+        return sorted(i.filename for i in self._file().infolist() if not i.is_dir())
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._file().read(name)
+        except KeyError:
+            raise StoreError(f"{self.path} has no {name!r}: the spec is from another dataset; "
+                             "run `dvc repro prepare`") from None
+
+    def open(self, name: str) -> IO[bytes]:
+        return self._file().open(name)
+
+    def __getstate__(self) -> dict:  # spawned workers reopen the file themselves
+        return {"path": self.path, "_zip": None, "_pid": -1}
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+
+def write_store(target: Path, members: Iterable[tuple[str, IO[bytes]]]) -> None:
+    """Write (name, readable) pairs as a stored zip at `target` whose bytes depend only on names, order and content."""
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, source in members:
+            info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
+            info.external_attr = 0o644 << 16
+            info.create_system = 3  # Unix, whatever system writes it: the same bytes everywhere
+            with zf.open(info, "w", force_zip64=True) as dst:
+                while chunk := source.read(1 << 20):
+                    dst.write(chunk)
+
+
+class Tree:
+    """The folders the store's file names imply, to find a dataset's layout as one would on a disk.
+
+    Folders are POSIX paths without a trailing slash; "" is the top.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.files = sorted(names)
+        self._file_set = set(self.files)
+        self._children: dict[str, set[str]] = {"": set()}
+        for name in self.files:
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                folder = "/".join(parts[:depth])
+                if folder in self._children:
+                    continue
+                self._children[folder] = set()
+                self._children["/".join(parts[:depth - 1])].add(parts[depth - 1])
+            self._children["/".join(parts[:-1])].add(parts[-1])
+
+    def is_dir(self, path: str) -> bool:
+        return path in self._children
+
+    def is_file(self, path: str) -> bool:
+        return path in self._file_set
+
+    def entries(self, folder: str) -> list[str]:
+        """Names directly in `folder` (files and folders), sorted."""
+        return sorted(self._children.get(folder, ()))
+
+    def subdirs(self, folder: str) -> list[str]:
+        return [n for n in self.entries(folder) if self.is_dir(join(folder, n))]
+
+    def files_below(self, folder: str) -> list[str]:
+        """Every file anywhere under `folder`, sorted: a range of the sorted names, found by bisection."""
+        prefix = f"{folder}/" if folder else ""
+        start = bisect.bisect_left(self.files, prefix)
+        end = bisect.bisect_left(self.files, prefix[:-1] + chr(ord("/") + 1)) if prefix else len(self.files)
+        return self.files[start:end]
+
+
+def join(folder: str, *names: str) -> str:
+    return "/".join(p for p in (folder, *names) if p)
