@@ -1,4 +1,5 @@
-"""DVC stage `predict`: the exported model (paths.onnx) on test images and your photos; paths.predictions(_json)."""
+"""DVC stage `predict`: the exported model (paths.onnx) on test images and your photos; paths.predictions(_json),
+and the test photos as paths.examples."""
 
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def main() -> None:
         note_untracked(image, Path(paths.inputs_images), "predict.images entry")
     predict(Path(paths.onnx), Path(paths.features), num_samples=params.predict.num_samples,
             images=params.predict.images, seed=params.seed,
-            out_dir=Path(paths.predictions), json_out=Path(paths.predictions_json))
+            out_dir=Path(paths.predictions), json_out=Path(paths.predictions_json), photos_dir=Path(paths.examples))
 
 
 if __name__ == "__main__":

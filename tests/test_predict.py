@@ -7,6 +7,7 @@ from PIL import Image
 
 from foodvision.images import open_rgb
 from foodvision.predict import main, predict
+from foodvision.store import ImageStore
 
 
 def onnx(exported) -> Path:
@@ -33,22 +34,26 @@ def test_predict_stage_writes_titled_pngs_and_json(trained, exported, tmp_path):
     own = tmp_path / "own.png"
     make_image("sushi", 5).convert("RGBA").save(own)
     results = predict(onnx(exported), trained.features, num_samples=2, images=(str(own),), seed=42,
-                      out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json")
+                      out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json",
+                      photos_dir=tmp_path / "photos")
     assert json.loads((tmp_path / "predictions.json").read_text()) == results
     assert [r["true"] is None for r in results] == [False, False, True]
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(r["plot"] for r in results)
+    for r in results[:2]:  # the test photos themselves, which foodvision-serve offers as examples
+        assert Path(r["path"]).parent == tmp_path / "photos"
+        assert Path(r["path"]).read_bytes() == ImageStore(trained.raw).read(r["source"])
     for r in results:
         assert r["pred"] in ("pizza", "steak", "sushi") and r["prob"] == max(r["probs"].values())
         assert abs(sum(r["probs"].values()) - 1) < 1e-4
     again = predict(onnx(exported), trained.features, num_samples=2, images=(), seed=42,
-                    out_dir=tmp_path / "p2", json_out=tmp_path / "p2.json")
+                    out_dir=tmp_path / "p2", json_out=tmp_path / "p2.json", photos_dir=tmp_path / "ph2")
     assert [r["source"] for r in again] == [r["source"] for r in results[:2]], "the seed picks the samples"
 
 
 def test_predict_fetches_image_urls(trained, exported, tmp_path, served, server_url):
     make_image("steak", 9).save(served / "steak photo.jpg")
     (r,) = predict(onnx(exported), trained.features, num_samples=0, images=(f"{server_url}/steak%20photo.jpg",), seed=1,
-                   out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
+                   out_dir=tmp_path / "p", json_out=tmp_path / "p.json", photos_dir=tmp_path / "ph")
     assert r["plot"] == "image_0_steak photo.png" and (tmp_path / "p" / r["plot"]).is_file()
 
 
@@ -79,7 +84,8 @@ def test_predict_refuses_broken_or_foreign_model_files(trained, exported, tmp_pa
     broken.write_bytes(onnx(exported).read_bytes()[:5000])
     with pytest.raises(FoodVisionError, match=r"model.onnx is not a FoodVision ONNX export \(.*\); run `dvc repro export`"):
         predict(broken, trained.features, num_samples=1, images=(), seed=1, out_dir=tmp_path / "p",
-                json_out=tmp_path / "p.json")
+                json_out=tmp_path / "p.json",
+                photos_dir=tmp_path / "photos")
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.json").exists()
     good = tmp_path / "good.jpg"
     make_image("pizza", 1).save(good)
@@ -117,7 +123,8 @@ def test_credentials_in_an_image_url_stay_out_of_the_tracked_json(trained, expor
     make_image("sushi", 9).save(served / "dinner.png")
     url = server_url.replace("http://", "http://bob:pa55@") + "/dinner.png?token=abc123"
     results = predict(onnx(exported), trained.features, num_samples=0, images=(url,), seed=1,
-                      out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json")
+                      out_dir=tmp_path / "predictions", json_out=tmp_path / "predictions.json",
+                photos_dir=tmp_path / "photos")
     text = (tmp_path / "predictions.json").read_text()
     assert "pa55" not in text and "abc123" not in text
     assert results[0]["source"] == server_url.replace("http://", "http://bob:***@") + "/dinner.png?token=***"
@@ -135,7 +142,8 @@ def test_predict_refuses_a_model_trained_on_other_classes(trained, exported, tmp
     (features / "index.json").write_text(js.dumps(index))
     with pytest.raises(FoodVisionError, match="was trained on other classes than .*index.json lists"):
         predict(onnx(exported), features, num_samples=1, images=(), seed=1,
-                out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
+                out_dir=tmp_path / "p", json_out=tmp_path / "p.json",
+                photos_dir=tmp_path / "photos")
     assert not (tmp_path / "p.json").exists()
 
 
@@ -150,7 +158,8 @@ def test_the_stage_gives_the_torch_models_probabilities(trained, exported, tmp_p
     photo = tmp_path / "big.jpg"
     make_image("sushi", 3, size=(1600, 1200)).save(photo)
     (result,) = predict(onnx(exported), trained.features, num_samples=0, images=(str(photo),), seed=1,
-                        out_dir=tmp_path / "p", json_out=tmp_path / "p.json")
+                        out_dir=tmp_path / "p", json_out=tmp_path / "p.json",
+                photos_dir=tmp_path / "photos")
     model, ckpt = load_checkpoint(trained.model)
     with torch.inference_mode():
         x = build_transform(ckpt["transform"])(open_photo(photo, ckpt["transform"])).unsqueeze(0)

@@ -148,6 +148,7 @@ class PathsParams:
     confusion_png: str = "plots/eval/confusion.png"
     predictions: str = "plots/predictions"
     predictions_json: str = "plots/predictions.json"
+    examples: str = "data/examples"
     backbone_onnx: str = "models/backbone.onnx"
     onnx_check: str = "data/onnx_check"
     onnx: str = "models/model.onnx"

@@ -41,8 +41,9 @@ def title(result: dict[str, Any]) -> str:
 
 
 def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: tuple[str, ...], seed: int,
-            out_dir: Path, json_out: Path) -> list[dict[str, Any]]:
-    """Predict `num_samples` seeded test images plus every path/URL in `images`; one PNG each."""
+            out_dir: Path, json_out: Path, photos_dir: Path) -> list[dict[str, Any]]:
+    """Predict `num_samples` seeded test images plus every path/URL in `images`; one PNG each, and the test
+    images themselves in `photos_dir` (read from the dataset zip: `foodvision-serve` offers them as examples)."""
     index = read_json(Path(features_dir) / "index.json", "featurize")
     predictor = OnnxClassifier(model_path)
     if predictor.classes != index["classes"]:
@@ -53,11 +54,12 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
     from foodvision.plots import prediction  # matplotlib is slow to import; the command does not need it
 
     results = []
-    with atomic_dir(out_dir) as tmp_out, tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in:
+    with (atomic_dir(out_dir) as tmp_out, atomic_dir(photos_dir) as tmp_photos,
+          tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in):
         store = ImageStore(Path(index["root"]))
         jobs = []
-        for i, (rel, label) in enumerate(picked):  # each test photo is kept beside its plot, for foodvision-serve
-            photo = tmp_out / f"test_{i}_{PurePosixPath(rel).name}"
+        for i, (rel, label) in enumerate(picked):
+            photo = tmp_photos / f"test_{i}_{PurePosixPath(rel).name}"
             photo.write_bytes(store.read(rel))
             jobs.append((photo, rel, index["classes"][label], f"test_{i}"))
         store.close()
@@ -73,7 +75,7 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
             result = describe(predictor.probabilities(image), predictor.classes, source, true)
             result["plot"] = f"{stem}_{Path(source_name(source)).stem}.png"
             if true is not None:  # the test photo itself: `foodvision-serve` offers it as an example
-                result["path"] = (out_dir / path.name).as_posix()
+                result["path"] = (photos_dir / path.name).as_posix()
             prediction(image, title(result), None if true is None else result["pred"] == true,
                        tmp_out / result["plot"])
             print(f"{source}: {title(result)}")
