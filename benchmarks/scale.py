@@ -2,8 +2,8 @@
 
     python benchmarks/scale.py [--sizes 300 3000 30000] [--model efficientnet_lite0] [--exp 3000]
 
-Datasets of N images (75% train, 25% test, 3 classes) are made of the real photos of
-../shared/data/pizza_steak_sushi.zip (hard links, reused in turn) when it is there, else of generated
+Datasets of N images (75% train, 25% test, 3 classes; a zip, as a user downloads one) are made of the
+real photos of ../shared/data/pizza_steak_sushi.zip (reused in turn) when it is there, else of generated
 512x384 JPEGs. Each stage's script runs as its own process, imports included, as `dvc repro` runs it;
 peak RSS is the process's maximum resident set. The bare backbone forward (batch 32, BN folded,
 channels-last, random inputs) is measured in the same run, so featurize can be compared with it.
@@ -30,6 +30,8 @@ import zipfile
 from pathlib import Path
 
 import yaml
+
+from foodvision.download import store_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "pizza_steak_sushi.zip"
@@ -64,20 +66,21 @@ def photo_pool(work: Path) -> dict[str, list[Path]]:
     return pool
 
 
-def make_dataset(raw: Path, n: int, pool: dict[str, list[Path]]) -> None:
-    """train/<class>/ and test/<class>/ with n images in all, hard links to the pool's photos."""
+def make_dataset(archive: Path, n: int, pool: dict[str, list[Path]]) -> Path:
+    """A zip of train/<class>/ and test/<class>/ with n images in all, the pool's photos (what a user downloads)."""
     per_class = n // len(CLASSES)
-    for cls in CLASSES:
-        photos = itertools.cycle(pool[cls])
-        for i in range(per_class):
-            split = "test" if i % 4 == 3 else "train"
-            dest = raw / split / cls / f"{i:06d}.jpg"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.link(next(photos), dest)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for cls in CLASSES:
+            photos = itertools.cycle(pool[cls])
+            for i in range(per_class):
+                split = "test" if i % 4 == 3 else "train"
+                zf.write(next(photos), f"{split}/{cls}/{i:06d}.jpg")
+    return archive
 
 
-def make_project(dest: Path, model: str, raw: Path | None, epochs: int = 1) -> Path:
-    """The project's tracked files, with params for an `epochs` run; the dataset placed at paths.raw."""
+def make_project(dest: Path, model: str, archive: Path | None, epochs: int = 1) -> Path:
+    """The project's tracked files, with params for an `epochs` run; the archive stored at paths.raw as
+    `download` stores it."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True, text=True).stdout.split()
     for rel in files:
@@ -88,10 +91,11 @@ def make_project(dest: Path, model: str, raw: Path | None, epochs: int = 1) -> P
     params["model"]["name"] = model
     params["train"].update(epochs=epochs, device="cpu")
     params["predict"]["images"] = []
+    if archive is not None:
+        params["data"].update(url=str(archive), content_sha256=None)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    if raw is not None:
-        (dest / params["paths"]["raw"]).parent.mkdir(parents=True, exist_ok=True)
-        raw.rename(dest / params["paths"]["raw"])
+    if archive is not None:
+        store_dataset(archive, dest / params["paths"]["raw"])
     return dest
 
 
@@ -170,8 +174,9 @@ def main() -> None:
         print(f"{'N':>7} {'stage':>10} {'seconds':>8} {'ms/image':>9} {'images/s':>9} {'peak MB':>8}", flush=True)
         results: dict[int, dict[str, tuple[float, float]]] = {}
         for n in args.sizes:
-            make_dataset(work / f"raw{n}", n, pool)
-            project = make_project(work / f"p{n}", args.model, work / f"raw{n}")
+            archive = make_dataset(work / f"raw{n}.zip", n, pool)
+            project = make_project(work / f"p{n}", args.model, archive)
+            archive.unlink()
             shutil.copytree(pretrained, project / "models" / "pretrained")
             results[n] = {}
             for stage in STAGES:
@@ -186,9 +191,9 @@ def main() -> None:
             summary(results, bare)
         experiments = {}
         for n in args.exp:
-            make_dataset(work / f"raw{n}", n, pool)
-            project = make_project(work / f"e{n}", args.model, work / f"raw{n}", epochs=5)
-            experiments[n] = exp_timing(project, work)
+            archive = make_dataset(work / f"raw{n}.zip", n, pool)
+            project = make_project(work / f"e{n}", args.model, None, epochs=5)
+            experiments[n] = exp_timing(project, archive)
             shutil.rmtree(project)
         if len(experiments) > 1:
             small, big = min(experiments), max(experiments)
@@ -210,18 +215,11 @@ def summary(results: dict[int, dict[str, tuple[float, float]]], bare: float) -> 
             print(f"featurize at {n}: {n / seconds:.1f} images/s = {n / seconds / bare:.2f}x the bare forward")
 
 
-def exp_timing(project: Path, work: Path) -> float:
+def exp_timing(project: Path, archive: Path) -> float:
     """A whole `dvc repro` (after the download) against a head-only experiment, in one repository; then the
     experiment's stages one by one against their imports, and the floor. Returns the experiment's seconds."""
     n = project.name[1:]
     params = yaml.safe_load((project / "params.yaml").read_text())
-    raw = project / params["paths"]["raw"]
-    archive = work / "dataset.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
-        for path in sorted(raw.rglob("*.jpg")):
-            zf.write(path, path.relative_to(raw).as_posix())
-    for generated in ("data", "models", "metrics", "plots"):
-        shutil.rmtree(project / generated, ignore_errors=True)
     params["data"].update(url=str(archive), content_sha256=None)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
@@ -260,8 +258,8 @@ folder = Path(sys.argv[1])
 index = load_index(folder)
 start = time.perf_counter()
 splits = {s: open_split(folder, index, s) for s in ("train", "test")}
-x = {s: torch.cat([b for b, _ in f.batches(8192)]) for s, f in splits.items()}
-y = {s: f.labels for s, f in splits.items()}
+x = {s: torch.from_numpy(np.concatenate([b for b, _ in f.batches(8192)])) for s, f in splits.items()}
+y = {s: torch.from_numpy(f.labels) for s, f in splits.items()}
 read = time.perf_counter() - start
 torch.manual_seed(0)
 head = torch.nn.Linear(x["train"].shape[1], len(index["classes"]))

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -108,7 +109,9 @@ def main() -> None:
         subprocess.run(["git", "init", "-q"], cwd=project, check=True)
         subprocess.run(["dvc", "repro"], cwd=project, env=ENV, check=True, capture_output=True)  # warm the OS cache
         paths = params["paths"]
-        inputs = [str(project / paths[key]) for key in ("raw", "pretrained", "transform")]
+        with zipfile.ZipFile(archive) as zf:  # the article extracts its download: so does its loop here
+            zf.extractall(work / "article")
+        inputs = [str(work / "article"), *(str(project / paths[key]) for key in ("pretrained", "transform"))]
         article_cmd = [sys.executable, __file__, "--model", args.model, "--epochs", str(args.epochs),
                        "--article", *inputs]
         t_loop, peak_loop, out = peak_of(article_cmd, project)
