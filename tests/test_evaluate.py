@@ -155,3 +155,19 @@ def test_other_format_versions_and_unknown_backbones_are_named(trained, tmp_path
     rewritten(trained.model, other, model_name="efficientnet_b99")
     with pytest.raises(ModelError, match="holds a 'efficientnet_b99' model, which this torchvision does not have"):
         load_checkpoint(other)
+
+
+def test_class_names_are_plain_text_in_every_png(tmp_path):
+    """Folder names become class names: `$^^$` would be TeX to matplotlib, and crash the stage."""
+    from PIL import Image
+
+    from foodvision.plots import confusion, loss_curves, prediction
+
+    names = ["$^^$", "_", "100%", "{}", "\u05e9\u05dc\u05d5\u05dd", "a$b"]
+    matrix = [[3 if i == j else 1 for j in range(len(names))] for i in range(len(names))]
+    confusion(matrix, names, tmp_path / "c.png")
+    prediction(Image.new("RGB", (64, 48), "red"), "Pred: $^^$ | Prob: 0.500 | True: a_b$", False, tmp_path / "p.png")
+    loss_curves([{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_acc": 0.5, "test_acc": 0.4}],
+                tmp_path / "l.png")
+    for name in ("c.png", "p.png", "l.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

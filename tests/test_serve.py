@@ -35,24 +35,27 @@ def jpeg(cls: str, seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
 @pytest.fixture(scope="module")
 def onnx_model(trained, exported) -> Path:
     out, _ = exported
-    example = out / "test_0_000.jpg"  # as the predict stage keeps a test photo beside its plot
+    (out / "photos").mkdir(exist_ok=True)
+    example = out / "photos" / "test_0_000.jpg"  # as the predict stage keeps a test photo (paths.examples)
     example.write_bytes(ImageStore(trained.raw).read("test/sushi/000.jpg"))
     (out / "predictions.json").write_text(json.dumps(
         [{"source": "test/sushi/000.jpg", "true": "sushi", "pred": "sushi", "path": str(example)},
-         {"source": "https://example.org/mine.jpg", "true": None, "pred": "pizza"}]))
+         {"source": "https://example.org/mine.jpg", "true": None, "pred": "pizza"},
+         {"source": "passwd", "true": "sushi", "pred": "sushi", "path": "/etc/passwd"},  # an edited file
+         {"source": "model", "true": "sushi", "pred": "sushi", "path": str(out / "photos" / ".." / "model.onnx")}]))
     return out / "model.onnx"
 
 
 @contextmanager
-def serving(model: Path, examples: Path) -> Iterator[str]:
+def serving(model: Path, examples: Path, *options: str) -> Iterator[str]:
     """`python -m foodvision.serve --port 0`: the OS picks a free port (no race with another process for one
     chosen beforehand) and the banner names it; stopped (and waited for) at the end."""
     proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(model), "--examples",
-                             str(examples), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             str(examples), "--photos", str(examples.parent / "photos"), "--port", "0", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         banner = proc.stdout.readline()  # printed once the socket listens
-        found = re.search(r"on (http://127\.0\.0\.1:\d+)/$", banner.strip())
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)/(\?token=\S+)?$", banner.strip())
         assert found, f"the server did not start: {banner}"
         yield found.group(1)
     finally:
@@ -198,3 +201,108 @@ def test_a_taken_port_is_one_line_and_exit_2(onnx_model):
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
     assert "pick another --port" in run.stderr
+
+
+def png(size: tuple[int, int], mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_image_bombs_are_refused_from_the_header_and_the_server_stays_small(server):
+    """Each bomb is a few hundred bytes; decoded, each would take 1-26 GB. Refused before any pixel, in one line."""
+    cases = {"1 x 4000": (png((1, 4000)), "longer than 20:1"), "1 x 100000": (png((1, 100000)), "longer than 20:1"),
+             "64 megapixels": (png((8000, 8000), "1"), "over the 50,000,000-pixel limit")}
+    for name, (data, expected) in cases.items():
+        assert len(data) < 20_000, name
+        answer = post(server, data)
+        assert answer.status_code == 400, name
+        error = answer.json()["error"]
+        assert expected in error and "\n" not in error, (name, error)
+    assert post(server, jpeg("pizza", 1)).status_code == 200, "still serving"
+
+
+def test_a_chunked_upload_is_cut_off_at_the_limit_not_stored(server):
+    """No Content-Length: the body is counted as it arrives, and refused once it passes 20 MB."""
+    sent = []
+
+    def body() -> Iterator[bytes]:
+        for _ in range(200):  # 200 MB if nobody stops it
+            sent.append(1)
+            yield b"x" * 2**20
+
+    try:
+        answer = requests.post(f"{server}/api/predict", data=body(), timeout=60,
+                               headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert answer.status_code == 413 and "over 20 MB" in answer.json()["error"]
+    except requests.ConnectionError:
+        pass  # the server answered 413 and closed while the client was still sending: as good
+    assert len(sent) < 100, "the server read far past its limit"
+    assert post(server, jpeg("pizza", 1)).status_code == 200, "still serving"
+
+
+def test_other_sites_pages_and_hosts_are_refused(server):
+    """Any web page the user visits can post to localhost: its requests carry Origin / Sec-Fetch-Site, and a
+    DNS-rebinding page an other Host; all refused before the upload is read."""
+    photo = {"image": ("p.jpg", jpeg("pizza", 1), "image/jpeg")}
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        answer = requests.post(f"{server}/api/predict", files=photo, headers=headers, timeout=30)
+        assert answer.status_code == 403 and "another site" in answer.json()["error"], headers
+    assert requests.post(f"{server}/api/predict", files=photo, headers={"Host": "evil.example"},
+                         timeout=30).status_code == 400
+    same = requests.post(f"{server}/api/predict", files=photo, headers={"Origin": server,
+                         "Sec-Fetch-Site": "same-origin"}, timeout=30)
+    assert same.status_code == 200, "the server's own page"
+
+
+def test_only_the_predict_stages_photos_are_examples(server):
+    listed = requests.get(f"{server}/api/examples", timeout=10).json()
+    assert [e["name"] for e in listed] == ["000.jpg"], "not /etc/passwd, not a file outside the photos folder"
+    assert requests.get(f"{server}/examples/1", timeout=10).status_code == 404
+
+
+def test_a_token_guards_every_route(onnx_model):
+    with serving(onnx_model, onnx_model.parent / "predictions.json", "--token", "s3cret") as url:
+        assert requests.get(url, timeout=10).status_code == 401
+        assert requests.get(f"{url}/api/examples", timeout=10).status_code == 401
+        assert requests.get(f"{url}/?token=wrong", timeout=10).status_code == 401
+        assert requests.get(f"{url}/?token=s3cret", timeout=10).status_code == 200
+        answer = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", jpeg("pizza", 1), "image/jpeg")},
+                               headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert answer.status_code == 200
+
+
+def test_a_client_that_stalls_mid_request_is_disconnected(onnx_model):
+    import socket
+    import time
+
+    with serving(onnx_model, onnx_model.parent / "predictions.json", "--timeout", "2") as url:
+        host, port = url.removeprefix("http://").split(":")
+        stalled = [socket.create_connection((host, int(port))) for _ in range(50)]
+        for s in stalled:
+            s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a header, then nothing
+        assert post(url, jpeg("pizza", 1)).status_code == 200, "others are still served"
+        start = time.monotonic()
+        stalled[0].settimeout(30)
+        assert stalled[0].recv(100) == b"", "closed by the server"
+        assert time.monotonic() - start < 25, "long before the client would have given up"
+        for s in stalled:
+            s.close()
+
+
+def test_bad_ports_hosts_and_model_metadata_fail_at_start(onnx_model, tmp_path):
+    import onnx
+
+    for args, expected in ((["--port", "70000"], "not a port number from 0 to 65535"),
+                           (["--host", ""], "--host is empty")):
+        run = subprocess.run([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and expected in run.stderr, run.stderr
+    model = onnx.load(str(onnx_model))
+    for prop in model.metadata_props:
+        if prop.key == "classes":
+            prop.value = json.dumps(["pizza", "steak"])
+    onnx.save(model, str(tmp_path / "two.onnx"))
+    run = subprocess.run([sys.executable, "-m", "foodvision.serve", "--model", str(tmp_path / "two.onnx")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "lists 2 classes for 3 outputs" in run.stderr

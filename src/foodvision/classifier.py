@@ -17,6 +17,8 @@ from PIL import Image
 from foodvision.errors import FoodVisionError
 from foodvision.images import RESAMPLE, eval_array, open_photo
 
+TRANSFORM_KEYS = {"resize_size", "crop_size", "mean", "std", "interpolation"}
+
 
 class OnnxClassifier:
     """models/model.onnx, loaded once; a missing or foreign file fails here, in one line naming it."""
@@ -32,8 +34,15 @@ class OnnxClassifier:
             meta = self.session.get_modelmeta().custom_metadata_map
             self.classes: list[str] = json.loads(meta["classes"])
             self.transform: dict[str, Any] = json.loads(meta["transform"])
+            missing = TRANSFORM_KEYS - set(self.transform)
+            if missing:
+                raise ValueError(f"its transform lacks {', '.join(sorted(missing))}")
             if self.transform["interpolation"] not in RESAMPLE:
                 raise ValueError(f"interpolation {self.transform['interpolation']!r} has no Pillow equivalent")
+            outputs = self.session.get_outputs()[0].shape[-1]
+            if not all(isinstance(c, str) for c in self.classes) or (
+                    isinstance(outputs, int) and outputs != len(self.classes)):
+                raise ValueError(f"its metadata lists {len(self.classes)} classes for {outputs} outputs")
         except Exception as exc:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) share no narrower base
             detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise FoodVisionError(f"{model_path} is not a FoodVision ONNX export ({detail}); "

@@ -16,12 +16,21 @@ class ImageTooLarge(ValueError):
     pass
 
 
-def open_rgb(path: Path | IO[bytes], min_size: int | None = None) -> Image.Image:
+# A user's photo (the predict stage and command, foodvision-serve): up to a 50-megapixel camera's. A few
+# bytes of WebP or PNG can declare 164 megapixels (3 GB decoded); the header is refused before decoding.
+PHOTO_MAX_PIXELS = 50_000_000
+# Longer side over shorter side: panoramas pass; a 1 x 100,000 PNG (470 bytes) would need 26 GB once its
+# short side is resized to the transform's size.
+MAX_ASPECT = 20
+
+
+def open_rgb(path: Path | IO[bytes], min_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Any image Pillow opens (RGBA, L, P, CMYK, EXIF-rotated phone photo) as upright RGB.
 
     With `min_size`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that keeps both sides at
     least `min_size`: a 12-megapixel phone photo decodes 8x smaller, before the transform resizes it.
-    Images over MAX_PIXELS are refused before any pixel is decoded.
+    Images over `max_pixels`, or longer than MAX_ASPECT times their width, are refused from the header,
+    before any pixel is decoded: the memory one image can cost is bounded.
     """
     try:
         opened = Image.open(path)
@@ -29,9 +38,12 @@ def open_rgb(path: Path | IO[bytes], min_size: int | None = None) -> Image.Image
         raise ImageTooLarge(f"its header claims over the {MAX_PIXELS:,}-pixel limit (a decompression bomb?); "
                             "not decoded") from None
     with opened as im:
-        if im.width * im.height > MAX_PIXELS:
-            raise ImageTooLarge(f"{im.width} x {im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
+        if im.width * im.height > max_pixels:
+            raise ImageTooLarge(f"{im.width} x {im.height} pixels is over the {max_pixels:,}-pixel limit "
                                 "(a decompression bomb?); not decoded")
+        if max(im.size) > MAX_ASPECT * max(1, min(im.size)):
+            raise ImageTooLarge(f"{im.width} x {im.height} pixels is longer than {MAX_ASPECT}:1, not a photo; "
+                                "not decoded")
         if min_size:
             im.draft("RGB", (min_size, min_size))
         im = ImageOps.exif_transpose(im)
@@ -60,7 +72,7 @@ PHOTO_MIN_SIZE = 600  # predict's plot needs this much; every eval transform her
 def open_photo(path: Path | IO[bytes], transform: dict[str, Any]) -> Image.Image:
     """A user's photo, decoded alike by `predict` (stage and command) and `foodvision-serve`, so all three
     give the same probabilities: a reduced-scale decode alters pixels, so the scale must not differ."""
-    return open_rgb(path, max(PHOTO_MIN_SIZE, transform["resize_size"]))
+    return open_rgb(path, max(PHOTO_MIN_SIZE, transform["resize_size"]), PHOTO_MAX_PIXELS)
 
 
 def eval_array(image: Image.Image, transform: dict[str, Any]) -> np.ndarray:
