@@ -16,6 +16,8 @@ def main() -> None:
     params = load_params()
     if params.featurize.processes > 1 and not distributed.under_torchrun():
         sys.exit(distributed.launch(Path(__file__), params.featurize.processes))
+    if distributed.under_torchrun():
+        distributed.die_with_parent()  # a rank: down with torchrun, not an orphan
     from torch.distributed.elastic.multiprocessing.errors import record  # a failing rank's error, for the launcher
 
     from foodvision.featurize import featurize

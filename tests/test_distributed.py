@@ -120,6 +120,32 @@ def test_a_killed_rank_leaves_nothing_train_would_accept_and_a_rerun_recovers(tr
     assert not list(folder.rglob("*.tmp")), "the killed run's parts are cleaned up"
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process in /proc")
+def test_sigkill_to_the_process_group_leaves_no_orphan_rank_nor_log_folder(trained, bigger_spec, tmp_path):
+    """What Ctrl-\\ or a CI timeout does to `dvc repro`: torchrun starts its ranks in sessions of their own,
+    so without care they would run on as orphans; they must die with the stage, and the next run clean up."""
+    import tempfile
+
+    folder = project(tmp_path / "two", bigger_spec, trained, processes=2)
+    stage = featurize_in(folder, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (rank_pid(folder, 0) and rank_pid(folder, 1)):
+        assert stage.poll() is None and time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.05)
+    ranks = [rank_pid(folder, 0), rank_pid(folder, 1)]
+    logs = f"foodvision-torchrun.{stage.pid}."
+    assert any(p.name.startswith(logs) for p in Path(tempfile.gettempdir()).iterdir())
+    os.killpg(stage.pid, signal.SIGKILL)
+    stage.wait()
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in ranks if Path(f"/proc/{pid}/stat").exists()):
+        assert time.monotonic() < deadline, "a rank outlived the killed stage by 5 s"
+        time.sleep(0.1)
+    finish(featurize_in(project(tmp_path / "again", bigger_spec, trained, processes=2)))
+    assert not any(p.name.startswith(logs) for p in Path(tempfile.gettempdir()).iterdir()), "its logs cleaned up"
+
+
 def test_two_nodes_with_c10d_rendezvous_write_the_same_bytes_as_one_process(trained, tmp_path):
     """Two torchrun agents on loopback stand in for two machines sharing the project's filesystem."""
     one = project(tmp_path / "one", trained.spec, trained)

@@ -47,6 +47,16 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
         (lambda p: p["data"].update(sha256="abc"), "data.sha256 must be 64 hex digits"),
         (lambda p: p["data"].pop("url"), "missing key data.url"),
         (lambda p: p["predict"].update(images="a.jpg"), "predict.images must be a list of strings"),
+        (lambda p: p["featurize"].update(batch_size=10**12), "featurize.batch_size must be a positive integer up to "
+                                                             "1,024 (images per forward pass), got 1000000000000"),
+        (lambda p: p["featurize"].update(processes=1000), "featurize.processes must be a positive integer up to 64"),
+        (lambda p: p["train"].update(batch_size=10**6), "train.batch_size must be a positive integer up to 65,536"),
+        (lambda p: p["train"].update(batch_size=4096, augment=True), "up to 1,024 (images per step with train.augment)"),
+        (lambda p: p["paths"].update(model=""), "paths.model must be a relative path inside the project, got ''"),
+        (lambda p: p["paths"].update(spec="/tmp/spec.json"), "paths.spec must be a relative path inside the project"),
+        (lambda p: p["paths"].update(spec="../spec.json"), "paths.spec must be a relative path inside the project"),
+        (lambda p: p["paths"].update(onnx="models/./model.safetensors"), "paths.onnx and paths.model are both "
+                                                                         "'models/model.safetensors'"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, edit, message):

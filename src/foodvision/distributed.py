@@ -8,14 +8,22 @@ rank 0 writes the final files in the dataset's order. Across machines, run the s
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from foodvision.errors import FoodVisionError
+
+LOG_PREFIX = "foodvision-torchrun."
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -49,15 +57,45 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies. torchrun starts each rank in a session of its
+    own, so a SIGKILL to `dvc repro`'s process group would otherwise leave the ranks running as orphans;
+    with this in the launcher's child (torchrun) and in each rank, the whole tree goes down with it."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(137)
+
+
+def _remove_stale_logs() -> None:
+    """Log folders of launchers that were killed (their pid is in the name and no longer runs)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{LOG_PREFIX}*"):
+        pid = folder.name[len(LOG_PREFIX):].partition(".")[0]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(folder, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
 def launch(script: Path, processes: int) -> int:
     """Run `script` under `torchrun --standalone --nproc_per_node processes`; return its exit code.
 
     A failing rank is reported in one line, from the error file torchrun's `record` writes for it.
     """
-    with tempfile.TemporaryDirectory(prefix="foodvision-torchrun.") as logs:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if processes > max(cores, 1):
+        raise FoodVisionError(f"featurize.processes is {processes}, but this machine gives this process {cores} "
+                              "core(s): each rank needs one; lower it")
+    _remove_stale_logs()
+    with tempfile.TemporaryDirectory(prefix=f"{LOG_PREFIX}{os.getpid()}.") as logs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                f"--log-dir={logs}", str(script)]
-        result = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, check=False)
+        result = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, check=False,
+                                preexec_fn=die_with_parent)
         if result.returncode == 0:
             return 0
         print(f"error: {failure(Path(logs), processes, result.stderr)}", file=sys.stderr)

@@ -46,6 +46,17 @@ def shown(value: Any, quote: bool = True) -> str:
     return text if len(text) <= SHOWN else text[:SHOWN - 1] + "…"
 
 
+# Upper bounds that fit a machine, not only "positive": 10**12 would otherwise pass and die in a traceback.
+MAX_IMAGE_BATCH = 1024  # images per forward pass (featurize; train with train.augment): ~0.6 MB each at 224 px
+MAX_ROW_BATCH = 65536  # stored feature rows per training step (5 KB each for B0)
+MAX_PROCESSES = 64  # featurize ranks on one machine
+
+
+def _check_count(value: int, key: str, upper: int, what: str) -> None:
+    if not 0 < value <= upper:
+        raise ParamsError(f"{key} must be a positive integer up to {upper:,} ({what}), got {value}")
+
+
 @dataclass(frozen=True)
 class DataParams:
     url: str
@@ -93,9 +104,8 @@ class FeaturizeParams:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ParamsError(f"featurize.precision must be fp32, bf16 or fp16, got {shown(self.precision)}")
-        for key in ("batch_size", "processes"):
-            if getattr(self, key) <= 0:
-                raise ParamsError(f"featurize.{key} must be a positive integer, got {getattr(self, key)}")
+        _check_count(self.batch_size, "featurize.batch_size", MAX_IMAGE_BATCH, "images per forward pass")
+        _check_count(self.processes, "featurize.processes", MAX_PROCESSES, "ranks on this machine")
 
 
 @dataclass(frozen=True)
@@ -107,9 +117,10 @@ class TrainParams:
     augment: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ParamsError(f"train.{key} must be a positive integer, got {getattr(self, key)}")
+        if self.epochs <= 0:
+            raise ParamsError(f"train.epochs must be a positive integer, got {self.epochs}")
+        _check_count(self.batch_size, "train.batch_size", MAX_IMAGE_BATCH if self.augment else MAX_ROW_BATCH,
+                     "images per step with train.augment" if self.augment else "feature rows per step")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ParamsError(f"train.lr must be a finite number > 0, got {self.lr}")
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -153,6 +164,21 @@ class PathsParams:
     onnx_check: str = "data/onnx_check"
     onnx: str = "models/model.onnx"
     export_metrics: str = "metrics/export.json"
+
+    def __post_init__(self) -> None:
+        """Each path relative, inside the project, and its own: DVC refuses the rest only after the work."""
+        seen: dict[str, str] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            parts = value.replace("\\", "/").split("/")
+            normal = "/".join(p for p in parts if p not in ("", "."))
+            if not normal or value.startswith(("/", "~")) or ".." in parts or ":" in parts[0]:
+                raise ParamsError(f"paths.{field.name} must be a relative path inside the project, got "
+                                  f"{shown(value)}")
+            if normal in seen:
+                raise ParamsError(f"paths.{field.name} and paths.{seen[normal]} are both {shown(normal)}: "
+                                  "give each its own path")
+            seen[normal] = field.name
 
 
 @dataclass(frozen=True)

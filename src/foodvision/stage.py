@@ -1,4 +1,5 @@
-"""What every stage script shares: a one-line error and a non-zero exit for problems users can fix."""
+"""What every stage script shares: a one-line error and a non-zero exit for problems users can fix, and
+Ctrl-C as one line and exit 130 (outputs are written to temporaries and renamed, so nothing half-written stays)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,6 @@ def run(main: Callable[[], object]) -> None:
     except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
