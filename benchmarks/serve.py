@@ -1,12 +1,15 @@
-"""Serving benchmark: ONNX Runtime against torch, and the web endpoint on a phone photo.
+"""Serving benchmark: ONNX Runtime against torch, the web endpoint on a phone photo, and the endpoint under attack.
 
-    python benchmarks/serve.py [--model efficientnet_lite0] [--requests 20]
+    python benchmarks/serve.py [--model efficientnet_lite0] [--requests 20] [--legit 100]
 
 1. images/s of the classifier at batch 1 and 32 on random inputs: torch as `predict` runs it (BN
    folded, channels-last), torch as trained (eval mode), and ONNX Runtime on the export;
 2. `foodvision-serve` as a user starts it: seconds until it first answers, its peak RSS, and
    `POST /api/predict` latency (p50, p90) over sequential requests of a 3024x4032 phone photo
    (../shared/data/04-pizza-dad.jpeg where present, else a generated one).
+3. under load: while 8 clients post a 38-byte WebP declaring 16383x10000 pixels (3 GB decoded) in a
+   loop and 500 half-open connections are held, `--legit` phone-photo uploads: how many were answered
+   right, their p50/p99 latency, and the server's peak RSS (targets: all right, p99 < 2 s, < 1 GB).
 Weights are random (speed does not depend on them); everything runs in this one process's session
 except the server, which is its own process.
 """
@@ -16,12 +19,15 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +36,8 @@ import requests
 import torch
 from PIL import Image
 
-from foodvision.export import onnx_bytes
+from foodvision.export import head_onnx, joined_bytes
+from foodvision.export_backbone import onnx_bytes
 from foodvision.model import build_backbone, eval_transform, for_inference, replace_head
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "04-pizza-dad.jpeg"
@@ -66,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--legit", type=int, default=100, help="phone-photo uploads while under attack")
     args = parser.parse_args()
     cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; {args.model}; torch {torch.__version__}, onnxruntime "
@@ -78,7 +86,7 @@ def main() -> None:
     fast = for_inference(model)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        onnx_path.write_bytes(onnx_bytes(model, ["pizza", "steak", "sushi"], transform, args.model))
+        onnx_path.write_bytes(exported(model, transform, args.model))
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         print(f"{'batch':>5} {'torch eval':>11} {'torch predict':>14} {'ONNX Runtime':>13} {'ORT / predict':>14}")
         for batch in (1, 32):
@@ -89,26 +97,106 @@ def main() -> None:
                 folded = rate(lambda: fast(xl), batch)  # noqa: B023
             onnx = rate(lambda: session.run(["logits"], {"images": xn}), batch)  # noqa: B023
             print(f"{batch:>5} {plain:>9.1f}/s {folded:>12.1f}/s {onnx:>11.1f}/s {onnx / folded:>13.2f}x", flush=True)
-        serve(onnx_path, phone_photo(), args.requests)
+        photo = phone_photo()
+        serve(onnx_path, photo, args.requests)
+        under_attack(onnx_path, photo, args.legit)
+
+
+def exported(model: torch.nn.Module, transform: dict, name: str) -> bytes:
+    """The model as the two-part export writes it: the folded backbone's graph joined to the head's Gemm."""
+    import onnx
+
+    head = model.classifier[1]
+    model.classifier = torch.nn.Identity()
+    body = for_inference(model).to(memory_format=torch.contiguous_format)
+    backbone = onnx.load_from_string(onnx_bytes(body, transform["crop_size"], "features"))
+    weights = (head.weight.detach().numpy(), head.bias.detach().numpy())
+    return joined_bytes(backbone, head_onnx(weights, backbone.ir_version), ["pizza", "steak", "sushi"], transform,
+                        name)
+
+
+def start_server(onnx_path: Path) -> tuple[subprocess.Popen, str]:
+    """`foodvision-serve --port 0` as a user starts it; (process, base URL) once its banner is out."""
+    proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_path), "--port", "0",
+                             "--examples", os.devnull], stdout=subprocess.PIPE, text=True)
+    found = re.search(r"on (http://[^/]+)/", proc.stdout.readline())
+    if not found:
+        raise SystemExit("the server did not start")
+    return proc, found.group(1)
+
+
+def peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) / 1024
+
+
+def webp_bomb() -> bytes:
+    """A lossless WebP of 16383 x 10000 black pixels: a few dozen bytes that decode to 3 GB (RGBA)."""
+    buffer = io.BytesIO()
+    Image.new("L", (16383, 10000)).save(buffer, "WEBP", lossless=True, quality=0, method=0)
+    return buffer.getvalue()
+
+
+def under_attack(onnx_path: Path, photo: bytes, n: int) -> None:
+    bomb = webp_bomb()
+    proc, url = start_server(onnx_path)
+    host, port = url.removeprefix("http://").split(":")
+    stop = threading.Event()
+    bombs = []
+
+    def attacker() -> None:
+        while not stop.is_set():
+            try:
+                bombs.append(requests.post(f"{url}/api/predict", files={"image": ("b.webp", bomb)}, timeout=30)
+                             .status_code)
+            except requests.RequestException:
+                bombs.append(0)
+
+    try:
+        idle = []
+        for _ in range(500):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a header, then nothing
+            idle.append(s)
+        want = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)}, timeout=60).json()["class"]
+        attackers = [threading.Thread(target=attacker) for _ in range(8)]
+        for t in attackers:
+            t.start()
+
+        def legit(_: int) -> tuple[float, bool]:
+            t = time.perf_counter()
+            try:
+                answer = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)}, timeout=60)
+                right = answer.status_code == 200 and answer.json()["class"] == want
+            except requests.RequestException:
+                right = False
+            return 1000 * (time.perf_counter() - t), right
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(legit, range(n)))
+        stop.set()
+        for t in attackers:
+            t.join()
+        peak = peak_rss_mb(proc.pid)
+        for s in idle:
+            s.close()
+    finally:
+        stop.set()
+        proc.terminate()
+        proc.wait(timeout=20)
+    latencies = sorted(ms for ms, _ in results)
+    q = statistics.quantiles(latencies, n=100)
+    print(f"\nunder attack ({len(bomb)}-byte WebP bomb from 8 clients, {len(bombs)} sent, statuses "
+          f"{sorted(set(bombs))}; 500 half-open connections held): {sum(r for _, r in results)}/{n} legitimate "
+          f"uploads answered right (4 at a time), p50 {statistics.median(latencies):.0f} ms, p99 {q[98]:.0f} ms; "
+          f"server peak RSS {peak:.0f} MB")
 
 
 def serve(onnx_path: Path, photo: bytes, n: int) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_path), "--port",
-                             str(port), "--examples", os.devnull], stdout=subprocess.DEVNULL)
+    proc, url = start_server(onnx_path)
     try:
-        while True:
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                if proc.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.02)
+        requests.get(url, timeout=10)
         started = time.perf_counter() - start
         size = Image.open(io.BytesIO(photo)).size
         latencies, server_ms = [], []
@@ -121,8 +209,7 @@ def serve(onnx_path: Path, photo: bytes, n: int) -> None:
         for bad in (b"", b"not an image"):
             assert requests.post(f"{url}/api/predict", files={"image": ("x", bad)}, timeout=60).status_code == 400
         alive = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)}, timeout=60).status_code
-        status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-        peak = int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) / 1024  # the server's own
+        peak = peak_rss_mb(proc.pid)  # the server's own
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -188,9 +188,20 @@ def test_rerun_from_scratch_is_byte_identical(project):
              "plots/predictions.json", "models/summary.txt", "data/prepared/spec.json", "data/features/train.npy",
              "data/features/test.npy", "data/features/index.json", "models/model.safetensors"]
     before = {f: (project / f).read_bytes() for f in files}
+    lock = (project / "dvc.lock").read_text()  # the md5 of every output, folders and PNGs included
     out = sh(project, "dvc", "repro", "--force").stdout
     assert "Running stage 'download'" in out and "Running stage 'train'" in out
     assert {f: (project / f).read_bytes() for f in files} == before
+    assert (project / "dvc.lock").read_text() == lock
+
+
+def test_a_stage_forced_alone_writes_the_same_bytes(project):
+    """`dvc repro -f -s train` with nothing changed: the checkpoint's md5 stays, so nothing downstream reruns."""
+    lock = (project / "dvc.lock").read_text()
+    out = sh(project, "dvc", "repro", "-f", "-s", "train").stdout
+    assert "Running stage 'train'" in out
+    assert (project / "dvc.lock").read_text() == lock
+    assert stages_to_run(project) == set()
 
 
 class _PlotDivs(HTMLParser):

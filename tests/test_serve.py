@@ -97,7 +97,8 @@ def test_bad_uploads_get_a_one_line_400_and_the_server_keeps_serving(server, tmp
     bomb = io.BytesIO()
     Image.new("1", (20000, 10000)).save(bomb, "PNG", optimize=True)  # 200 megapixels in a few KB
     cases = {
-        "text": (post(server, b"hello, not a photo"), "not an image Pillow can read"),
+        "text": (post(server, b"hello, not a photo"), "not an image this can read (JPEG, PNG, WebP, HEIC"),
+        "jxl": (post(server, b"\xff\x0a" + bytes(100)), "JPEG XL is not supported: convert it to one of JPEG"),
         "empty": (post(server, b""), "empty upload"),
         "bomb": (post(server, bomb.getvalue()), "178,956,970-pixel limit"),
         "no field": (post(server, jpeg("pizza", 1), field="photo"), "no file in the multipart field `image`"),
@@ -306,3 +307,23 @@ def test_bad_ports_hosts_and_model_metadata_fail_at_start(onnx_model, tmp_path):
     run = subprocess.run([sys.executable, "-m", "foodvision.serve", "--model", str(tmp_path / "two.onnx")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "lists 2 classes for 3 outputs" in run.stderr
+
+
+def test_iphone_heic_and_avif_photos_are_read(server):
+    """HEIC (pillow-heif) and AVIF (Pillow's own), encoded here by real encoders: decoded to the PNG's pixels
+    (to lossy-codec error) and answered."""
+    import numpy as np
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    image = make_image("steak", 4, (320, 240))
+    transform = {"resize_size": 232, "crop_size": 224, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    for fmt in ("HEIF", "AVIF"):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, quality=95)
+        data = buffer.getvalue()
+        assert data[4:8] == b"ftyp", data[:16]
+        decoded = np.asarray(open_photo(io.BytesIO(data), transform), dtype=np.float64)
+        assert decoded.shape == (240, 320, 3) and np.abs(decoded - np.asarray(image, dtype=np.float64)).mean() < 8
+        answer = post(server, data)
+        assert answer.status_code == 200, (fmt, answer.text)

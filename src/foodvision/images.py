@@ -3,6 +3,7 @@ numpy for runtimes without the training stack (ONNX Runtime in `foodvision.serve
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import IO, Any
 
@@ -14,6 +15,33 @@ from foodvision.spec import MAX_PIXELS
 
 class ImageTooLarge(ValueError):
     pass
+
+
+class UnsupportedFormat(ValueError):
+    pass
+
+
+READABLE = "JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP, TIFF"
+# Formats people send that no plugin here reads: named, so the user knows what to convert.
+KNOWN_OTHERS = ((b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"%PDF", "PDF"),
+                (b"<svg", "SVG"), (b"<?xml", "SVG or another XML file"), (b"PK\x03\x04", "a zip archive"))
+
+
+@functools.cache
+def _heif_opener() -> None:
+    """HEIC/HEIF (iPhone photos) through pillow-heif, registered with Pillow once, on first use."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
+def _identify(fp: IO[bytes]) -> str:
+    """Why Pillow could not open it, naming the format when it is one people commonly send."""
+    fp.seek(0)
+    head = fp.read(16)
+    name = next((n for magic, n in KNOWN_OTHERS if head.startswith(magic)), None)
+    return f"{name} is not supported: convert it to one of {READABLE}" if name else \
+        f"not an image this can read ({READABLE})"
 
 
 # A user's photo (the predict stage and command, foodvision-serve): up to a 50-megapixel camera's. A few
@@ -32,8 +60,14 @@ def open_rgb(path: Path | IO[bytes], min_size: int | None = None, max_pixels: in
     Images over `max_pixels`, or longer than MAX_ASPECT times their width, are refused from the header,
     before any pixel is decoded: the memory one image can cost is bounded.
     """
+    _heif_opener()
     try:
         opened = Image.open(path)
+    except Image.UnidentifiedImageError:
+        if isinstance(path, (str, Path)):
+            with open(path, "rb") as f:
+                raise UnsupportedFormat(_identify(f)) from None
+        raise UnsupportedFormat(_identify(path)) from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"its header claims over the {MAX_PIXELS:,}-pixel limit (a decompression bomb?); "
                             "not decoded") from None

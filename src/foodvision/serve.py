@@ -34,7 +34,7 @@ from PIL import Image
 
 from foodvision.classifier import OnnxClassifier
 from foodvision.errors import FoodVisionError
-from foodvision.images import ImageTooLarge
+from foodvision.images import READABLE, ImageTooLarge, UnsupportedFormat
 
 MAX_UPLOAD_MB = 20  # a phone photo is 2-8 MB
 DECODE_SLOTS = 2  # photos decoded at once: each may take a few hundred MB at PHOTO_MAX_PIXELS
@@ -61,8 +61,10 @@ class Classifier(OnnxClassifier):
             image = self.load(io.BytesIO(data))
         except ImageTooLarge as exc:
             raise BadImage(f"image too large: {exc}") from None
+        except UnsupportedFormat as exc:
+            raise BadImage(str(exc)) from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            raise BadImage("not an image Pillow can read (JPEG, PNG, WebP, ...)") from None
+            raise BadImage(f"a damaged image, or not one this can read ({READABLE})") from None
         probs = self.probabilities(image)
         order = np.argsort(-probs, kind="stable")
         return {"class": self.classes[order[0]], "probability": round(float(probs[order[0]]), 6),
