@@ -39,7 +39,7 @@ from foodvision.images import READABLE, ImageTooLarge, UnsupportedFormat
 MAX_UPLOAD_MB = 20  # a phone photo is 2-8 MB
 DECODE_SLOTS = 2  # photos decoded at once: each may take a few hundred MB at PHOTO_MAX_PIXELS
 REQUEST_SECONDS = 30  # default --timeout: from connecting (or the last answer) to the whole request received
-MAX_CONNECTIONS = 100  # more at once get HTTP 503
+MAX_CONNECTIONS = 2000  # open at once, idle ones included; more are closed as they arrive (file descriptors)
 PAGE = Path(__file__).with_name("static") / "serve.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 TOKEN_ENV = "FOODVISION_TOKEN"
@@ -103,6 +103,8 @@ def _request_timeout_protocol(seconds: float) -> type:
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
+            if len(self.server_state.connections) > MAX_CONNECTIONS:  # keep file descriptors for the rest
+                transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -219,6 +221,19 @@ def app(classifier: Classifier, samples: list[dict[str, str]], *, token: str | N
                      middleware=middleware)
 
 
+def _more_file_descriptors(wanted: int) -> None:
+    """Raise the soft limit on open files towards `wanted` (Linux's default soft limit is 1,024): with fewer,
+    half-open connections exhaust them and asyncio logs an accept error per attempt."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 0 to 65535")
@@ -266,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     if not local and not args.token:
         print(f"warning: serving {args.host} without --token: anyone who can reach this port can use it",
               file=sys.stderr, flush=True)
+    _more_file_descriptors(MAX_CONNECTIONS + 100)
     config = uvicorn.Config(app(classifier, samples, token=args.token, local_only=local, timeout=args.timeout),
                             log_level="warning", http=_request_timeout_protocol(args.timeout),
-                            limit_concurrency=MAX_CONNECTIONS,
                             timeout_keep_alive=5, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
