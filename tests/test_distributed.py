@@ -24,8 +24,11 @@ def project(folder: Path, spec: Path, trained, processes: int = 1) -> Path:
     params = yaml.safe_load(default_params_text())
     params["featurize"].update(batch_size=4, processes=processes)
     params["train"]["device"] = "cpu"
-    params["paths"].update(spec=str(spec), pretrained=str(trained.pretrained), transform=str(trained.transform))
     folder.mkdir(parents=True, exist_ok=True)
+    for key, source in (("spec", spec), ("pretrained", trained.pretrained), ("transform", trained.transform)):
+        link = folder / params["paths"][key]  # paths.* must lie inside the project: links to the fixture's files
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(source)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     return folder
 

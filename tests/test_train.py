@@ -122,9 +122,11 @@ def stage_project(trained, folder, **train):
 
     params = yaml.safe_load(default_params_text())
     params["train"].update(batch_size=4, device="cpu", **train)
-    params["paths"].update(features=str(trained.features), pretrained=str(trained.pretrained),
-                           transform=str(trained.transform), spec=str(trained.spec))
     folder.mkdir(parents=True, exist_ok=True)
+    for key in ("features", "pretrained", "transform", "spec"):  # paths.* lie inside the project: links
+        link = folder / params["paths"][key]
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(getattr(trained, key))
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     return params
 

@@ -137,7 +137,9 @@ def app(classifier: Classifier, samples: list[dict[str, str]], *, token: str | N
     from starlette.routing import Route
 
     def error(message: str, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+        # 408 and 413 leave the rest of the body unread: closing stops the client from sending it anyway
+        close = {"Connection": "close"} if status in (408, 413) else None
+        return JSONResponse({"error": message}, status_code=status, headers=close)
 
     html = PAGE.read_text()
     decoding = anyio.CapacityLimiter(DECODE_SLOTS)
