@@ -168,3 +168,17 @@ def test_two_nodes_with_c10d_rendezvous_write_the_same_bytes_as_one_process(trai
     assert "rank 1/2" in "".join(out + err for out, err in results)
     same_outputs(one, nodes)
     assert not list(nodes.rglob("*.tmp"))
+
+
+def test_ctrl_c_with_two_processes_is_one_line_and_exit_130(trained, bigger_spec, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the launcher, torchrun and both ranks."""
+    folder = project(tmp_path / "two", bigger_spec, trained, processes=2)
+    stage = featurize_in(folder, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(folder.glob("data/.features.*.parts.tmp/train.1.npy")):  # both ranks at work
+        assert stage.poll() is None and time.monotonic() < deadline, "rank 1 never started writing"
+        time.sleep(0.02)
+    os.killpg(stage.pid, signal.SIGINT)
+    code, _, err = finish(stage)
+    assert code == 130 and err.strip().splitlines() == ["interrupted"], err[-2000:]
+    assert not (folder / "data" / "features").exists()

@@ -328,3 +328,26 @@ def test_iphone_heic_and_avif_photos_are_read(server):
         assert decoded.shape == (240, 320, 3) and np.abs(decoded - np.asarray(image, dtype=np.float64)).mean() < 8
         answer = post(server, data)
         assert answer.status_code == 200, (fmt, answer.text)
+
+
+def test_sigterm_stops_the_server_while_a_client_stalls(onnx_model):
+    """uvicorn waits for open connections on shutdown: a stalled one must not keep the server alive."""
+    import signal
+    import socket
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--port", "0",
+                             "--examples", "/dev/null"], stdout=subprocess.PIPE, text=True)
+    try:
+        host, port = re.search(r"on http://([^/]+):(\d+)/", proc.stdout.readline()).groups()
+        stalled = socket.create_connection((host, int(port)))
+        stalled.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\nhalf")
+        time.sleep(0.5)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert time.monotonic() - start < 15, "the graceful-shutdown timeout ended it"
+        stalled.close()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -212,3 +212,27 @@ def test_our_adam_is_torchs_adam_to_the_bit_and_never_imports_dynamo():
     code = ("import sys, torch; from foodvision.train import Adam; p = torch.nn.Parameter(torch.ones(2)); "
             "o = Adam([p], 0.1); p.sum().backward(); o.step(); sys.exit('torch._dynamo' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(trained, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    params = stage_project(trained, tmp_path, epochs=100_000)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / params["paths"]["train_metrics"]
+    deadline = time.monotonic() + 120
+    while not metrics.exists():  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / params["paths"]["model"]).exists()
+    assert not list(tmp_path.rglob("*.tmp")), "no temporary left behind"
