@@ -166,3 +166,16 @@ def test_the_stage_gives_the_torch_models_probabilities(trained, exported, tmp_p
         probs = torch.softmax(model(x), dim=1)[0]
     for cls, p in zip(ckpt["class_names"], probs.tolist()):
         assert abs(result["probs"][cls] - p) < 1e-4, cls
+
+
+def test_the_command_reads_an_iphone_heic_photo(exported, tmp_path, capsys):
+    """pillow-heif encodes a real HEIC here; `foodvision-predict` (and the stage, which decodes alike) reads it."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    photo = tmp_path / "IMG_0001.HEIC"
+    make_image("sushi", 2, (400, 300)).save(photo, "HEIF", quality=90)
+    assert photo.read_bytes()[4:8] == b"ftyp"
+    assert main([str(photo), "--model", str(onnx(exported))]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{photo}\t") and line.split("\t")[1] in ("pizza", "steak", "sushi")

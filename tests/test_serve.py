@@ -212,8 +212,11 @@ def png(size: tuple[int, int], mode: str = "L") -> bytes:
 
 def test_image_bombs_are_refused_from_the_header_and_the_server_stays_small(server):
     """Each bomb is a few hundred bytes; decoded, each would take 1-26 GB. Refused before any pixel, in one line."""
+    webp = io.BytesIO()
+    Image.new("L", (16383, 10000)).save(webp, "WEBP", lossless=True, quality=0, method=0)  # 3 GB as RGBA
     cases = {"1 x 4000": (png((1, 4000)), "longer than 20:1"), "1 x 100000": (png((1, 100000)), "longer than 20:1"),
-             "64 megapixels": (png((8000, 8000), "1"), "over the 50,000,000-pixel limit")}
+             "64 megapixels": (png((8000, 8000), "1"), "over the 50,000,000-pixel limit"),
+             "WebP 16383 x 10000": (webp.getvalue(), "16383 x 10000 pixels is over the 50,000,000-pixel limit")}
     for name, (data, expected) in cases.items():
         assert len(data) < 20_000, name
         answer = post(server, data)
