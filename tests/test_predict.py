@@ -179,3 +179,30 @@ def test_the_command_reads_an_iphone_heic_photo(exported, tmp_path, capsys):
     assert main([str(photo), "--model", str(onnx(exported))]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{photo}\t") and line.split("\t")[1] in ("pizza", "steak", "sushi")
+
+
+def test_transparent_pixels_decode_onto_white():
+    """RGBA, LA and palette transparency are composited onto white (not black), without a second RGBA copy."""
+    import io
+
+    import numpy as np
+
+    rgba = Image.new("RGBA", (4, 1))
+    rgba.putdata([(255, 0, 0, 255), (255, 0, 0, 0), (0, 0, 255, 128), (0, 0, 0, 255)])
+    palette = rgba.convert("RGB").convert("P")
+    palette.info["transparency"] = palette.getpixel((1, 0))
+    for image in (rgba, rgba.convert("LA"), palette):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        pixels = np.asarray(open_rgb(io.BytesIO(buffer.getvalue())))
+        assert pixels.shape == (1, 4, 3) and pixels[0, 1].tolist() == [255, 255, 255], image.mode
+    assert np.asarray(open_rgb(io.BytesIO(_png(rgba))))[0].tolist() == [[255, 0, 0], [255, 255, 255],
+                                                                        [127, 127, 255], [0, 0, 0]]
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()

@@ -83,10 +83,13 @@ def open_rgb(path: Path | IO[bytes], min_size: int | None = None, max_pixels: in
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I;16") or im.mode in ("I", "F"):
             im = _to_8bit(im)
+        if im.mode == "P" and "transparency" not in im.info:
+            return im.convert("RGB")
         if im.mode in ("P", "LA", "PA", "RGBA"):  # transparency goes onto white, not black
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
+            im = im if im.mode == "RGBA" else im.convert("RGBA")
+            flat = Image.new("RGB", im.size, (255, 255, 255))
+            flat.paste(im, mask=im)  # composited in place: 7 bytes a pixel in all, not 15 (two RGBA copies)
+            return flat
         return im.convert("RGB")
 
 
