@@ -210,13 +210,38 @@ def png(size: tuple[int, int], mode: str = "L") -> bytes:
     return buffer.getvalue()
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """An RGBA PNG whose header declares `width` x `height` (2.7 GB decoded at 13000²), in 69 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    """A GIF made by Pillow whose screen says `width` x `height`."""
+    import struct
+
+    buffer = io.BytesIO()
+    Image.new("P", (4, 4)).save(buffer, "GIF")
+    data = bytearray(buffer.getvalue())
+    data[6:10] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
 def test_image_bombs_are_refused_from_the_header_and_the_server_stays_small(server):
     """Each bomb is a few hundred bytes; decoded, each would take 1-26 GB. Refused before any pixel, in one line."""
     webp = io.BytesIO()
     Image.new("L", (16383, 10000)).save(webp, "WEBP", lossless=True, quality=0, method=0)  # 3 GB as RGBA
     cases = {"1 x 4000": (png((1, 4000)), "longer than 20:1"), "1 x 100000": (png((1, 100000)), "longer than 20:1"),
              "64 megapixels": (png((8000, 8000), "1"), "over the 50,000,000-pixel limit"),
-             "WebP 16383 x 10000": (webp.getvalue(), "16383 x 10000 pixels is over the 50,000,000-pixel limit")}
+             "WebP 16383 x 10000": (webp.getvalue(), "16383 x 10000 pixels is over the 50,000,000-pixel limit"),
+             "RGBA PNG 13000 x 13000": (png_claiming(13000, 13000), "13000 x 13000 pixels is over the 50,000,000"),
+             "GIF 16000 x 11000": (gif_claiming(16000, 11000), "16000 x 11000 pixels is over the 50,000,000")}
     for name, (data, expected) in cases.items():
         assert len(data) < 20_000, name
         answer = post(server, data)
