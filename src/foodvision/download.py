@@ -78,17 +78,33 @@ def store_dataset(archive: Path, target: Path, *, source: str | None = None, max
     limit = f"data.max_extract_mb ({max_bytes // 2**20} MB)"
     try:
         with opener(archive, name) as members, atomic_path(target) as tmp:
-            files = [m for m in members if not _is_junk(m.path) and not m.is_dir]
+            kept = [m for m in members if not _is_junk(m.path)]
+            files = [m for m in kept if not m.is_dir]
             if not files:
                 raise ArchiveError(f"{name} is empty: expected folders of images")
-            _check_tree([m for m in members if not _is_junk(m.path)], name)
+            _check_tree(kept, name)
             declared = sum(m.size for m in files)
             if declared > max_bytes:
                 raise ArchiveError(f"{name} would inflate to {declared // 2**20} MB, over {limit}; "
                                    "raise that param if the dataset really is this big")
-            counted = _Counted(max_bytes, name, limit)
-            write_store(tmp, ((str(m.path), counted.wrap(str(m.path), m.open())) for m in files))
-            digest = dataset_digest(counted.hashes)
+            hashes: dict[str, str] = {}  # hashed while copying: the digest then reads nothing again
+            copied = 0
+
+            def chunks(member: _Member) -> Iterator[bytes]:
+                """The member's bytes, hashed, counted against the limit as they come (headers can lie)."""
+                nonlocal copied
+                h = hashlib.sha256()
+                with member.open() as src:
+                    while chunk := src.read(1 << 20):
+                        copied += len(chunk)
+                        if copied > max_bytes:
+                            raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")
+                        h.update(chunk)
+                        yield chunk
+                hashes[str(member.path)] = h.hexdigest()
+
+            write_store(tmp, ((str(m.path), chunks(m)) for m in files))
+            digest = dataset_digest(hashes)
             if content_sha256 is not None and digest != content_sha256.lower():
                 raise ArchiveError(f"{name} holds other images than data.content_sha256 pins: expected "
                                    f"{content_sha256.lower()}, got {digest}; if the data changed on purpose, or this "
@@ -98,35 +114,9 @@ def store_dataset(archive: Path, target: Path, *, source: str | None = None, max
                            "(or use .tar.gz)") from None
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, EOFError) as exc:
         raise ArchiveError(f"{name} is a corrupt archive ({exc}); download it again or fix data.url") from None
-    print(f"stored {len(counted.hashes)} files of {name} in {target} "
+    print(f"stored {len(hashes)} files of {name} in {target} "
           f"(content sha256 {digest}: set data.content_sha256 to pin it)")
     return digest
-
-
-class _Counted:
-    """Readers that hash each member and stop the copy once the bytes read pass the limit (a zip bomb)."""
-
-    def __init__(self, max_bytes: int, name: str, limit: str) -> None:
-        self.max_bytes, self.name, self.limit = max_bytes, name, limit
-        self.total = 0
-        self.hashes: dict[str, str] = {}
-
-    def wrap(self, path: str, source: IO[bytes]) -> IO[bytes]:
-        outer, h = self, hashlib.sha256()
-
-        class Reader:
-            def read(self, size: int = -1) -> bytes:
-                chunk = source.read(size)
-                outer.total += len(chunk)
-                if outer.total > outer.max_bytes:
-                    raise ArchiveError(f"{outer.name} inflates beyond {outer.limit} (a zip bomb?); refusing it")
-                h.update(chunk)
-                if not chunk:
-                    outer.hashes[path] = h.hexdigest()
-                    source.close()
-                return chunk
-
-        return Reader()
 
 
 class _Member:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from foodvision.atomic import write_json
 from foodvision.spec import MAX_PIXELS, SPLITS, DatasetError, dataset_root, hidden, is_image_name
-from foodvision.store import ImageStore, Tree, join
+from foodvision.store import ImageStore, StoreError, Tree, join
 
 MAX_LISTED = 10  # names shown in one error line
 CHECK_CHUNK = 256  # files per header-check task
@@ -174,5 +174,5 @@ def _has_image_header(store: ImageStore, name: str) -> bool:
         with store.open(name) as f, Image.open(f) as im:  # a seekable member: only the header is read
             width, height = im.size
         return 0 < width * height <= MAX_PIXELS
-    except (KeyError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # KeyError: not in the zip
+    except (StoreError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # StoreError: not in the zip
         return False

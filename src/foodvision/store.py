@@ -49,15 +49,17 @@ class ImageStore:
         """Every file's name (POSIX path from the archive's top), sorted."""
         return sorted(i.filename for i in self._file().infolist() if not i.is_dir())
 
-    def read(self, name: str) -> bytes:
+    def open(self, name: str) -> IO[bytes]:
+        """A seekable stream of the member (a header check reads only what it needs)."""
         try:
-            return self._file().read(name)
+            return self._file().open(name)
         except KeyError:
             raise StoreError(f"{self.path} has no {name!r}: the spec is from another dataset; "
                              "run `dvc repro prepare`") from None
 
-    def open(self, name: str) -> IO[bytes]:
-        return self._file().open(name)
+    def read(self, name: str) -> bytes:
+        with self.open(name) as f:
+            return f.read()
 
     def __getstate__(self) -> dict:  # spawned workers reopen the file themselves
         return {"path": self.path, "_zip": None, "_pid": -1}
@@ -68,15 +70,15 @@ class ImageStore:
             self._zip = None
 
 
-def write_store(target: Path, members: Iterable[tuple[str, IO[bytes]]]) -> None:
-    """Write (name, readable) pairs as a stored zip at `target` whose bytes depend only on names, order and content."""
+def write_store(target: Path, members: Iterable[tuple[str, Iterable[bytes]]]) -> None:
+    """Write (name, chunks) pairs as a stored zip at `target` whose bytes depend only on names, order and content."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, source in members:
+        for name, chunks in members:
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.external_attr = 0o644 << 16
             info.create_system = 3  # Unix, whatever system writes it: the same bytes everywhere
             with zf.open(info, "w", force_zip64=True) as dst:
-                while chunk := source.read(1 << 20):
+                for chunk in chunks:
                     dst.write(chunk)
 
 
