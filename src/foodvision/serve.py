@@ -169,11 +169,9 @@ def app(classifier: Classifier, samples: list[dict[str, str]], *, token: str | N
         return bytes(received)
 
     async def page(request: Request) -> Response:
-        return refused(request) or HTMLResponse(html)
+        return HTMLResponse(html)
 
     async def predict(request: Request) -> Response:
-        if (answer := refused(request)) is not None:
-            return answer
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error("not a multipart/form-data upload: send the photo in the field `image`")
         too_big = error(f"upload over {MAX_UPLOAD_MB} MB: send a photo", 413)
@@ -206,18 +204,28 @@ def app(classifier: Classifier, samples: list[dict[str, str]], *, token: str | N
             return error("the image needs more memory than this server has free: send a smaller photo", 413)
 
     async def example_list(request: Request) -> Response:
-        return refused(request) or JSONResponse([{"name": s["name"], "true": s["true"], "url": f"/examples/{i}"}
-                                                 for i, s in enumerate(samples)])
+        return JSONResponse([{"name": s["name"], "true": s["true"], "url": f"/examples/{i}"}
+                             for i, s in enumerate(samples)])
 
     async def example(request: Request) -> Response:
-        if (answer := refused(request)) is not None:
-            return answer
         i = request.path_params["i"]
         if i >= len(samples) or not Path(samples[i]["path"]).is_file():
             return error("no such example (deleted since the server started?)", 404)
         return FileResponse(samples[i]["path"])
 
+    class Guard:
+        """Every route behind the origin and token checks, before any of the body is read (plain ASGI:
+        BaseHTTPMiddleware would wrap the streamed body that `body_within_limit` counts)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            answer = refused(Request(scope)) if scope["type"] == "http" else None
+            await (answer or self.inner)(scope, receive, send)
+
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK))] if local_only else []
+    middleware.append(Middleware(Guard))
     return Starlette(routes=[Route("/", page), Route("/api/predict", predict, methods=["POST"]),
                              Route("/api/examples", example_list), Route("/examples/{i:int}", example)],
                      middleware=middleware)
