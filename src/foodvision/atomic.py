@@ -49,10 +49,10 @@ def temp_prefix(dest: Path, tag: str = "") -> str:
     return f".{Path(dest).name}.{os.getpid()}.{tag}"
 
 
-def _writer_alive(name: str, dest_name: str) -> bool:
-    pid = name[len(dest_name) + 2:].partition(".")[0]
+def pid_alive(pid: str) -> bool:
+    """Whether the process whose pid a temporary's name carries still runs (no pid: an older version's, dead)."""
     if not pid.isdigit():
-        return False  # no pid: left by an older version, never live
+        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -60,6 +60,10 @@ def _writer_alive(name: str, dest_name: str) -> bool:
     except PermissionError:
         return True  # another user's live process
     return True
+
+
+def _writer_alive(name: str, dest_name: str) -> bool:
+    return pid_alive(name[len(dest_name) + 2:].partition(".")[0])
 
 
 def remove_stale(dest: Path) -> None:

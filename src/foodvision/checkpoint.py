@@ -76,7 +76,7 @@ def head_weights(path: Path, ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarr
     """The trained head's Linear layer as (weight: classes x features, bias: classes), float32.
 
     In eval mode the head (Dropout, then Linear) is `features @ weight.T + bias`: a test checks it
-    against torch's head to the last bits.
+    against torch's head, to float32 rounding.
     """
     prefix = ckpt["head"] + ".1."
     weight, bias = ckpt["state_dict"].get(prefix + "weight"), ckpt["state_dict"].get(prefix + "bias")

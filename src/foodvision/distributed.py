@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from foodvision.atomic import pid_alive
 from foodvision.errors import FoodVisionError
 
 LOG_PREFIX = "foodvision-torchrun."
@@ -72,13 +73,8 @@ def _remove_stale_logs() -> None:
     """Log folders of launchers that were killed (their pid is in the name and no longer runs)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{LOG_PREFIX}*"):
         pid = folder.name[len(LOG_PREFIX):].partition(".")[0]
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                shutil.rmtree(folder, ignore_errors=True)
-            except PermissionError:
-                pass
+        if pid.isdigit() and not pid_alive(pid):  # a folder without a pid is not ours to judge
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def launch(script: Path, processes: int) -> int:
