@@ -60,7 +60,6 @@ def open_rgb(path: Path | IO[bytes], min_size: int | None = None, max_pixels: in
     Images over `max_pixels`, or longer than MAX_ASPECT times their width, are refused from the header,
     before any pixel is decoded: the memory one image can cost is bounded.
     """
-    _heif_opener()
     try:
         opened = Image.open(path)
     except Image.UnidentifiedImageError:
@@ -109,6 +108,7 @@ PHOTO_MIN_SIZE = 600  # predict's plot needs this much; every eval transform her
 def open_photo(path: Path | IO[bytes], transform: dict[str, Any]) -> Image.Image:
     """A user's photo, decoded alike by `predict` (stage and command) and `foodvision-serve`, so all three
     give the same probabilities: a reduced-scale decode alters pixels, so the scale must not differ."""
+    _heif_opener()  # photos only: a dataset's images are the formats ImageFolder takes, HEIC is not one
     return open_rgb(path, max(PHOTO_MIN_SIZE, transform["resize_size"]), PHOTO_MAX_PIXELS)
 
 
