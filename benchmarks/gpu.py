@@ -33,7 +33,7 @@ def bare_forward(model: str, batch: int, precision: str, batches: int = 20) -> f
     code = f"""
 import time, torch
 from torch import nn
-from foodvision.head import pick_device
+from foodvision.core.device import pick_device
 from foodvision.featurize import autocast_dtype
 from foodvision.model import build_backbone, for_inference, replace_head
 dev = pick_device("auto")

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
+from foodvision.core.params import load_params
+from foodvision.core.stage import run
 from foodvision.download import download_dataset
 from foodvision.fetch import note_untracked
-from foodvision.params import load_params
-from foodvision.stage import run
 
 
 def main() -> None:

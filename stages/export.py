@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
+from foodvision.core.params import load_params
+from foodvision.core.stage import run
 from foodvision.export import export
-from foodvision.params import load_params
-from foodvision.stage import run
 
 
 def main() -> None:

@@ -3,9 +3,9 @@ into paths.onnx_check; reruns only when featurize does."""
 
 from pathlib import Path
 
+from foodvision.core.params import load_params
+from foodvision.core.stage import run
 from foodvision.export_backbone import export_backbone
-from foodvision.params import load_params
-from foodvision.stage import run
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from foodvision import distributed
-from foodvision.params import load_params
-from foodvision.stage import run
+from foodvision.core.params import load_params
+from foodvision.core.stage import run
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     paths = params.paths
     record(featurize)(Path(paths.spec), Path(paths.pretrained), Path(paths.transform), Path(paths.features),
                       model_name=params.model.name, batch_size=params.featurize.batch_size,
-                      device=params.train.device, skip_corrupt=params.data.skip_corrupt,
+                      device=params.device, skip_corrupt=params.data.skip_corrupt,
                       summary_out=Path(paths.summary), precision=params.featurize.precision)
 
 

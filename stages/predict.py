@@ -3,10 +3,10 @@ and the test photos as paths.examples."""
 
 from pathlib import Path
 
+from foodvision.core.params import load_params
+from foodvision.core.stage import run
 from foodvision.fetch import note_untracked
-from foodvision.params import load_params
 from foodvision.predict import predict
-from foodvision.stage import run
 
 
 def main() -> None:

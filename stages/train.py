@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from foodvision.params import load_params
-from foodvision.stage import run
+from foodvision.core.params import load_params
+from foodvision.core.stage import run
 from foodvision.train import train
 
 
@@ -11,8 +11,8 @@ def main() -> None:
     params = load_params()
     paths = params.paths
     train(Path(paths.features), Path(paths.pretrained), Path(paths.transform), Path(paths.spec), params.model,
-          params.train, seed=params.seed, model_out=Path(paths.model), metrics_out=Path(paths.train_metrics),
-          history_out=Path(paths.history), curves_out=Path(paths.curves))
+          params.train, seed=params.seed, device=params.device, model_out=Path(paths.model),
+          metrics_out=Path(paths.train_metrics), history_out=Path(paths.history), curves_out=Path(paths.curves))
 
 
 if __name__ == "__main__":

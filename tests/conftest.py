@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from foodvision.download import download_dataset
+from foodvision.core.params import ModelParams, Params, TrainParams, parse
+from foodvision.download import download_dataset, store_dataset
 from foodvision.featurize import featurize
 from foodvision.model import build_backbone
-from foodvision.params import ModelParams, TrainParams
 from foodvision.prepare import prepare
 from foodvision.pretrained import fetch_pretrained
 from foodvision.train import train
@@ -49,6 +50,32 @@ def default_params_text() -> str:
     developer last applied to the workspace (`dvc exp run` rewrites params.yaml)."""
     shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
     return shown.stdout if shown.returncode == 0 else (ROOT / "params.yaml").read_text()
+
+
+@functools.cache
+def project_params() -> Params:
+    """The committed params.yaml, parsed: the value a test passes where the value is not its point."""
+    return parse(Params, yaml.safe_load(default_params_text()), "")
+
+
+def download(url: str, target: Path, **given: object) -> Path:
+    """download_dataset with params.yaml's limits and no pinned digests (the tests' archives are their own)."""
+    d = project_params().data
+    return download_dataset(url, target, **{"sha256": None, "content_sha256": None, "max_extract_mb": d.max_extract_mb,
+                                            "max_download_mb": d.max_download_mb, **given})
+
+
+def store(archive: Path, target: Path, **given: object) -> str:
+    """store_dataset with params.yaml's size limit and no pinned digest."""
+    return store_dataset(archive, target, **{"max_bytes": project_params().data.max_extract_mb * 2**20,
+                                             "content_sha256": None, **given})
+
+
+def prepare_spec(raw: Path, spec: Path, **given: object) -> dict:
+    """prepare with params.yaml's split, seed and skip_corrupt unless the test gives its own."""
+    p = project_params()
+    return prepare(raw, spec, **{"classes": None, "test_fraction": p.data.test_fraction, "seed": p.seed,
+                                 "skip_corrupt": p.data.skip_corrupt, **given})
 
 
 def make_image(cls: str, seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -79,9 +106,7 @@ def zip_dir(folder: Path, archive: Path, prefix: str = "") -> Path:
 
 def stored(folder: Path, dest: Path) -> Path:
     """`folder` as the dataset store `download` writes (what `prepare` and every later stage read)."""
-    from foodvision.download import store_dataset
-
-    store_dataset(zip_dir(folder, dest.with_name(dest.name + ".src.zip")), dest)
+    store(zip_dir(folder, dest.with_name(dest.name + ".src.zip")), dest)
     return dest
 
 
@@ -159,11 +184,11 @@ def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 
     t = Trained(root, root / "raw.zip", root / "spec.json", root / "backbone.pth", root / "transform.json",
                 root / "features", root / "model.safetensors", root / "train.json", root / "history.csv",
                 root / "summary.txt", root / "curves.png")
-    download_dataset(archive_url, t.raw)
+    download(archive_url, t.raw)
     fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained, transform_out=t.transform)
-    prepare(t.raw, t.spec, seed=seed)
+    prepare_spec(t.raw, t.spec, seed=seed)
     featurize(t.spec, t.pretrained, t.transform, t.features, model_name="efficientnet_b0", batch_size=4,
-              device="cpu", skip_corrupt=False, summary_out=t.summary)
+              device="cpu", skip_corrupt=False, summary_out=t.summary, precision="fp32")
     train(t.features, t.pretrained, t.transform, t.spec, ModelParams(),
           TrainParams(epochs=epochs, batch_size=4, lr=0.01, device="cpu"), seed=seed, model_out=t.model,
           metrics_out=t.metrics, history_out=t.history, curves_out=t.curves)

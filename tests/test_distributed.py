@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, default_params_text, free_port, stored, write_dataset
-
-from foodvision.prepare import prepare
+from conftest import ROOT, default_params_text, free_port, prepare_spec, stored, write_dataset
 
 FEATURES = ("data/features/train.npy", "data/features/test.npy", "data/features/index.json", "models/summary.txt")
 
@@ -74,7 +72,7 @@ def bigger_spec(tmp_path_factory) -> Path:
     """120 train images: each rank of two needs seconds, time enough to kill one mid-way."""
     root = tmp_path_factory.mktemp("bigger")
     write_dataset(root / "raw", n_train=40, n_test=4)
-    prepare(stored(root / "raw", root / "raw.zip"), root / "spec.json", seed=0)
+    prepare_spec(stored(root / "raw", root / "raw.zip"), root / "spec.json", seed=0)
     return root / "spec.json"
 
 

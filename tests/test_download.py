@@ -3,11 +3,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import stored, write_dataset, zip_dir
+from conftest import download, prepare_spec, store, stored, write_dataset, zip_dir
 
-from foodvision.download import ArchiveError, download_dataset, store_dataset
-from foodvision.prepare import dataset_root, prepare
-from foodvision.spec import DatasetError
+from foodvision.core.errors import DatasetError
+from foodvision.download import ArchiveError
+from foodvision.prepare import dataset_root
 from foodvision.store import ImageStore, Tree
 
 
@@ -16,7 +16,7 @@ def files_under(store: Path) -> list[str]:
 
 
 def test_download_over_http_and_store(server_url, dataset_zip, tmp_path):
-    target = download_dataset(f"{server_url}/{dataset_zip.name}", tmp_path / "raw" / "food.zip")
+    target = download(f"{server_url}/{dataset_zip.name}", tmp_path / "raw" / "food.zip")
     files = files_under(target)
     assert len([f for f in files if f.endswith(".jpg")]) == 18
     assert "train/sushi/003.jpg" in files and "test/pizza/001.jpg" in files
@@ -25,13 +25,13 @@ def test_download_over_http_and_store(server_url, dataset_zip, tmp_path):
         assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
         assert zf.read("train/sushi/003.jpg") == zipfile.ZipFile(dataset_zip).read("train/sushi/003.jpg")
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["food.zip"], "no temp files left behind"
-    again = download_dataset(f"{server_url}/{dataset_zip.name}", tmp_path / "again.zip")
+    again = download(f"{server_url}/{dataset_zip.name}", tmp_path / "again.zip")
     assert again.read_bytes() == target.read_bytes(), "the same archive, the same bytes"
 
 
 def test_sha256_mismatch_extracts_nothing(server_url, dataset_zip, tmp_path):
     with pytest.raises(Exception, match="sha256 mismatch"):
-        download_dataset(f"{server_url}/{dataset_zip.name}", tmp_path / "raw" / "food.zip", sha256="1" * 64)
+        download(f"{server_url}/{dataset_zip.name}", tmp_path / "raw" / "food.zip", sha256="1" * 64)
     assert list((tmp_path / "raw").iterdir()) == []
 
 
@@ -40,18 +40,18 @@ def test_archive_with_a_top_folder(tmp_path):
     archive = zip_dir(tmp_path / "src", tmp_path / "a.zip", prefix="pizza_steak_sushi/")
     with zipfile.ZipFile(archive, "a") as zf:
         zf.writestr("__MACOSX/pizza_steak_sushi/._x", b"junk")
-    store_dataset(archive, tmp_path / "out.zip")
+    store(archive, tmp_path / "out.zip")
     names = files_under(tmp_path / "out.zip")
     assert names[0].startswith("pizza_steak_sushi/") and not any("__MACOSX" in n for n in names), "kept as it is"
     assert dataset_root(Tree(names)) == "pizza_steak_sushi"
-    spec = prepare(tmp_path / "out.zip", tmp_path / "spec.json")
+    spec = prepare_spec(tmp_path / "out.zip", tmp_path / "spec.json")
     assert spec["splits"]["test"][0]["path"] == "pizza_steak_sushi/test/pizza/000.jpg"
 
 
 def test_rerun_replaces_the_previous_store(tmp_path, dataset_zip):
     target = tmp_path / "out.zip"
     target.write_bytes(b"a half-written store from a killed run")
-    store_dataset(dataset_zip, target)
+    store(dataset_zip, target)
     assert "train/sushi/003.jpg" in files_under(target)
 
 
@@ -76,7 +76,7 @@ def test_escaping_members_are_refused(tmp_path, member, symlink, message):
     archive = evil_zip(tmp_path / "evil.zip", member, symlink=symlink)
     target = tmp_path / "deep" / "out.zip"
     with pytest.raises(ArchiveError, match=message):
-        store_dataset(archive, target)
+        store(archive, target)
     assert not target.exists()
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "deep" / "escape.txt").exists()
     assert not (tmp_path / "deep").exists() or list((tmp_path / "deep").iterdir()) == []
@@ -86,28 +86,28 @@ def test_not_a_zip(tmp_path):
     page = tmp_path / "page.zip"
     page.write_text("<html>404 Not Found</html>")
     with pytest.raises(ArchiveError, match="is not a zip or tar archive"):
-        store_dataset(page, tmp_path / "out.zip")
+        store(page, tmp_path / "out.zip")
 
 
 def test_empty_and_layoutless_archives(tmp_path):
     empty = tmp_path / "empty.zip"
     zipfile.ZipFile(empty, "w").close()
     with pytest.raises(ArchiveError, match="is empty"):
-        store_dataset(empty, tmp_path / "out.zip")
+        store(empty, tmp_path / "out.zip")
     flat = tmp_path / "flat.zip"
     with zipfile.ZipFile(flat, "w") as zf:
         zf.writestr("pizza/a.jpg", b"x")
     assert not (tmp_path / "out.zip").exists()
-    store_dataset(flat, tmp_path / "out.zip")
+    store(flat, tmp_path / "out.zip")
     with pytest.raises(DatasetError, match="holds 0 class folder.*expected train/<class>/"):
-        prepare(tmp_path / "out.zip", tmp_path / "spec.json")
+        prepare_spec(tmp_path / "out.zip", tmp_path / "spec.json")
 
 
 def test_outputs_get_the_usual_permissions(tmp_path, dataset_zip):
-    from foodvision.atomic import write_text
+    from foodvision.core.files import write_text
 
     write_text(tmp_path / "a.txt", "x")
-    store_dataset(dataset_zip, tmp_path / "out.zip")
+    store(dataset_zip, tmp_path / "out.zip")
     assert (tmp_path / "a.txt").stat().st_mode & 0o044 == 0o044, "readable by group and others"
     assert (tmp_path / "out.zip").stat().st_mode & 0o044 == 0o044
 
@@ -120,9 +120,9 @@ def test_tar_archives_extract_like_zips(tmp_path, mode):
     archive = tmp_path / ("food.tar" if mode == "w" else "food.tgz")
     with tarfile.open(archive, mode) as tf:
         tf.add(tmp_path / "src", arcname="food")
-    store_dataset(archive, tmp_path / "out.zip")
+    store(archive, tmp_path / "out.zip")
     assert "food/train/sushi/003.jpg" in files_under(tmp_path / "out.zip")
-    assert prepare(tmp_path / "out.zip", tmp_path / "spec.json")["counts"]["test"]["pizza"] == 2
+    assert prepare_spec(tmp_path / "out.zip", tmp_path / "spec.json")["counts"]["test"]["pizza"] == 2
 
 
 @pytest.mark.parametrize(("kind", "message"), [("..", "would extract outside"), ("abs", "would extract outside"),
@@ -146,7 +146,7 @@ def test_escaping_tar_members_are_refused(tmp_path, kind, message):
         info.size = 0 if kind in ("sym", "hard", "fifo") else 5
         tf.addfile(info, io.BytesIO(b"owned") if info.size else None)
     with pytest.raises(ArchiveError, match=message):
-        store_dataset(archive, tmp_path / "out.zip")
+        store(archive, tmp_path / "out.zip")
     assert not (tmp_path / "out.zip").exists() and not (tmp_path / "escape.txt").exists()
 
 
@@ -160,7 +160,7 @@ def test_tar_bomb_is_refused(tmp_path):
         info.size = 3 * 2**20
         tf.addfile(info, io.BytesIO(bytes(info.size)))
     with pytest.raises(ArchiveError, match=r"inflate to 3 MB, over data.max_extract_mb \(2 MB\)"):
-        store_dataset(archive, tmp_path / "out.zip", max_bytes=2 * 2**20)
+        store(archive, tmp_path / "out.zip", max_bytes=2 * 2**20)
     assert not (tmp_path / "out.zip").exists()
 
 
@@ -207,7 +207,7 @@ def test_odd_zips_are_one_line_errors(tmp_path):
         if patch:
             patch_last_member(archive, **patch)
         with pytest.raises(ArchiveError, match=message) as raised:
-            store_dataset(archive, tmp_path / "out.zip")
+            store(archive, tmp_path / "out.zip")
         assert "\n" not in str(raised.value), label
         assert not (tmp_path / "out.zip").exists(), label
 
@@ -217,7 +217,7 @@ def test_unflagged_utf8_names_are_read_as_utf8(tmp_path):
     sushi = "寿司".encode()
     archive = zip_with(tmp_path / "a.zip", ("train/" + "x" * len(sushi) + "/a.jpg", b"x"))
     patch_last_member(archive, name=(b"x" * len(sushi), sushi))
-    store_dataset(archive, tmp_path / "out.zip")
+    store(archive, tmp_path / "out.zip")
     assert files_under(tmp_path / "out.zip") == ["train/寿司/a.jpg"]
 
 
@@ -228,8 +228,8 @@ def test_windows_separators_and_a_readme_beside_the_top_folder(tmp_path):
         for path in sorted((tmp_path / "src").rglob("*.jpg")):
             zf.write(path, "food\\" + str(path.relative_to(tmp_path / "src")).replace("/", "\\"))
         zf.writestr("README.txt", b"photos of food")
-    store_dataset(archive, tmp_path / "out.zip")
-    spec = prepare(tmp_path / "out.zip", tmp_path / "spec.json")
+    store(archive, tmp_path / "out.zip")
+    spec = prepare_spec(tmp_path / "out.zip", tmp_path / "spec.json")
     assert spec["layout"] == "train/test" and spec["counts"]["train"]["pizza"] == 4
 
 
@@ -237,7 +237,7 @@ def test_hidden_class_folders_are_reported(tmp_path):
     write_dataset(tmp_path / "raw")
     (tmp_path / "raw" / "train" / ".ipynb_checkpoints").mkdir()
     (tmp_path / "raw" / "train" / ".ipynb_checkpoints" / "a.jpg").write_bytes(b"x")
-    spec = prepare(stored(tmp_path / "raw", tmp_path / "raw.zip"), tmp_path / "spec.json")
+    spec = prepare_spec(stored(tmp_path / "raw", tmp_path / "raw.zip"), tmp_path / "spec.json")
     assert spec["ignored_folders"] == [".ipynb_checkpoints"] and len(spec["classes"]) == 3
 
 
@@ -247,23 +247,23 @@ def test_the_member_count_is_capped(tmp_path, monkeypatch):
     monkeypatch.setattr(foodvision.download, "MAX_MEMBERS", 100)
     archive = zip_with(tmp_path / "many.zip", *[(f"train/pizza/{i}.jpg", b"") for i in range(101)])
     with pytest.raises(ArchiveError, match="holds 101 members, over the 100 this pipeline extracts"):
-        store_dataset(archive, tmp_path / "out.zip")
+        store(archive, tmp_path / "out.zip")
 
 
 def test_the_content_digest_survives_re_zipping_and_catches_a_changed_image(tmp_path):
     write_dataset(tmp_path / "src")
     first = zip_dir(tmp_path / "src", tmp_path / "a.zip")
-    digest = store_dataset(first, tmp_path / "out.zip")
+    digest = store(first, tmp_path / "out.zip")
     with zipfile.ZipFile(tmp_path / "b.zip", "w", zipfile.ZIP_DEFLATED) as zf:  # other order, compression, top folder
         for path in sorted((tmp_path / "src").rglob("*"), reverse=True):
             if path.is_file():
                 zf.write(path, "wrapped/" + path.relative_to(tmp_path / "src").as_posix())
     assert (tmp_path / "b.zip").read_bytes() != first.read_bytes()
-    assert store_dataset(tmp_path / "b.zip", tmp_path / "out.zip", content_sha256=digest) == digest
+    assert store(tmp_path / "b.zip", tmp_path / "out.zip", content_sha256=digest) == digest
     (tmp_path / "src" / "test" / "sushi" / "001.jpg").write_bytes(b"another photo")
     changed = zip_dir(tmp_path / "src", tmp_path / "c.zip")
     with pytest.raises(ArchiveError, match=f"holds other images than data.content_sha256 pins: expected {digest}"):
-        store_dataset(changed, tmp_path / "out2.zip", content_sha256=digest)
+        store(changed, tmp_path / "out2.zip", content_sha256=digest)
     assert not (tmp_path / "out2.zip").exists()
 
 
@@ -272,4 +272,4 @@ def test_the_articles_images_match_the_pinned_digest(shared_data, tmp_path):
     from conftest import default_params_text
 
     pinned = yaml.safe_load(default_params_text())["data"]["content_sha256"]
-    assert store_dataset(shared_data / "pizza_steak_sushi.zip", tmp_path / "out.zip", content_sha256=pinned) == pinned
+    assert store(shared_data / "pizza_steak_sushi.zip", tmp_path / "out.zip", content_sha256=pinned) == pinned

@@ -116,8 +116,8 @@ def test_confusion_png_stays_bounded_with_many_classes(tmp_path, n):
 def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     """Seven classes: metrics gain top5_accuracy, computed from the head's logits on the stored features."""
 
-    from foodvision.atomic import write_json
     from foodvision.checkpoint import save_checkpoint
+    from foodvision.core.files import write_json
     from foodvision.features import NpyWriter
     from foodvision.head import new_head
 

@@ -13,10 +13,10 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import stored, write_dataset
+from conftest import download, prepare_spec, store, stored, write_dataset
 from PIL import Image
 
-from foodvision.download import ArchiveError, download_dataset, store_dataset
+from foodvision.download import ArchiveError
 from foodvision.fetch import FetchError, fetch
 from foodvision.images import open_rgb
 from foodvision.model import ModelError
@@ -58,7 +58,8 @@ def test_stalled_server_times_out_and_leaves_nothing(stalling_url, tmp_path):
 def test_killed_download_leaves_nothing_and_the_next_run_recovers(stalling_url, dataset_zip, tmp_path):
     target = tmp_path / "raw" / "food.zip"
     code = ("import sys; from pathlib import Path; from foodvision.download import download_dataset; "
-            "download_dataset(sys.argv[1], Path(sys.argv[2]))")
+            "download_dataset(sys.argv[1], Path(sys.argv[2]), sha256=None, content_sha256=None, max_extract_mb=5000, "
+            "max_download_mb=10000)")
     proc = subprocess.Popen([sys.executable, "-c", code, stalling_url, str(target)], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not any(target.parent.glob(".food.zip.*.download.*.tmp/*")):  # the server then stalls for 30 s
@@ -68,7 +69,7 @@ def test_killed_download_leaves_nothing_and_the_next_run_recovers(stalling_url, 
     proc.wait()
     assert not target.exists(), "a killed download must not look complete"
     assert any(target.parent.glob(".food.zip.*.tmp")), "the kill really happened mid-download"
-    download_dataset(str(dataset_zip), target)
+    download(str(dataset_zip), target)
     assert sorted(p.name for p in target.parent.iterdir()) == ["food.zip"], "stale temporaries are cleaned up"
     assert len([n for n in ImageStore(target).names() if n.endswith(".jpg")]) == 18
 
@@ -82,7 +83,7 @@ def test_corrupt_member_is_a_clear_error(dataset_zip, tmp_path):
     broken = tmp_path / "broken.zip"
     broken.write_bytes(bytes(data))
     with pytest.raises(ArchiveError, match="is a corrupt archive"):
-        store_dataset(broken, tmp_path / "out.zip")
+        store(broken, tmp_path / "out.zip")
     assert not (tmp_path / "out.zip").exists()
 
 
@@ -90,7 +91,7 @@ def test_truncated_zip(dataset_zip, tmp_path):
     half = tmp_path / "half.zip"
     half.write_bytes(dataset_zip.read_bytes()[: dataset_zip.stat().st_size // 2])
     with pytest.raises(ArchiveError, match="is not a zip or tar archive"):
-        store_dataset(half, tmp_path / "out.zip")
+        store(half, tmp_path / "out.zip")
 
 
 def test_zip_bomb_is_refused(tmp_path):
@@ -100,31 +101,30 @@ def test_zip_bomb_is_refused(tmp_path):
         zf.writestr("train/a/x.jpg", bytes(3 * 2**20))
     assert bomb.stat().st_size < 2**16
     with pytest.raises(ArchiveError, match=r"inflate to 3 MB, over data.max_extract_mb \(2 MB\)"):
-        store_dataset(bomb, tmp_path / "out.zip", max_bytes=2 * 2**20)
+        store(bomb, tmp_path / "out.zip", max_bytes=2 * 2**20)
     assert not (tmp_path / "out.zip").exists()
-    store_dataset(bomb, tmp_path / "out.zip", max_bytes=4 * 2**20)
+    store(bomb, tmp_path / "out.zip", max_bytes=4 * 2**20)
 
 
 def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path, backbone_file):
     """A broken header is caught by prepare; pixel data cut short is caught by featurize, which decodes anyway."""
     import json
 
+    from foodvision.core.errors import DatasetError
     from foodvision.featurize import featurize
     from foodvision.model import eval_transform
-    from foodvision.prepare import prepare
-    from foodvision.spec import DatasetError
 
     write_dataset(tmp_path / "raw")
     good = (tmp_path / "raw" / "train" / "sushi" / "000.jpg").read_bytes()
     (tmp_path / "raw" / "train" / "sushi" / "cut.jpg").write_bytes(good[:300])  # header cut: prepare
     (tmp_path / "raw" / "test" / "steak" / "short.jpg").write_bytes(good[:-400])  # scan data cut: featurize
     (tmp_path / "t.json").write_text(json.dumps(eval_transform("efficientnet_b0", "DEFAULT")))
-    spec = prepare(stored(tmp_path / "raw", tmp_path / "raw.zip"), tmp_path / "spec.json", seed=1, skip_corrupt=True)
+    spec = prepare_spec(stored(tmp_path / "raw", tmp_path / "raw.zip"), tmp_path / "spec.json", seed=1, skip_corrupt=True)
     assert spec["skipped_corrupt"] == ["train/sushi/cut.jpg"]
     assert spec["counts"]["train"]["sushi"] == 4 and spec["counts"]["test"]["steak"] == 3
     assert all(s["path"] != "train/sushi/cut.jpg" for s in spec["splits"]["train"])
 
-    kwargs = dict(model_name="efficientnet_b0", batch_size=4, device="cpu", summary_out=tmp_path / "s.txt")
+    kwargs = dict(model_name="efficientnet_b0", batch_size=4, device="cpu", summary_out=tmp_path / "s.txt", precision="fp32")
     with pytest.raises(DatasetError, match=r"1 image\(s\) in .* do not decode: test/steak/short.jpg; .*skip_corrupt"):
         featurize(tmp_path / "spec.json", backbone_file, tmp_path / "t.json", tmp_path / "features",
                   skip_corrupt=False, **kwargs)
@@ -151,12 +151,12 @@ def test_featurize_refuses_an_unknown_backbone_before_any_work(tmp_path):
     with pytest.raises(ModelError, match="model.name 'efficientnet_b9'.*accepted"):
         featurize(tmp_path / "missing-spec.json", tmp_path / "missing.pth", tmp_path / "t.json", tmp_path / "f",
                   model_name="efficientnet_b9", batch_size=4, device="cpu", skip_corrupt=False,
-                  summary_out=tmp_path / "s.txt")
+                  summary_out=tmp_path / "s.txt", precision="fp32")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_stale_temporaries_of_outputs_are_removed(tmp_path):
-    from foodvision.atomic import write_text
+    from foodvision.core.files import write_text
 
     (tmp_path / ".model.pt.abc123.tmp").write_bytes(b"half a model")
     (tmp_path / ".other.txt.x.tmp").write_bytes(b"not ours to touch")
@@ -165,7 +165,7 @@ def test_stale_temporaries_of_outputs_are_removed(tmp_path):
 
 
 def test_cleanup_spares_the_temporaries_of_live_writers(tmp_path):
-    from foodvision.atomic import write_text
+    from foodvision.core.files import write_text
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -180,7 +180,7 @@ def test_cleanup_spares_the_temporaries_of_live_writers(tmp_path):
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
     """Writes that hit ENOSPC (here: the temporary file is /dev/full) name the output; nothing stays."""
-    from foodvision.atomic import OutputError, atomic_path, write_json
+    from foodvision.core.files import OutputError, atomic_path, write_json
 
     dest = tmp_path / "metrics" / "eval.json"
     with pytest.raises(OutputError, match=f"^cannot write {dest}: no space left on the device; free space"):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from foodvision.data import decode_workers, prefetched
+from foodvision.core.device import decode_workers
+from foodvision.data import prefetched
 from foodvision.features import FeatureFile, NpyWriter, load_index
 
 
@@ -27,7 +28,7 @@ def test_feature_files_are_plain_npy_in_the_specs_order(trained):
 
 
 def test_a_short_or_foreign_feature_file_is_refused(tmp_path):
-    from foodvision.spec import DatasetError
+    from foodvision.core.errors import DatasetError
 
     writer = NpyWriter(tmp_path / "f.npy", 3, 4)
     writer.write(np.zeros((2, 4)))
@@ -62,18 +63,18 @@ def test_the_decode_thread_hands_on_errors_and_stops_with_its_consumer():
 
 
 def test_decode_workers_fit_the_machine():
-    assert decode_workers(torch.device("cpu"), cpus=2) == 0, "2 cores: a thread, not a process"
-    assert decode_workers(torch.device("cpu"), cpus=16) == 1
-    assert decode_workers(torch.device("cuda"), cpus=16) == 8
-    assert decode_workers(torch.device("cuda"), cpus=2) == 1
+    assert decode_workers("cpu", cpus=2) == 0, "2 cores: a thread, not a process"
+    assert decode_workers("cpu", cpus=16) == 1
+    assert decode_workers("cuda", cpus=16) == 8
+    assert decode_workers("cuda", cpus=2) == 1
     # torchrun ranks on one node share its cores
-    assert decode_workers(torch.device("cuda"), cpus=16, ranks_here=4) == 3
-    assert decode_workers(torch.device("cpu"), cpus=16, ranks_here=4) == 1
-    assert decode_workers(torch.device("cpu"), cpus=16, ranks_here=8) == 0
+    assert decode_workers("cuda", cpus=16, ranks_here=4) == 3
+    assert decode_workers("cpu", cpus=16, ranks_here=4) == 1
+    assert decode_workers("cpu", cpus=16, ranks_here=8) == 0
 
 
 def test_missing_or_damaged_index_names_the_stage_that_makes_it(tmp_path):
-    from foodvision.spec import DatasetError
+    from foodvision.core.errors import DatasetError
 
     with pytest.raises(DatasetError, match=r"index.json not found: run `dvc repro featurize` first"):
         load_index(tmp_path)

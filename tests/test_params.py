@@ -5,7 +5,7 @@ import pytest
 import yaml
 from conftest import default_params_text
 
-from foodvision.params import ParamsError, load_params
+from foodvision.core.params import ParamsError, load_params
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -17,7 +17,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_project_params_load_with_the_article_recipe(tmp_path):
     p = load_params(write(tmp_path, default_params_text()))
     assert (p.seed, p.model.name, p.model.weights, p.model.dropout) == (42, "efficientnet_b0", "DEFAULT", 0.2)
-    assert (p.train.epochs, p.train.batch_size, p.train.lr, p.train.device) == (5, 32, 0.001, "auto")
+    assert (p.train.epochs, p.train.batch_size, p.train.lr, p.device) == (5, 32, 0.001, "auto")
     assert p.predict.num_samples == 3 and len(p.predict.images) == 1
 
 
@@ -33,9 +33,12 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
         (lambda p: p["train"].update(lr=float("inf")), "train.lr must be a finite number > 0, got inf"),
         (lambda p: p["train"].update(lr=float("nan")), "train.lr must be a finite number > 0, got nan"),
         (lambda p: p["train"].update(lr="fast"), "train.lr must be float, got 'fast'"),
-        (lambda p: p["train"].update(device="tpu"), "train.device must be one of auto, cpu, cuda, mps"),
-        (lambda p: p["train"].update(device="cuda:abc"), "train.device must be one of auto, cpu, cuda, mps (or cuda:N), got 'cuda:abc'"),
-        (lambda p: p["train"].update(device="mps:1"), "train.device must be one of auto, cpu, cuda, mps (or cuda:N), got 'mps:1'"),
+        (lambda p: p.update(device="tpu"), "device must be one of auto, cpu, cuda, mps"),
+        (lambda p: p.update(device="cuda:abc"), "device must be one of auto, cpu, cuda, mps (or cuda:N), got 'cuda:abc'"),
+        (lambda p: p.update(device="mps:1"), "device must be one of auto, cpu, cuda, mps (or cuda:N), got 'mps:1'"),
+        (lambda p: p["train"].update(device="cpu"), "unknown key train.device; accepted keys here: train.epochs"),
+        (lambda p: p.pop("device"), "missing key device in params.yaml"),
+        (lambda p: p["train"].pop("epochs"), "missing key train.epochs in params.yaml"),
         (lambda p: p.update(seed=-1), "seed must be between 0 and 4294967295 (2**32 - 1), got -1"),
         (lambda p: p.update(seed=2**40), "seed must be between 0 and 4294967295 (2**32 - 1), got 1099511627776"),
         (lambda p: p["data"].update(test_fraction=1.0), "data.test_fraction must be between 0 and 1"),
@@ -66,8 +69,18 @@ def test_bad_params_name_the_key(tmp_path, edit, message):
         load_params(write(tmp_path, yaml.safe_dump(params)))
 
 
+def edited(**lines: str) -> str:
+    """The committed params.yaml with some `  key: value` lines replaced, as a user edits it by hand."""
+    text = default_params_text()
+    for key, value in lines.items():
+        text, n = re.subn(rf"^  {key}:.*$", f"  {key}: {value}", text, count=1, flags=re.M)
+        assert n == 1, key
+    return text
+
+
 def test_empty_image_list_and_int_lr_are_accepted(tmp_path):
-    p = load_params(write(tmp_path, "data: {url: x.zip}\ntrain: {lr: 1}\npredict:\n  images:\n"))
+    text = re.sub(r"^    - .*\n", "", edited(lr="1"), flags=re.M)  # `images:` with nothing under it
+    p = load_params(write(tmp_path, text))
     assert p.predict.images == () and p.train.lr == 1.0 and isinstance(p.train.lr, float)
 
 
@@ -80,16 +93,16 @@ def test_missing_or_broken_file(tmp_path):
 
 def test_yaml_1_1_exponents_are_floats_and_odd_keys_are_named(tmp_path):
     """PyYAML reads `1e-3` as a string (YAML 1.1); users write it anyway."""
-    p = load_params(write(tmp_path, "data: {url: x.zip}\ntrain: {lr: 1e-3}\nmodel: {dropout: 5E-1}\n"))
+    p = load_params(write(tmp_path, edited(lr="1e-3", dropout="5E-1")))
     assert p.train.lr == 0.001 and p.model.dropout == 0.5
     with pytest.raises(ParamsError, match=r"^unknown key train.1; accepted keys here: train.epochs"):
-        load_params(write(tmp_path, "data: {url: x.zip}\ntrain: {1: a, lr: 0.1, null: b}\n"))
+        load_params(write(tmp_path, edited(lr="0.1\n  1: a\n  null: b")))
 
 
 def test_an_alias_bomb_gives_a_short_message(tmp_path):
     """Nine levels of nine aliases: a few hundred bytes of YAML whose repr would be 9**9 items long."""
     levels = ["&l0 [x, x, x, x, x, x, x, x, x]"] + [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
-    text = "data: {url: x.zip}\ntrain:\n  lr: [" + ", ".join(levels) + "]\n"
+    text = edited(lr="[" + ", ".join(levels) + "]")
     with pytest.raises(ParamsError, match=r"^train.lr must be float, got \[\[") as raised:
         load_params(write(tmp_path, text))
     assert len(str(raised.value)) <= 120

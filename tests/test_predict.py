@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,31 @@ def test_cli_all_good_exits_zero_and_bad_model_is_clear(trained, exported, tmp_p
     assert "nope.onnx not found: run `dvc repro export`" in capsys.readouterr().err
 
 
+def test_the_command_finds_the_model_params_yaml_names(trained, exported, tmp_path, monkeypatch, capsys):
+    """Inside a project, the default model is paths.onnx of its params.yaml (a moved model is still found);
+    outside one, no guess: one line asking for --model."""
+    import yaml
+    from conftest import default_params_text
+
+    good = tmp_path / "good.jpg"
+    make_image("pizza", 1).save(good)
+    project = tmp_path / "project"
+    (project / "elsewhere").mkdir(parents=True)
+    shutil.copy(onnx(exported), project / "elsewhere" / "classifier.onnx")
+    params = yaml.safe_load(default_params_text())
+    params["paths"]["onnx"] = "elsewhere/classifier.onnx"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+    assert main([str(good)]) == 0
+    assert capsys.readouterr().out.startswith(f"{good}\t")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(good)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: no params.yaml in {tmp_path}: run inside the project, or give "
+                                                "--model MODEL.onnx")
+
+
 def test_predict_refuses_broken_or_foreign_model_files(trained, exported, tmp_path, capsys):
-    from foodvision.errors import FoodVisionError
+    from foodvision.core.errors import FoodVisionError
 
     broken = tmp_path / "model.onnx"
     broken.write_bytes(onnx(exported).read_bytes()[:5000])
@@ -133,7 +157,7 @@ def test_credentials_in_an_image_url_stay_out_of_the_tracked_json(trained, expor
 def test_predict_refuses_a_model_trained_on_other_classes(trained, exported, tmp_path):
     import json as js
 
-    from foodvision.errors import FoodVisionError
+    from foodvision.core.errors import FoodVisionError
 
     features = tmp_path / "features"
     features.mkdir()

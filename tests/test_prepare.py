@@ -3,16 +3,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import stored, write_dataset
+from conftest import prepare_spec, stored, write_dataset
 from PIL import Image
 
 from foodvision.model import eval_transform
-from foodvision.prepare import DatasetError, prepare
+from foodvision.prepare import DatasetError
 
 
 def run(raw: Path, tmp_path: Path, **kwargs) -> dict:
     """prepare on the folder `raw` as `download` stores it."""
-    return prepare(stored(raw, tmp_path / "raw.zip"), tmp_path / "spec.json", seed=7, **kwargs)
+    return prepare_spec(stored(raw, tmp_path / "raw.zip"), tmp_path / "spec.json", seed=7, **kwargs)
 
 
 def test_spec_is_a_plain_index_of_classes_and_samples(tmp_path):
@@ -133,5 +133,5 @@ def test_plain_class_folders_are_split_stratified_and_seeded(tmp_path):
     test = {s["path"] for s in spec["splits"]["test"]}
     assert not train & test and len(train | test) == 17
     assert run(tmp_path / "raw", tmp_path, test_fraction=0.25) == spec, "same seed, same split"
-    other = prepare(tmp_path / "raw.zip", tmp_path / "other.json", seed=8, test_fraction=0.25)
+    other = prepare_spec(tmp_path / "raw.zip", tmp_path / "other.json", seed=8, test_fraction=0.25)
     assert {s["path"] for s in other["splits"]["test"]} != test, "another seed, another split"

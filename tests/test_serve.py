@@ -186,7 +186,7 @@ def test_the_page_classifies_a_picked_photo_and_an_example_in_headless_chromium(
 
 
 def test_the_server_never_imports_torch(onnx_model):
-    code = ("import io, sys; from foodvision.serve import Classifier; from PIL import Image; b = io.BytesIO(); "
+    code = ("import io, sys; from foodvision.web import Classifier; from PIL import Image; b = io.BytesIO(); "
             "Image.new('RGB', (300, 200), 'red').save(b, 'JPEG'); Classifier(sys.argv[1])(b.getvalue()); "
             "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code, str(onnx_model)], timeout=60).returncode == 0
@@ -335,6 +335,36 @@ def test_bad_ports_hosts_and_model_metadata_fail_at_start(onnx_model, tmp_path):
     run = subprocess.run([sys.executable, "-m", "foodvision.serve", "--model", str(tmp_path / "two.onnx")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "lists 2 classes for 3 outputs" in run.stderr
+
+
+def test_inside_a_project_the_files_are_those_params_yaml_names(onnx_model, tmp_path):
+    """No options in a project folder: the model, predictions and photos of its params.yaml's `paths:` (moved
+    ones included); outside a project, without --model: one line asking for it, exit 2."""
+    import shutil
+
+    import yaml
+    from conftest import default_params_text
+
+    project = tmp_path / "project"
+    shutil.copytree(onnx_model.parent, project / "out", ignore=shutil.ignore_patterns("check"))
+    params = yaml.safe_load(default_params_text())
+    params["paths"].update(onnx="out/model.onnx", predictions_json="out/predictions.json", examples="out/photos")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    listing = json.loads((project / "out" / "predictions.json").read_text())
+    listing[0]["path"] = str(project / "out" / "photos" / "test_0_000.jpg")
+    (project / "out" / "predictions.json").write_text(json.dumps(listing))
+    proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--port", "0"], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = proc.stdout.readline()
+        assert banner.startswith("FoodVision: out/model.onnx (3 classes, 1 examples) on http://127.0.0.1:"), banner
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    run = subprocess.run([sys.executable, "-m", "foodvision.serve"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2
+    assert run.stderr == f"error: no params.yaml in {tmp_path}: run inside the project, or give --model MODEL.onnx\n"
 
 
 def test_iphone_heic_and_avif_photos_are_read(server):

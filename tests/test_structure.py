@@ -61,19 +61,22 @@ def test_every_output_path_is_written_once_in_params():
                 assert path.startswith("${paths.") and path[8:-1] in params["paths"], (name, path)
 
 
-def test_the_lock_pins_every_dependency_with_hashes():
-    """The README's setup installs from requirements.lock: exact versions, sha256 for each, torch as pinned."""
-    import re
-    import tomllib
+def test_the_registry_artifacts_are_the_files_params_yaml_names():
+    """DVC does not template `artifacts:`: a changed paths.model or paths.onnx must be changed there too."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    artifacts = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]
+    assert artifacts["foodvision-classifier"]["path"] == params["paths"]["model"]
+    assert artifacts["foodvision-classifier-onnx"]["path"] == params["paths"]["onnx"]
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
-    lock = (ROOT / "requirements.lock").read_text()
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", lock, flags=re.M))
-    normal = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins.items()}
-    for requirement in wanted:
-        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ \[]", requirement)[0]).lower()
-        assert name in normal, f"{name} is not pinned in requirements.lock"
-    assert normal["torch"] == "2.14.1" and normal["torchvision"] == "0.29.1"
-    blocks = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", lock.split("\n\n", 1)[1] if "\n\n" in lock else lock)
-    assert all("--hash=sha256:" in block for block in blocks if "==" in block)
+
+def test_no_code_restates_a_default_of_params_yaml():
+    """params.yaml is the one place a default is written: every field of the params dataclasses is required."""
+    import dataclasses
+
+    from foodvision.core import params
+
+    for cls in (params.Params, params.DataParams, params.ModelParams, params.FeaturizeParams, params.TrainParams,
+                params.PredictParams, params.PathsParams):
+        defaulted = [f.name for f in dataclasses.fields(cls)
+                     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        assert not defaulted, f"{cls.__name__} restates defaults for {defaulted}"

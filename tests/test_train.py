@@ -6,9 +6,9 @@ import torch
 from conftest import train_tiny
 
 from foodvision.checkpoint import read_checkpoint
+from foodvision.core.params import TrainParams
 from foodvision.head import load_state_dict_file, new_head
 from foodvision.model import load_checkpoint
-from foodvision.params import TrainParams
 from foodvision.train import fit_features, fit_images, seed_everything
 
 

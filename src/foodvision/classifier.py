@@ -14,7 +14,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from foodvision.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError
 from foodvision.images import RESAMPLE, eval_array, open_photo
 
 TRANSFORM_KEYS = {"resize_size", "crop_size", "mean", "std", "interpolation"}

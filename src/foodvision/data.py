@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import random
 import threading
@@ -63,30 +62,6 @@ class ImageSamples(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.samples[i]
         return self.transform(open_rgb(self.store.open(rel), self.min_size)), label
-
-
-def loader_workers(device: torch.device) -> int:
-    """On CPU, torch's kernels already use every core: decoding in workers would oversubscribe them."""
-    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def decode_workers(device: torch.device, cpus: int | None = None, ranks_here: int = 1) -> int:
-    """DataLoader worker processes that decode while the backbone runs.
-
-    On a GPU the CPU only decodes: use the cores (up to 8 per process). On a CPU the backbone already
-    uses every core; one worker process pays once there are 4 cores or more to share. Below that, a
-    thread decodes the next batch instead (`prefetched`): on 2 cores a worker process measured 2%
-    slower than none, the thread 6% faster. `ranks_here` processes on this node share its cores.
-    """
-    cpus = max(1, (cpus or cpu_count()) // ranks_here)
-    if device.type != "cpu":
-        return max(1, min(8, cpus - 1))
-    return 1 if cpus >= 4 else 0
 
 
 def prefetched(batches: Iterable[Item], depth: int = 2) -> Iterator[Item]:

@@ -3,7 +3,7 @@
 With `featurize.processes: N > 1` the stage script re-runs itself under
 `torchrun --standalone --nproc_per_node N`; each rank featurises a contiguous slice of each split and
 rank 0 writes the final files in the dataset's order. Across machines, run the same script under
-`torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` yourself (README).
+`torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` yourself (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from foodvision.atomic import pid_alive
-from foodvision.errors import FoodVisionError
+from foodvision.core.device import cpu_count
+from foodvision.core.errors import FoodVisionError
+from foodvision.core.files import pid_alive
 
 LOG_PREFIX = "foodvision-torchrun."
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -82,7 +83,7 @@ def launch(script: Path, processes: int) -> int:
 
     A failing rank is reported in one line, from the error file torchrun's `record` writes for it.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_count()
     if processes > max(cores, 1):
         raise FoodVisionError(f"featurize.processes is {processes}, but this machine gives this process {cores} "
                               "core(s): each rank needs one; lower it")

@@ -19,12 +19,12 @@ import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from foodvision.atomic import atomic_path, remove_stale, temp_prefix
-from foodvision.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError
+from foodvision.core.files import atomic_path, remove_stale, temp_prefix
 from foodvision.fetch import fetch, redact
 from foodvision.spec import content_sha256 as dataset_digest
 from foodvision.store import write_store
@@ -39,8 +39,8 @@ class ArchiveError(FoodVisionError):
     pass
 
 
-def download_dataset(url: str, target: Path, *, sha256: str | None = None, content_sha256: str | None = None,
-                     max_extract_mb: int = 5000, max_download_mb: int = 10000) -> Path:
+def download_dataset(url: str, target: Path, *, sha256: str | None, content_sha256: str | None,
+                     max_extract_mb: int, max_download_mb: int) -> Path:
     """Fetch the archive at `url` (http(s), file:// or a path) and store its images at `target` (a zip).
 
     The archive as downloaded is kept only in a temporary directory: DVC caches the store, so keeping
@@ -59,8 +59,8 @@ def download_dataset(url: str, target: Path, *, sha256: str | None = None, conte
     return target
 
 
-def store_dataset(archive: Path, target: Path, *, source: str | None = None, max_bytes: int = 5000 * 2**20,
-                  content_sha256: str | None = None) -> str:
+def store_dataset(archive: Path, target: Path, *, max_bytes: int, content_sha256: str | None,
+                  source: str | None = None) -> str:
     """Copy a zip or (compressed) tar archive's files into the store zip `target`, all or nothing;
     return the content digest.
 
@@ -69,41 +69,10 @@ def store_dataset(archive: Path, target: Path, *, source: str | None = None, max
     when `content_sha256` is given, images that are not the ones pinned (see `spec.content_sha256`).
     """
     name = source or str(archive)
-    if zipfile.is_zipfile(archive):
-        opener = _zip_members
-    elif tarfile.is_tarfile(archive):
-        opener = _tar_members
-    else:
-        raise ArchiveError(f"{name} is not a zip or tar archive (an HTML error page? a truncated download?)")
     limit = f"data.max_extract_mb ({max_bytes // 2**20} MB)"
     try:
-        with opener(archive, name) as members, atomic_path(target) as tmp:
-            kept = [m for m in members if not _is_junk(m.path)]
-            files = [m for m in kept if not m.is_dir]
-            if not files:
-                raise ArchiveError(f"{name} is empty: expected folders of images")
-            _check_tree(kept, name)
-            declared = sum(m.size for m in files)
-            if declared > max_bytes:
-                raise ArchiveError(f"{name} would inflate to {declared // 2**20} MB, over {limit}; "
-                                   "raise that param if the dataset really is this big")
-            hashes: dict[str, str] = {}  # hashed while copying: the digest then reads nothing again
-            copied = 0
-
-            def chunks(member: _Member) -> Iterator[bytes]:
-                """The member's bytes, hashed, counted against the limit as they come (headers can lie)."""
-                nonlocal copied
-                h = hashlib.sha256()
-                with member.open() as src:
-                    while chunk := src.read(1 << 20):
-                        copied += len(chunk)
-                        if copied > max_bytes:
-                            raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")
-                        h.update(chunk)
-                        yield chunk
-                hashes[str(member.path)] = h.hexdigest()
-
-            write_store(tmp, ((str(m.path), chunks(m)) for m in files))
+        with _opener(archive, name)(archive, name) as members, atomic_path(target) as tmp:
+            hashes = _copy(_checked_files(members, name, max_bytes, limit), tmp, name, max_bytes, limit)
             digest = dataset_digest(hashes)
             if content_sha256 is not None and digest != content_sha256.lower():
                 raise ArchiveError(f"{name} holds other images than data.content_sha256 pins: expected "
@@ -117,6 +86,50 @@ def store_dataset(archive: Path, target: Path, *, source: str | None = None, max
     print(f"stored {len(hashes)} files of {name} in {target} "
           f"(content sha256 {digest}: set data.content_sha256 to pin it)")
     return digest
+
+
+def _opener(archive: Path, name: str) -> Callable[[Path, str], AbstractContextManager[list[_Member]]]:
+    if zipfile.is_zipfile(archive):
+        return _zip_members
+    if tarfile.is_tarfile(archive):
+        return _tar_members
+    raise ArchiveError(f"{name} is not a zip or tar archive (an HTML error page? a truncated download?)")
+
+
+def _checked_files(members: list[_Member], name: str, max_bytes: int, limit: str) -> list[_Member]:
+    """The files to keep, after the checks the headers allow: a safe tree, a declared size within the limit."""
+    kept = [m for m in members if not _is_junk(m.path)]
+    files = [m for m in kept if not m.is_dir]
+    if not files:
+        raise ArchiveError(f"{name} is empty: expected folders of images")
+    _check_tree(kept, name)
+    declared = sum(m.size for m in files)
+    if declared > max_bytes:
+        raise ArchiveError(f"{name} would inflate to {declared // 2**20} MB, over {limit}; "
+                           "raise that param if the dataset really is this big")
+    return files
+
+
+def _copy(files: list[_Member], dest: Path, name: str, max_bytes: int, limit: str) -> dict[str, str]:
+    """Write `files` into the store zip `dest`; return each one's sha256, hashed while copying (the digest
+    then reads nothing again) and counted against the limit as the bytes come (headers can lie)."""
+    hashes: dict[str, str] = {}
+    copied = 0
+
+    def chunks(member: _Member) -> Iterator[bytes]:
+        nonlocal copied
+        h = hashlib.sha256()
+        with member.open() as src:
+            while chunk := src.read(1 << 20):
+                copied += len(chunk)
+                if copied > max_bytes:
+                    raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")
+                h.update(chunk)
+                yield chunk
+        hashes[str(member.path)] = h.hexdigest()
+
+    write_store(dest, ((str(m.path), chunks(m)) for m in files))
+    return hashes
 
 
 class _Member:

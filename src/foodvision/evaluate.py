@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.atomic import write_csv, write_json
 from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
+from foodvision.core.files import write_csv, write_json
 from foodvision.features import load_index, open_split, rows_per_read
 
 TOP_K = 5  # reported when there are more classes than this

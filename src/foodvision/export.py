@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.atomic import atomic_path, write_json
 from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
+from foodvision.core.files import atomic_path, write_json
 from foodvision.features import FeatureFile, load_index, open_split, rows_per_read
 from foodvision.images import eval_array, open_rgb
 from foodvision.store import ImageStore

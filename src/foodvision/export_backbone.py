@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from foodvision.atomic import atomic_dir, atomic_path, write_json
 from foodvision.checkpoint import ModelError
-from foodvision.data import ImageSamples, build_transform, decode_workers, make_loader, prefetched
+from foodvision.core.device import decode_workers
+from foodvision.core.files import atomic_dir, atomic_path, write_json
+from foodvision.data import ImageSamples, build_transform, make_loader, prefetched
 from foodvision.export import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE
 from foodvision.features import NpyWriter, load_index, open_split
 from foodvision.model import for_inference, load_pretrained, replace_head
@@ -83,7 +84,7 @@ def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: di
     if not samples:
         raise ModelError("the test split is empty: nothing to check the ONNX export on")
     dataset = ImageSamples(Path(index["root"]), samples, build_transform(transform), transform["resize_size"])
-    workers = decode_workers(torch.device("cpu"))  # ONNX Runtime and torch run on the CPU here
+    workers = decode_workers("cpu")  # ONNX Runtime and torch run on the CPU here
     loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=workers)
     cols = index["feature_dim"]
     stored = open_split(features_dir, index, "test") if body is None else None

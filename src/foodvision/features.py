@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.spec import DatasetError, read_json
+from foodvision.core.errors import DatasetError
+from foodvision.core.files import read_json
 
 INDEX = "index.json"
 DTYPE = np.dtype("<f4")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,12 @@ from torch import nn
 from tqdm import tqdm
 
 from foodvision import distributed
-from foodvision.atomic import atomic_dir, write_json, write_text
 from foodvision.checkpoint import ModelError
-from foodvision.data import ImageSamples, build_transform, cpu_count, decode_workers, make_loader, prefetched
+from foodvision.core.device import cpu_count, decode_workers, pick_device
+from foodvision.core.errors import DatasetError, listed
+from foodvision.core.files import atomic_dir, write_json, write_text
+from foodvision.data import ImageSamples, build_transform, make_loader, prefetched
 from foodvision.features import INDEX, FeatureFile, NpyWriter
-from foodvision.head import pick_device
 from foodvision.images import open_rgb
 from foodvision.model import (
     build_backbone,
@@ -37,9 +38,8 @@ from foodvision.model import (
     replace_head,
     resolve_weights,
 )
-from foodvision.spec import SPLITS, DatasetError, load_spec, load_transform
+from foodvision.spec import SPLITS, load_spec, load_transform
 
-MAX_LISTED = 10
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -95,19 +95,50 @@ def _cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
+@dataclass(frozen=True)
+class Pass:
+    """What one pass over a split needs: the frozen backbone ready to run, where, and on which rank."""
+
+    body: nn.Module
+    device: torch.device
+    cols: int  # features per image
+    root: Path
+    transform: dict[str, Any]
+    batch_size: int
+    me: distributed.Rank
+
+
 def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_dir: Path, *, model_name: str,
-              batch_size: int, device: str, skip_corrupt: bool, summary_out: Path,
-              precision: str = "fp32") -> dict[str, Any]:
+              batch_size: int, device: str, skip_corrupt: bool, summary_out: Path, precision: str) -> dict[str, Any]:
     """Write `out_dir/{train,test}.npy` and `out_dir/index.json`; return the index.
 
     Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`.
     """
     resolve_weights(model_name, None)  # a bad name fails before any work
-    spec = load_spec(spec_path)
-    transform = load_transform(transform_path)
+    spec, transform = load_spec(spec_path), load_transform(transform_path)
     me = distributed.current()
+    dev, dtype = _setup(device, precision, me)
+    try:
+        if me.leader:
+            write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size,
+                                                  transform["crop_size"]))
+        body, head, cols, backbone_params = _frozen_body(model_name, pretrained_path, len(spec["classes"]), dev, dtype)
+        index: dict[str, Any] = {"model": model_name, "head": head, "feature_dim": cols,
+                                 "backbone_params": backbone_params, "classes": spec["classes"],
+                                 "root": spec["root"], "precision": precision, "splits": {}, "skipped_corrupt": []}
+        job = Pass(body, dev, cols, Path(spec["root"]), transform, batch_size, me)
+        write = _write_alone if me.world == 1 else _write_ranked
+        write(job, spec, out_dir, skip_corrupt, index)
+        return index
+    finally:
+        if me.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _setup(device: str, precision: str, me: distributed.Rank) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype (refused before any work), its numerics, and the process group."""
     dev = pick_device(device)
-    dtype = autocast_dtype(precision, dev)  # refused before any work
+    dtype = autocast_dtype(precision, dev)
     if dev.type == "cuda" and dtype is None:
         # fp32 means fp32: cuDNN's default TF32 convolutions would store features about 1e-3 off what the
         # model computes elsewhere (export checks ONNX Runtime against these features)
@@ -122,74 +153,71 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
             dev = torch.device("cuda", me.local)
             torch.cuda.set_device(dev)  # NCCL's collectives use the current GPU: this rank's, not GPU 0
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    try:
-        if me.leader:
-            write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size,
-                                                  transform["crop_size"]))
-        model = load_pretrained(model_name, pretrained_path)
-        head = replace_head(model, len(spec["classes"]), dropout=0.0)
-        in_features = model.get_submodule(head)[1].in_features
-        backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
-        model.set_submodule(head, nn.Identity())
-        body = for_inference(model).to(dev)
-        del model
-        if dtype is not None:
-            body = Autocast(body, dev.type, dtype)
-        index: dict[str, Any] = {"model": model_name, "head": head, "feature_dim": in_features,
-                                 "backbone_params": backbone_params, "classes": spec["classes"],
-                                 "root": spec["root"], "precision": precision, "splits": {},
-                                 "skipped_corrupt": []}
-        stream = partial(_stream_slice, body, dev, Path(spec["root"]), transform, batch_size, in_features, me)
-        if me.world == 1:
-            with atomic_dir(out_dir) as tmp:
-                for split in SPLITS:
-                    bad = stream(spec["splits"][split], split, tmp / f"{split}.npy")
-                    _finish_split(tmp / f"{split}.npy", spec, split, bad, skip_corrupt, in_features, index)
-                write_json(tmp / INDEX, index)
-            return index
-        # named after rank 0's torchrun agent, whose node assembles the files (cleanup spares it while the
-        # agent lives); every node must see this folder: a shared filesystem across machines (README)
-        parts_name = [f".{out_dir.name}.{os.getppid()}.parts.tmp"]
-        torch.distributed.broadcast_object_list(parts_name, src=0)
-        parts = out_dir.parent / parts_name[0]
-        parts.mkdir(parents=True, exist_ok=True)
-        bad_by_split = {}
+    return dev, dtype
+
+
+def _frozen_body(model_name: str, pretrained_path: Path, num_classes: int, dev: torch.device,
+                 dtype: torch.dtype | None) -> tuple[nn.Module, str, int, int]:
+    """The pretrained model without its head, BN-folded for inference on `dev`; also the head's name, its
+    input width and the backbone's parameter count (for the index)."""
+    model = load_pretrained(model_name, pretrained_path)
+    head = replace_head(model, num_classes, dropout=0.0)
+    cols = model.get_submodule(head)[1].in_features
+    backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
+    model.set_submodule(head, nn.Identity())
+    body = for_inference(model).to(dev)
+    return (body if dtype is None else Autocast(body, dev.type, dtype)), head, cols, backbone_params
+
+
+def _write_alone(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool, index: dict[str, Any]) -> None:
+    """One process: each split streamed straight into the output folder's temporary."""
+    with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
-            bad = stream(spec["splits"][split], split, parts / f"{split}.{me.rank}.npy")
-            gathered: list[list[int]] = [[] for _ in range(me.world)]
-            torch.distributed.all_gather_object(gathered, bad)
-            bad_by_split[split] = sorted(i for rank_bad in gathered for i in rank_bad)
-        torch.distributed.barrier()  # every part is complete
-        if me.leader:
-            with atomic_dir(out_dir) as tmp:
-                for split in SPLITS:
-                    n = len(spec["splits"][split])
-                    _concatenate([parts / f"{split}.{r}.npy" for r in range(me.world)], tmp / f"{split}.npy", n,
-                                 in_features, batch_size)
-                    _finish_split(tmp / f"{split}.npy", spec, split, bad_by_split[split], skip_corrupt, in_features,
-                                  index)
-                write_json(tmp / INDEX, index)
-            shutil.rmtree(parts, ignore_errors=True)
-        torch.distributed.barrier()  # no rank leaves before the files exist
-        return index
-    finally:
-        if me.world > 1:
-            torch.distributed.destroy_process_group()
+            bad = _stream_slice(job, spec["splits"][split], split, tmp / f"{split}.npy")
+            _finish_split(tmp / f"{split}.npy", spec, split, bad, skip_corrupt, job.cols, index)
+        write_json(tmp / INDEX, index)
 
 
-def _stream_slice(body: nn.Module, device: torch.device, root: Path, transform: dict[str, Any], batch_size: int,
-                  cols: int, me: distributed.Rank, samples: list[dict[str, Any]], split: str, dest: Path) -> list[int]:
+def _write_ranked(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool, index: dict[str, Any]) -> None:
+    """Under torchrun: each rank writes its slice as a part file; rank 0 joins them in rank order."""
+    me = job.me
+    # named after rank 0's torchrun agent, whose node assembles the files (cleanup spares it while the
+    # agent lives); every node must see this folder: a shared filesystem across machines (docs/scale.md)
+    parts_name = [f".{out_dir.name}.{os.getppid()}.parts.tmp"]
+    torch.distributed.broadcast_object_list(parts_name, src=0)
+    parts = out_dir.parent / parts_name[0]
+    parts.mkdir(parents=True, exist_ok=True)
+    bad_by_split = {}
+    for split in SPLITS:
+        bad = _stream_slice(job, spec["splits"][split], split, parts / f"{split}.{me.rank}.npy")
+        gathered: list[list[int]] = [[] for _ in range(me.world)]
+        torch.distributed.all_gather_object(gathered, bad)
+        bad_by_split[split] = sorted(i for rank_bad in gathered for i in rank_bad)
+    torch.distributed.barrier()  # every part is complete
+    if me.leader:
+        with atomic_dir(out_dir) as tmp:
+            for split in SPLITS:
+                _concatenate([parts / f"{split}.{r}.npy" for r in range(me.world)], tmp / f"{split}.npy",
+                             len(spec["splits"][split]), job.cols, job.batch_size)
+                _finish_split(tmp / f"{split}.npy", spec, split, bad_by_split[split], skip_corrupt, job.cols, index)
+            write_json(tmp / INDEX, index)
+        shutil.rmtree(parts, ignore_errors=True)
+    torch.distributed.barrier()  # no rank leaves before the files exist
+
+
+def _stream_slice(job: Pass, samples: list[dict[str, Any]], split: str, dest: Path) -> list[int]:
     """Featurise this rank's contiguous slice of `samples` into `dest`; return bad positions in `samples`."""
-    lo, hi = me.slice(len(samples), batch_size)
-    dataset = _Decoded(root, samples[lo:hi], build_transform(transform), transform["resize_size"])
-    workers = decode_workers(device, ranks_here=me.local_world)
-    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, workers=workers)
+    me = job.me
+    lo, hi = me.slice(len(samples), job.batch_size)
+    dataset = _Decoded(job.root, samples[lo:hi], build_transform(job.transform), job.transform["resize_size"])
+    workers = decode_workers(job.device.type, ranks_here=me.local_world)
+    loader = make_loader(dataset, job.batch_size, shuffle=False, seed=0, workers=workers)
     start = time.perf_counter()
-    bad = _stream(body, loader, device, dest, hi - lo, cols, desc=split)
+    bad = _stream(job.body, loader, job.device, dest, hi - lo, job.cols, desc=split)
     seconds = time.perf_counter() - start
     who = f"rank {me.rank}/{me.world}, " if me.world > 1 else ""
     print(f"featurize {split}: {hi - lo} images in {seconds:.1f} s ({(hi - lo) / max(seconds, 1e-9):.1f} images/s, "
-          f"{who}{workers} decode worker(s), {device})")
+          f"{who}{workers} decode worker(s), {job.device})")
     return [lo + i for i in bad]
 
 
@@ -200,7 +228,7 @@ def _finish_split(path: Path, spec: dict[str, Any], split: str, bad: list[int], 
     broken = [samples[i]["path"] for i in bad]
     if broken and not skip_corrupt:
         raise DatasetError(f"{len(broken)} image(s) in {spec['root']} do not decode: "
-                           f"{', '.join(broken[:MAX_LISTED])}{' …' if len(broken) > MAX_LISTED else ''}; "
+                           f"{listed(broken)}; "
                            "replace them, or set data.skip_corrupt: true")
     dropped = set(bad)
     if dropped:

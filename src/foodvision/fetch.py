@@ -23,9 +23,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from foodvision.atomic import atomic_path
-from foodvision.errors import FoodVisionError
-from foodvision.spec import file_sha256
+from foodvision.core.errors import FoodVisionError
+from foodvision.core.files import atomic_path, file_sha256
 
 CHUNK = 1 << 20
 MIN_BYTES_PER_WINDOW = 16 * 1024  # a transfer slower than this per `timeout` seconds is stalled

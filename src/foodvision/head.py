@@ -1,4 +1,4 @@
-"""The head and where it runs: torch, no torchvision (which would cost `train` seconds of imports)."""
+"""The head: torch, no torchvision (which would cost `train` seconds of imports)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from foodvision.checkpoint import ModelError, head_weights
-from foodvision.params import DEVICE_PATTERN, shown
 
 
 def new_head(in_features: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -37,25 +36,3 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
-
-
-def pick_device(device: str) -> torch.device:
-    """`auto` = CUDA, then Apple MPS, then CPU; anything else must exist on this machine."""
-    if not DEVICE_PATTERN.fullmatch(device):
-        raise ModelError(f"device {shown(device)} is not one of auto, cpu, cuda, cuda:N, mps")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ModelError(f"device {device!r} asked for, but CUDA is not available here; use auto or cpu")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ModelError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s), numbered from 0")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ModelError("device 'mps' asked for, but MPS is not available here; use auto or cpu")
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")

@@ -100,15 +100,9 @@ def replace_head(model: nn.Module, num_classes: int, dropout: float) -> str:
 
 
 def freeze_all_but(model: nn.Module, head: str) -> None:
-    """No gradients outside the head; `set_train_mode` keeps those layers in eval mode too."""
+    """No gradients outside the head (train also keeps those layers in eval mode: BatchNorm stats never drift)."""
     for pname, param in model.named_parameters():
         param.requires_grad = pname.startswith(head + ".")
-
-
-def set_train_mode(model: nn.Module, head: str) -> None:
-    """Train only the head: the frozen backbone stays in eval mode, so BatchNorm stats never drift."""
-    model.eval()
-    model.get_submodule(head).train()
 
 
 def for_inference(model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # headless: stages run in terminals and CI
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from foodvision.atomic import atomic_path
+from foodvision.core.files import atomic_path
 
 # No "Software" text chunk: the PNG bytes then depend only on the pixels, not the matplotlib version.
 PNG_METADATA = {"Software": None}

@@ -1,8 +1,8 @@
 """predict stage and command: class and probability for test samples and the user's own photos.
 
-    python -m foodvision.predict IMAGE [IMAGE ...] [--model models/model.onnx]
+    foodvision-predict IMAGE [IMAGE ...] [--model MODEL.onnx]
 
-Both run the exported model (`export`'s models/model.onnx) on ONNX Runtime, as `foodvision-serve` does:
+Both run the exported model (the export stage's `paths.onnx`) on ONNX Runtime, as `foodvision-serve` does:
 the same probabilities everywhere, and a stage that imports neither torch nor torchvision (seconds of
 every experiment). A handful of photos needs no GPU.
 """
@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.atomic import atomic_dir, write_json
 from foodvision.classifier import OnnxClassifier
-from foodvision.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError
+from foodvision.core.files import atomic_dir, read_json, write_json
+from foodvision.core.params import project_paths
 from foodvision.fetch import fetch, local_path, redact, source_name
-from foodvision.spec import read_json
 from foodvision.store import ImageStore
 
 MAX_IMAGE_MB = 200  # a photo, not a video
@@ -93,14 +93,22 @@ def _materialise(source: str, dest: Path) -> Path:
     return dest
 
 
+def _project_model() -> Path:
+    paths = project_paths()
+    if paths is None:
+        raise FoodVisionError(f"no params.yaml in {Path.cwd()}: run inside the project, or give --model MODEL.onnx")
+    return Path(paths.onnx)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print class and probability per image; a bad file gets its own error line, the rest still run."""
-    parser = argparse.ArgumentParser(prog="python -m foodvision.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="foodvision-predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="image files or URLs")
-    parser.add_argument("--model", type=Path, default=Path("models/model.onnx"), help="the export stage's file")
+    parser.add_argument("--model", type=Path, help="the exported model (default: paths.onnx of ./params.yaml)")
     args = parser.parse_args(argv)
     try:
-        predictor = OnnxClassifier(args.model)
+        model = args.model or _project_model()
+        predictor = OnnxClassifier(model)
     except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ which decodes every image anyway.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,16 +20,17 @@ from typing import Any
 
 from PIL import Image
 
-from foodvision.atomic import write_json
-from foodvision.spec import MAX_PIXELS, SPLITS, DatasetError, dataset_root, hidden, is_image_name
+from foodvision.core.device import io_threads
+from foodvision.core.errors import DatasetError, listed
+from foodvision.core.files import write_json
+from foodvision.spec import MAX_PIXELS, SPLITS, dataset_root, hidden, is_image_name
 from foodvision.store import ImageStore, StoreError, Tree, join
 
-MAX_LISTED = 10  # names shown in one error line
 CHECK_CHUNK = 256  # files per header-check task
 
 
-def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None = None, test_fraction: float = 0.25,
-            seed: int = 42, skip_corrupt: bool = False) -> dict[str, Any]:
+def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None, test_fraction: float, seed: int,
+            skip_corrupt: bool) -> dict[str, Any]:
     """Index the dataset zip `raw_dir` into the spec JSON at `spec_path`; return the spec.
 
     `classes` keeps a subset (in the given names' sorted order); `test_fraction` and `seed` only
@@ -52,7 +52,7 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
         ignored += len(kept) - len(images[split])
     unreadable = _unreadable(store, [rel for split in SPLITS for rel, _ in images[split]])
     if unreadable and not skip_corrupt:
-        raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {_listed(unreadable)}; "
+        raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {listed(unreadable)}; "
                            "replace them, or set data.skip_corrupt: true")
     bad = set(unreadable)
     splits = {split: [{"path": rel, "label": index[c]} for rel, c in images.pop(split) if rel not in bad]
@@ -73,7 +73,7 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None =
     shown = ", ".join(names) if len(names) <= 10 else f"{', '.join(names[:10])}, …"
     print(f"wrote {spec_path}: {layout} layout, {len(names)} classes ({shown}), {summary}, "
           f"{ignored} non-image file(s) ignored, {len(unreadable)} unreadable image(s) skipped"
-          + (f", hidden folder(s) not taken as classes: {_listed(hidden)}" if hidden else ""))
+          + (f", hidden folder(s) not taken as classes: {listed(hidden)}" if hidden else ""))
     return spec
 
 
@@ -142,16 +142,12 @@ def _select(found: list[str], wanted: tuple[str, ...] | None, raw_dir: Path) -> 
     else:
         missing = sorted(set(wanted) - set(found))
         if missing:
-            raise DatasetError(f"data.classes names {_listed(missing)}, not in {raw_dir}; "
-                               f"its classes are {_listed(found)}")
+            raise DatasetError(f"data.classes names {listed(missing)}, not in {raw_dir}; "
+                               f"its classes are {listed(found)}")
         names = sorted(set(wanted))
     if len(names) < 2:
         raise DatasetError(f"{raw_dir} has {len(names)} class(es) to train on; a classifier needs at least 2")
     return names
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:MAX_LISTED]) + (f" … ({len(names)} in all)" if len(names) > MAX_LISTED else "")
 
 
 def _unreadable(store: ImageStore, rels: list[str]) -> list[str]:
@@ -164,7 +160,7 @@ def _unreadable(store: ImageStore, rels: list[str]) -> list[str]:
     def check(chunk: list[str]) -> list[str]:
         return [rel for rel in chunk if not _has_image_header(store, rel)]
 
-    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=io_threads()) as pool:
         return [rel for found in pool.map(check, chunks) for rel in found]
 
 

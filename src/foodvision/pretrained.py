@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.hub import HASH_REGEX
 
-from foodvision.atomic import atomic_path, remove_stale, temp_prefix, write_json
+from foodvision.core.files import atomic_path, remove_stale, temp_prefix, write_json
 from foodvision.fetch import fetch, redact, source_name
 from foodvision.model import (
     ModelError,

@@ -7,12 +7,11 @@ size, seed, transform), so changing those never rescans the dataset.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from foodvision.errors import FoodVisionError
+from foodvision.core.files import read_json
 from foodvision.store import Tree, join
 
 SPLITS = ("train", "test")
@@ -23,21 +22,6 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 # global another library may have changed: a 108-megapixel phone photo passes, a 24 KB PNG claiming
 # 20000 x 10000 pixels (a decompression bomb) does not.
 MAX_PIXELS = 178_956_970
-
-
-class DatasetError(FoodVisionError):
-    pass
-
-
-def read_json(path: Path, stage: str) -> Any:
-    """A JSON file a stage wrote; when it is missing or damaged, say which stage makes it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path} not found: run `dvc repro {stage}` first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"cannot read {path} ({exc}); run `dvc repro {stage}`") from None
 
 
 def load_spec(path: Path) -> dict[str, Any]:
@@ -90,11 +74,3 @@ def content_sha256(hashes: Mapping[str, str]) -> str:
              if is_image_name(name.rpartition("/")[2]) and not any(hidden(p) for p in name.split("/"))]
     lines.sort(key=lambda line: line[66:].encode("utf-8"))
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

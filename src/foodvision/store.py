@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from foodvision.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no member carries the time it was written
 

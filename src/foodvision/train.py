@@ -22,11 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from foodvision.atomic import write_csv, write_json
 from foodvision.checkpoint import ModelError, save_checkpoint
+from foodvision.core.device import pick_device
+from foodvision.core.files import write_csv, write_json
+from foodvision.core.params import ModelParams, TrainParams
 from foodvision.features import FeatureFile, load_index, open_split
-from foodvision.head import load_state_dict_file, new_head, pick_device
-from foodvision.params import ModelParams, TrainParams
+from foodvision.head import load_state_dict_file, new_head
 from foodvision.spec import load_spec, load_transform
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
@@ -155,9 +156,10 @@ def fit_images(model: nn.Module, head: str, spec: dict[str, Any], transform: dic
     Needed with `train.augment` (random crops change every epoch); without it, it is the reference
     that `fit_features` must match.
     """
-    from foodvision.data import ImageSamples, augment_transform, build_transform, loader_workers, make_loader
+    from foodvision.core.device import loader_workers
+    from foodvision.data import ImageSamples, augment_transform, build_transform, make_loader
 
-    workers = loader_workers(device)
+    workers = loader_workers(device.type)
     root, size = Path(spec["root"]), transform["resize_size"]
     train_tf = augment_transform(transform) if params.augment else build_transform(transform)
     train_loader = make_loader(ImageSamples(root, spec["splits"]["train"], train_tf, size), params.batch_size,
@@ -168,17 +170,17 @@ def fit_images(model: nn.Module, head: str, spec: dict[str, Any], transform: dic
 
 
 def train(features_dir: Path, pretrained_path: Path, transform_path: Path, spec_path: Path, model_params: ModelParams,
-          train_params: TrainParams, *, seed: int, model_out: Path, metrics_out: Path, history_out: Path,
+          train_params: TrainParams, *, seed: int, device: str, model_out: Path, metrics_out: Path, history_out: Path,
           curves_out: Path) -> list[dict[str, Any]]:
     """Train the head; write the checkpoint, metrics, history CSV (both after every epoch) and curves."""
-    device = pick_device(train_params.device)
+    dev = pick_device(device)
     index = load_index(features_dir)
     if index["model"] != model_params.name:
         raise ModelError(f"{features_dir} holds features of {index['model']!r}, but model.name is "
                          f"{model_params.name!r}; run `dvc repro featurize`")
     transform = load_transform(transform_path)
     classes = index["classes"]
-    seed_everything(seed, device)
+    seed_everything(seed, dev)
     head_params = index["feature_dim"] * len(classes) + len(classes)
     extra = {"seed": seed, "params_total": index["backbone_params"] + head_params, "params_trainable": head_params}
 
@@ -192,21 +194,21 @@ def train(features_dir: Path, pretrained_path: Path, transform_path: Path, spec_
         from foodvision.model import classifier_for
 
         model, head = classifier_for(model_params.name, pretrained_path, len(classes), model_params.dropout, seed)
-        model.to(device)
-        history = fit_images(model, head, load_spec(spec_path), transform, train_params, seed, device,
+        model.to(dev)
+        history = fit_images(model, head, load_spec(spec_path), transform, train_params, seed, dev,
                              checkpoint_progress)
         state = model.state_dict()
     else:
         head = index["head"]
         torch.manual_seed(seed)
-        net = new_head(index["feature_dim"], len(classes), model_params.dropout).to(device)
+        net = new_head(index["feature_dim"], len(classes), model_params.dropout).to(dev)
         train_set, test_set = (open_split(features_dir, index, s) for s in ("train", "test"))
-        history = fit_features(net, train_set, test_set, train_params, seed, device, checkpoint_progress)
+        history = fit_features(net, train_set, test_set, train_params, seed, dev, checkpoint_progress)
         backbone = load_state_dict_file(pretrained_path)
         state = {k: v for k, v in backbone.items() if not k.startswith(head + ".")}
         state.update({f"{head}.{k}": v for k, v in net.state_dict().items()})
     mode = "full loop on images, augmented" if train_params.augment else "stored features"
-    print(f"trained {train_params.epochs} epoch(s) on {device} ({mode}) in {time.perf_counter() - start:.1f} s")
+    print(f"trained {train_params.epochs} epoch(s) on {dev} ({mode}) in {time.perf_counter() - start:.1f} s")
     save_checkpoint(model_out, state, name=model_params.name, head=head, dropout=model_params.dropout,
                     class_names=classes, transform=transform)
     from foodvision.plots import loss_curves  # matplotlib: only once, at the end

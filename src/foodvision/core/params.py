@@ -1,6 +1,7 @@
 """params.yaml, parsed into frozen dataclasses and validated before any heavy work starts.
 
-Every key is checked (unknown keys catch typos like `train.epoch`), every value typed and
+params.yaml is the only place a default is written: the dataclasses type and check it. Every key is
+required (a missing one is named), unknown keys catch typos like `train.epoch`, every value is typed and
 range-checked, and every error names the dotted key and what it accepts.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from foodvision.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of these, plus auto
@@ -60,13 +61,13 @@ def _check_count(value: int, key: str, upper: int, what: str) -> None:
 @dataclass(frozen=True)
 class DataParams:
     url: str
-    sha256: str | None = None
-    content_sha256: str | None = None
-    max_extract_mb: int = 5000
-    max_download_mb: int = 10000
-    skip_corrupt: bool = False
-    classes: tuple[str, ...] | None = None
-    test_fraction: float = 0.25
+    sha256: str | None
+    content_sha256: str | None
+    max_extract_mb: int
+    max_download_mb: int
+    skip_corrupt: bool
+    classes: tuple[str, ...] | None
+    test_fraction: float
 
     def __post_init__(self) -> None:
         if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
@@ -83,11 +84,11 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = "efficientnet_b0"
-    weights: str | None = "DEFAULT"
-    weights_url: str | None = None
-    sha256: str | None = None
-    dropout: float = 0.2
+    name: str
+    weights: str | None
+    weights_url: str | None
+    sha256: str | None
+    dropout: float
 
     def __post_init__(self) -> None:
         check_sha256(self.sha256, "model.sha256")
@@ -97,9 +98,9 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class FeaturizeParams:
-    batch_size: int = 32
-    processes: int = 1  # > 1: torchrun, one rank each (byte-identical outputs, so not a DVC param dep)
-    precision: str = "fp32"
+    batch_size: int
+    processes: int  # > 1: torchrun, one rank each (byte-identical outputs, so not a DVC param dep)
+    precision: str
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -110,11 +111,10 @@ class FeaturizeParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.001
-    device: str = "auto"
-    augment: bool = False
+    epochs: int
+    batch_size: int
+    lr: float
+    augment: bool
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -123,14 +123,12 @@ class TrainParams:
                      "images per step with train.augment" if self.augment else "feature rows per step")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ParamsError(f"train.lr must be a finite number > 0, got {self.lr}")
-        if not DEVICE_PATTERN.fullmatch(self.device):
-            raise ParamsError(f"train.device must be one of {', '.join(DEVICES)} (or cuda:N), got {shown(self.device)}")
 
 
 @dataclass(frozen=True)
 class PredictParams:
-    num_samples: int = 3
-    images: tuple[str, ...] = ()
+    num_samples: int
+    images: tuple[str, ...]
 
     def __post_init__(self) -> None:
         if self.num_samples < 0:
@@ -141,29 +139,29 @@ class PredictParams:
 class PathsParams:
     """Where each stage reads and writes: dvc.yaml uses the same keys through `${paths.*}`."""
 
-    inputs_data: str = "inputs/data"  # local inputs placed here are DVC deps of the stage that reads them
-    inputs_weights: str = "inputs/weights"
-    inputs_images: str = "inputs/images"
-    raw: str = "data/raw/dataset.zip"
-    spec: str = "data/prepared/spec.json"
-    pretrained: str = "models/pretrained/backbone.pth"
-    transform: str = "models/pretrained/transform.json"
-    features: str = "data/features"
-    summary: str = "models/summary.txt"
-    model: str = "models/model.safetensors"
-    train_metrics: str = "metrics/train.json"
-    history: str = "plots/train/history.csv"
-    curves: str = "plots/train/loss_curves.png"
-    eval_metrics: str = "metrics/eval.json"
-    confusion_csv: str = "plots/eval/confusion.csv"
-    confusion_png: str = "plots/eval/confusion.png"
-    predictions: str = "plots/predictions"
-    predictions_json: str = "plots/predictions.json"
-    examples: str = "data/examples"
-    backbone_onnx: str = "models/backbone.onnx"
-    onnx_check: str = "data/onnx_check"
-    onnx: str = "models/model.onnx"
-    export_metrics: str = "metrics/export.json"
+    inputs_data: str  # local inputs placed here are DVC deps of the stage that reads them
+    inputs_weights: str
+    inputs_images: str
+    raw: str
+    spec: str
+    pretrained: str
+    transform: str
+    features: str
+    summary: str
+    model: str
+    train_metrics: str
+    history: str
+    curves: str
+    eval_metrics: str
+    confusion_csv: str
+    confusion_png: str
+    predictions: str
+    predictions_json: str
+    examples: str
+    backbone_onnx: str
+    onnx_check: str
+    onnx: str
+    export_metrics: str
 
     def __post_init__(self) -> None:
         """Each path relative, inside the project, and its own: DVC refuses the rest only after the work."""
@@ -183,17 +181,20 @@ class PathsParams:
 
 @dataclass(frozen=True)
 class Params:
+    seed: int
+    device: str  # featurize's and train's torch device
     data: DataParams
-    seed: int = 42
-    model: ModelParams = ModelParams()
-    featurize: FeaturizeParams = FeaturizeParams()
-    train: TrainParams = TrainParams()
-    predict: PredictParams = PredictParams()
-    paths: PathsParams = PathsParams()
+    model: ModelParams
+    featurize: FeaturizeParams
+    train: TrainParams
+    predict: PredictParams
+    paths: PathsParams
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed <= MAX_SEED:
             raise ParamsError(f"seed must be between 0 and {MAX_SEED} (2**32 - 1), got {self.seed}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ParamsError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {shown(self.device)}")
 
 
 def load_params(path: Path = Path("params.yaml")) -> Params:
@@ -208,12 +209,19 @@ def load_params(path: Path = Path("params.yaml")) -> Params:
     return parse(Params, raw if raw is not None else {}, "")
 
 
+def project_paths() -> PathsParams | None:
+    """The `paths:` of the project a command runs in (params.yaml in the current folder), None outside one:
+    the commands' default files are the ones the stages wrote, whatever `paths.*` says."""
+    here = Path("params.yaml")
+    return load_params(here).paths if here.is_file() else None
+
+
 def parse(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping, checking keys and value types recursively."""
     where = prefix.rstrip(".") or "params.yaml"
     if not isinstance(raw, dict):
         raise ParamsError(f"{where} must be a mapping of keys, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted((k for k in raw if k not in fields), key=str)  # keys may be numbers, dates, null
     if unknown:
         raise ParamsError(
@@ -222,12 +230,10 @@ def parse(cls: type, raw: Any, prefix: str) -> Any:
         )
     hints = typing.get_type_hints(cls)
     values = {}
-    for name, field in fields.items():
+    for name in fields:
         key = prefix + name
-        if name not in raw:
-            if field.default is dataclasses.MISSING:
-                raise ParamsError(f"missing key {key} in params.yaml")
-            continue
+        if name not in raw:  # params.yaml is the one place defaults live, as DVC needs every declared key
+            raise ParamsError(f"missing key {key} in params.yaml; the committed params.yaml has it with its default")
         values[name] = _coerce(hints[name], raw[name], key)
     return cls(**values)
 

@@ -1,10 +1,12 @@
-"""Write-then-rename helpers: a killed run never leaves a file that looks complete, and a full disk or a
-folder the user may not write to is one line naming the output, with the temporaries removed."""
+"""Files in and out, in one place. Writes go to a temporary that is renamed: a killed run never leaves a file
+that looks complete, and a full disk or a folder the user may not write to is one line naming the output, with
+the temporaries removed. Reads name the stage that makes a missing file."""
 
 from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -12,8 +14,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from foodvision.errors import FoodVisionError
+from foodvision.core.errors import DatasetError, FoodVisionError
 
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
@@ -140,3 +143,22 @@ def write_json(dest: Path, data: object) -> None:
     with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def read_json(path: Path, stage: str) -> Any:
+    """A JSON file a stage wrote; when it is missing or damaged, say which stage makes it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path} not found: run `dvc repro {stage}` first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"cannot read {path} ({exc}); run `dvc repro {stage}`") from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from foodvision.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError
 
 
 def run(main: Callable[[], object]) -> None:
