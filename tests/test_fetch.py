@@ -46,43 +46,47 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def odd(self, path: str, n: int) -> bool:
-        if path == "/gzip":  # Content-Encoding although identity was asked for
-            self.reply(gzip.compress(PAYLOAD), Content_Encoding="gzip")
-        elif path == "/gzip-bomb":  # 64 MiB of zeros in 64 KiB
-            self.reply(gzip.compress(bytes(64 * 2**20)), Content_Encoding="gzip")
-        elif path == "/bad-gzip":
-            self.reply(b"\x1f\x8b\x08\x00 certainly not deflate data" * 10, Content_Encoding="gzip")
-        elif path == "/huge":  # announces 10 GiB
-            self.reply(b"", Content_Length=str(10 * 2**30))
-        elif path == "/bad-length":
-            self.reply(PAYLOAD[:10], Content_Length="abc")
-        elif path == "/drip":  # one byte every 0.1 s: each read succeeds, the transfer never ends
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            for _ in range(1000):
-                self.wfile.write(b"x")
-                self.wfile.flush()
-                time.sleep(0.1)
-        elif path == "/busy" and n == 1:
-            self.reply(b"", 503, Retry_After="1")
-        elif path == "/busy-long":
-            self.reply(b"", 429, Retry_After="3600")
-        elif path == "/resume":  # the first answer stops half way; a Range request gets the rest
-            self.ranges.append(self.headers.get("Range"))
-            start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
-            if start:
-                rest = PAYLOAD[start:]
-                self.reply(rest, 206, Content_Range=f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
-            else:
-                self.reply(PAYLOAD[: len(PAYLOAD) // 2], Content_Length=str(len(PAYLOAD)))
-        elif path == "/to-file":
-            self.reply(b"", 302, Location="file:///etc/passwd")
-        elif path == "/loop":
-            self.reply(b"", 302, Location="/loop")
-        else:
+        """Answer `path` if it is one of the misbehaviours; False if it is not."""
+        answers = {
+            # Content-Encoding although identity was asked for
+            "/gzip": lambda: self.reply(gzip.compress(PAYLOAD), Content_Encoding="gzip"),
+            # 64 MiB of zeros in 64 KiB
+            "/gzip-bomb": lambda: self.reply(gzip.compress(bytes(64 * 2**20)), Content_Encoding="gzip"),
+            "/bad-gzip": lambda: self.reply(b"\x1f\x8b\x08\x00 certainly not deflate data" * 10, Content_Encoding="gzip"),
+            "/huge": lambda: self.reply(b"", Content_Length=str(10 * 2**30)),  # announces 10 GiB
+            "/bad-length": lambda: self.reply(PAYLOAD[:10], Content_Length="abc"),
+            "/drip": self.drip,
+            "/busy-long": lambda: self.reply(b"", 429, Retry_After="3600"),
+            "/resume": self.resume,
+            "/to-file": lambda: self.reply(b"", 302, Location="file:///etc/passwd"),
+            "/loop": lambda: self.reply(b"", 302, Location="/loop"),
+        }
+        if path == "/busy" and n == 1:
+            answers[path] = lambda: self.reply(b"", 503, Retry_After="1")
+        if path not in answers:
             return False
+        answers[path]()
         return True
+
+    def drip(self) -> None:
+        """One byte every 0.1 s: each read succeeds, the transfer never ends."""
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        for _ in range(1000):
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(0.1)
+
+    def resume(self) -> None:
+        """The first answer stops half way; a Range request gets the rest."""
+        self.ranges.append(self.headers.get("Range"))
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        if start:
+            rest = PAYLOAD[start:]
+            self.reply(rest, 206, Content_Range=f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+        else:
+            self.reply(PAYLOAD[: len(PAYLOAD) // 2], Content_Length=str(len(PAYLOAD)))
 
 
 @pytest.fixture
