@@ -78,7 +78,7 @@ def main() -> None:
         project = make_project(work / "p", args.model, work / "raw")
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["model"]["weights"] = None
-        params["train"]["device"] = "auto"
+        params["device"] = "auto"
         for stage in ("pretrained", "prepare"):
             subprocess.run([sys.executable, f"stages/{stage}.py"], cwd=project, env=ENV, check=True,
                            capture_output=True)

@@ -89,13 +89,15 @@ def make_project(dest: Path, model: str, archive: Path | None, epochs: int = 1) 
             shutil.copy2(ROOT / rel, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["model"]["name"] = model
-    params["train"].update(epochs=epochs, device="cpu")
+    params["train"]["epochs"] = epochs
+    params["device"] = "cpu"
     params["predict"]["images"] = []
     if archive is not None:
         params["data"].update(url=str(archive), content_sha256=None)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if archive is not None:
-        store_dataset(archive, dest / params["paths"]["raw"])
+        store_dataset(archive, dest / params["paths"]["raw"], max_bytes=params["data"]["max_extract_mb"] * 2**20,
+                      content_sha256=None)
     return dest
 
 

@@ -5,6 +5,7 @@ The real download and loading code runs against them; only the bytes are local.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -24,7 +25,7 @@ import torch
 import yaml
 from PIL import Image
 
-from foodvision.core.params import ModelParams, Params, TrainParams, parse
+from foodvision.core.params import Params, parse
 from foodvision.download import download_dataset, store_dataset
 from foodvision.featurize import featurize
 from foodvision.model import build_backbone
@@ -189,8 +190,9 @@ def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 
     prepare_spec(t.raw, t.spec, seed=seed)
     featurize(t.spec, t.pretrained, t.transform, t.features, model_name="efficientnet_b0", batch_size=4,
               device="cpu", skip_corrupt=False, summary_out=t.summary, precision="fp32")
-    train(t.features, t.pretrained, t.transform, t.spec, ModelParams(),
-          TrainParams(epochs=epochs, batch_size=4, lr=0.01, device="cpu"), seed=seed, model_out=t.model,
+    p = project_params()
+    train(t.features, t.pretrained, t.transform, t.spec, p.model,
+          dataclasses.replace(p.train, epochs=epochs, batch_size=4, lr=0.01), seed=seed, device="cpu", model_out=t.model,
           metrics_out=t.metrics, history_out=t.history, curves_out=t.curves)
     return t
 

@@ -21,7 +21,7 @@ def project(folder: Path, spec: Path, trained, processes: int = 1) -> Path:
     """A folder with params.yaml pointing at `spec` and the trained fixture's pretrained backbone."""
     params = yaml.safe_load(default_params_text())
     params["featurize"].update(batch_size=4, processes=processes)
-    params["train"]["device"] = "cpu"
+    params["device"] = "cpu"
     folder.mkdir(parents=True, exist_ok=True)
     for key, source in (("spec", spec), ("pretrained", trained.pretrained), ("transform", trained.transform)):
         link = folder / params["paths"][key]  # paths.* must lie inside the project: links to the fixture's files

@@ -25,7 +25,7 @@ def repo(tmp_path_factory, server_url, dataset_zip, backbone_file) -> Path:
     make_image("sushi", 3).save(project / "own.png")
     set_params(project, data__url=f"{server_url}/{dataset_zip.name}", data__content_sha256=None,
                model__weights_url=f"{server_url}/{backbone_file.name}", train__epochs=1, train__batch_size=4,
-               train__device="cpu", predict__num_samples=1, predict__images=["own.png"])
+               device="cpu", predict__num_samples=1, predict__images=["own.png"])
     sh(project, "git", "init", "-q", "-b", "main")
     sh(project, "dvc", "remote", "add", "-d", "store", str(base / "remote"))
     sh(project, "dvc", "repro")

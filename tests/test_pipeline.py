@@ -83,7 +83,7 @@ def project(tmp_path_factory, server_url, dataset_zip, backbone_file):
     make_image("sushi", 3).convert("P").save(own)
     set_params(project, data__url=f"{server_url}/{dataset_zip.name}", data__content_sha256=None,
                model__weights_url=f"{server_url}/{backbone_file.name}", train__epochs=2, train__batch_size=4,
-               train__device="cpu", predict__num_samples=2, predict__images=["own.png"])
+               device="cpu", predict__num_samples=2, predict__images=["own.png"])
     sh(project, "git", "init", "-q")
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "init")

@@ -1,12 +1,12 @@
 import csv
+import dataclasses
 import json
 
 import numpy as np
 import torch
-from conftest import train_tiny
+from conftest import project_params, train_tiny
 
 from foodvision.checkpoint import read_checkpoint
-from foodvision.core.params import TrainParams
 from foodvision.head import load_state_dict_file, new_head
 from foodvision.model import load_checkpoint
 from foodvision.train import fit_features, fit_images, seed_everything
@@ -75,7 +75,7 @@ def test_stored_features_match_the_full_loop_on_images(trained):
     from foodvision.model import classifier_for
     from foodvision.spec import load_spec, load_transform
 
-    params = TrainParams(epochs=3, batch_size=4, lr=0.01, device="cpu")
+    params = dataclasses.replace(project_params().train, epochs=3, batch_size=4, lr=0.01)
     cpu = torch.device("cpu")
     seed_everything(42)
     model, head = classifier_for("efficientnet_b0", trained.pretrained, 3, 0.2, seed=42)
@@ -121,7 +121,8 @@ def stage_project(trained, folder, **train):
     from conftest import default_params_text
 
     params = yaml.safe_load(default_params_text())
-    params["train"].update(batch_size=4, device="cpu", **train)
+    params["train"].update(batch_size=4, **train)
+    params["device"] = "cpu"
     folder.mkdir(parents=True, exist_ok=True)
     for key in ("features", "pretrained", "transform", "spec"):  # paths.* lie inside the project: links
         link = folder / params["paths"][key]
