@@ -74,7 +74,7 @@ def test_experiment_runs_and_compares(repo):
 
 
 def test_queued_sweep_runs_every_combination(repo, tmp_path):
-    # up to `evaluate`, as the README suggests for sweeps: export and predict are not what is compared
+    # up to `evaluate`, as docs/experiments.md suggests for sweeps: export and predict are not what is compared
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "model.weights=null", "-S", "model.weights_url=null",
        "-S", "model.name=efficientnet_b0,mobilenet_v3_small", "-S", "train.lr=0.001,0.01", "evaluate")
     assert sh(repo, "dvc", "queue", "status").stdout.count("Queued") == 4

@@ -186,7 +186,8 @@ def test_the_page_classifies_a_picked_photo_and_an_example_in_headless_chromium(
 
 
 def test_the_server_never_imports_torch(onnx_model):
-    code = ("import io, sys; from foodvision.web import Classifier; from PIL import Image; b = io.BytesIO(); "
+    code = ("import io, sys, foodvision.serve; from foodvision.web import Classifier; from PIL import Image; "
+            "b = io.BytesIO(); "
             "Image.new('RGB', (300, 200), 'red').save(b, 'JPEG'); Classifier(sys.argv[1])(b.getvalue()); "
             "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code, str(onnx_model)], timeout=60).returncode == 0
