@@ -71,7 +71,7 @@ def test_packaged_lite0_weights_load_strictly(tmp_path):
     assert source.url.endswith("efficientnet-lite0-57934424.pth")
     original = load_state_dict_file(source.url)
     assert len(original) == 296
-    dest = fetch_pretrained("efficientnet_lite0", "DEFAULT", None, tmp_path / "backbone.pth")
+    dest = fetch_pretrained("efficientnet_lite0", "DEFAULT", None, tmp_path / "backbone.pth", sha256=None)
     converted = load_state_dict_file(dest)
     model = lite0.build()
     assert model.load_state_dict(converted, strict=True).missing_keys == []
@@ -100,7 +100,7 @@ def top1(model: nn.Module, photos: list[Image.Image]) -> list[str]:
 
 def test_lite0_recognises_real_pizza_and_silu_would_ruin_it(shared_data, tmp_path):
     photos = real_photos(shared_data)
-    state = load_state_dict_file(fetch_pretrained("efficientnet_lite0", "DEFAULT", None, tmp_path / "b.pth"))
+    state = load_state_dict_file(fetch_pretrained("efficientnet_lite0", "DEFAULT", None, tmp_path / "b.pth", sha256=None))
     model = lite0.build()
     model.load_state_dict(state)
     labels = top1(model, photos)
@@ -125,7 +125,7 @@ def test_inference_copy_folds_batchnorm_without_changing_outputs(tmp_path, name)
     from foodvision.model import for_inference, load_pretrained
 
     if name == "efficientnet_lite0":
-        model = load_pretrained(name, fetch_pretrained(name, "DEFAULT", None, tmp_path / "b.pth"))
+        model = load_pretrained(name, fetch_pretrained(name, "DEFAULT", None, tmp_path / "b.pth", sha256=None))
     else:
         model = build_backbone(name)
         for m in model.modules():  # non-trivial statistics, as trained weights have

@@ -71,14 +71,17 @@ def test_truncated_or_foreign_checkpoint(trained, tmp_path):
 def test_numpy_head_gives_torch_logits(trained):
     """evaluate and export run the head in NumPy: the logits are torch's own, to float32 rounding."""
     from foodvision.checkpoint import head_logits, head_weights
-    from foodvision.head import head_from_checkpoint
+    from foodvision.head import new_head
 
     ckpt = read_checkpoint(trained.model)
-    weight, _ = head_weights(trained.model, ckpt)
+    weight, bias = head_weights(trained.model, ckpt)
+    torch_head = new_head(weight.shape[1], weight.shape[0], ckpt["dropout"])  # train's own module, in eval mode
+    torch_head[1].load_state_dict({"weight": torch.from_numpy(weight.copy()), "bias": torch.from_numpy(bias.copy())})
+    torch_head.eval()
     # rows at the scale of real features (the random test backbone's are about 1e-13)
     feats = np.random.default_rng(0).standard_normal((64, weight.shape[1])).astype(np.float32)
     with torch.inference_mode():
-        want = head_from_checkpoint(trained.model, ckpt)(torch.from_numpy(feats)).numpy()
+        want = torch_head(torch.from_numpy(feats)).numpy()
     got = head_logits(feats, *head_weights(trained.model, ckpt))
     assert got.dtype == want.dtype and abs(want).max() > 1.0
     assert abs(got - want).max() <= 1e-5 * abs(want).max()

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.core.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError, shown
 from foodvision.core.files import atomic_path
-from foodvision.core.params import shown
 
 CHECKPOINT_FORMAT = 2  # 1 was a torch.save pickle (models/model.pt)
 META_KEY = "foodvision"

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from foodvision.core.errors import FoodVisionError
-from foodvision.core.files import atomic_path, remove_stale, temp_prefix
+from foodvision.core.files import CHUNK, atomic_path, remove_stale, temp_prefix
 from foodvision.fetch import fetch, redact
 from foodvision.spec import content_sha256 as dataset_digest
 from foodvision.store import write_store
@@ -71,7 +71,7 @@ def store_dataset(archive: Path, target: Path, *, max_bytes: int, content_sha256
     name = source or str(archive)
     limit = f"data.max_extract_mb ({max_bytes // 2**20} MB)"
     try:
-        with _opener(archive, name)(archive, name) as members, atomic_path(target) as tmp:
+        with _members(archive, name) as members, atomic_path(target) as tmp:
             hashes = _copy(_checked_files(members, name, max_bytes, limit), tmp, name, max_bytes, limit)
             digest = dataset_digest(hashes)
             if content_sha256 is not None and digest != content_sha256.lower():
@@ -88,11 +88,12 @@ def store_dataset(archive: Path, target: Path, *, max_bytes: int, content_sha256
     return digest
 
 
-def _opener(archive: Path, name: str) -> Callable[[Path, str], AbstractContextManager[list[_Member]]]:
+def _members(archive: Path, name: str) -> AbstractContextManager[list[_Member]]:
+    """The archive's entries, zip or tar, open while the block runs."""
     if zipfile.is_zipfile(archive):
-        return _zip_members
+        return _zip_members(archive, name)
     if tarfile.is_tarfile(archive):
-        return _tar_members
+        return _tar_members(archive, name)
     raise ArchiveError(f"{name} is not a zip or tar archive (an HTML error page? a truncated download?)")
 
 
@@ -120,7 +121,7 @@ def _copy(files: list[_Member], dest: Path, name: str, max_bytes: int, limit: st
         nonlocal copied
         h = hashlib.sha256()
         with member.open() as src:
-            while chunk := src.read(1 << 20):
+            while chunk := src.read(CHUNK):
                 copied += len(chunk)
                 if copied > max_bytes:
                     raise ArchiveError(f"{name} inflates beyond {limit} (a zip bomb?); refusing it")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
+from foodvision.core.errors import listed
 from foodvision.core.files import write_csv, write_json
 from foodvision.features import load_index, open_split, rows_per_read
 
@@ -91,4 +92,4 @@ def evaluate(model_path: Path, features_dir: Path, *, metrics_out: Path, confusi
 
 
 def _few(names: list[str]) -> str:
-    return f"{len(names)} classes ({', '.join(names[:5])}{', …' if len(names) > 5 else ''})"
+    return f"{len(names)} classes ({listed(names)})"

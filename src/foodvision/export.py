@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
-from foodvision.core.files import atomic_path, write_json
+from foodvision.core.files import atomic_path, read_json, write_json
 from foodvision.features import FeatureFile, load_index, open_split, rows_per_read
 from foodvision.images import eval_array, open_rgb
 from foodvision.store import ImageStore
@@ -110,10 +110,7 @@ def joined_bytes(backbone: Any, head: Any, classes: list[str], transform: dict[s
 
 def read_figures(check_dir: Path) -> dict[str, Any]:
     """export_backbone's figures (and the proof that its check folder is complete)."""
-    try:
-        return json.loads((Path(check_dir) / FIGURES).read_text())
-    except (OSError, ValueError):
-        raise ModelError(f"{check_dir}/{FIGURES} is missing or unreadable: run `dvc repro export_backbone`") from None
+    return read_json(Path(check_dir) / FIGURES, "export_backbone")
 
 
 def _load_onnx(path: Path) -> Any:

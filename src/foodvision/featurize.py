@@ -25,6 +25,7 @@ from tqdm import tqdm
 from foodvision import distributed
 from foodvision.checkpoint import ModelError
 from foodvision.core.device import cpu_count, decode_workers, pick_device
+from foodvision.core.device import cpu_flags as read_cpu_flags
 from foodvision.core.errors import DatasetError, listed
 from foodvision.core.files import atomic_dir, write_json, write_text
 from foodvision.data import ImageSamples, build_transform, make_loader, prefetched
@@ -80,19 +81,11 @@ def autocast_dtype(precision: str, device: torch.device, cpu_flags: set[str] | N
         if not torch.cuda.is_bf16_supported():
             raise ModelError("featurize.precision bf16: this GPU has no bf16 arithmetic; use fp16 or fp32")
         return torch.bfloat16
-    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
     if device.type != "cpu" or not flags & {"avx512_bf16", "amx_bf16"}:
         raise ModelError(f"featurize.precision bf16: this {device.type.upper()} has neither AVX-512-BF16 nor AMX, "
                          "where bf16 ran the backbone about 17x slower than fp32; use fp32")
     return torch.bfloat16
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,8 @@ import urllib3
 from tqdm import tqdm
 
 from foodvision.core.errors import FoodVisionError
-from foodvision.core.files import atomic_path, file_sha256
+from foodvision.core.files import CHUNK, atomic_path, file_sha256
 
-CHUNK = 1 << 20
 MIN_BYTES_PER_WINDOW = 16 * 1024  # a transfer slower than this per `timeout` seconds is stalled
 MAX_RETRY_AFTER = 120.0  # seconds of Retry-After honoured; a server asking for more fails at once
 SCHEMES = ("http", "https", "file")

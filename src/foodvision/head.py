@@ -8,20 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from foodvision.checkpoint import ModelError, head_weights
+from foodvision.checkpoint import ModelError
 
 
 def new_head(in_features: int, num_classes: int, dropout: float) -> nn.Sequential:
     """The article's head: Dropout, then Linear(in -> classes); its init draws from torch's global RNG."""
     return nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(in_features, num_classes))
-
-
-def head_from_checkpoint(path: Path, ckpt: dict[str, Any]) -> nn.Sequential:
-    """Only the trained head, in eval mode, as torch modules (tests compare it with the numpy head)."""
-    weight, bias = head_weights(path, ckpt)
-    head = new_head(weight.shape[1], weight.shape[0], ckpt["dropout"])
-    head[1].load_state_dict({"weight": torch.from_numpy(weight.copy()), "bias": torch.from_numpy(bias.copy())})
-    return head.eval()
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:

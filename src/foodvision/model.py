@@ -147,7 +147,8 @@ def classifier_for(name: str, pretrained: Path, num_classes: int, dropout: float
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the whole trained classifier from its checkpoint (for images); failures name the file."""
+    """Rebuild the whole trained classifier, as torch modules in eval mode, from its checkpoint (e.g. one fetched
+    from the model registry: docs/sharing.md); failures name the file."""
     path = Path(path)
     ckpt = read_checkpoint(path)
     if ckpt["model_name"] not in backbone_names():

@@ -70,8 +70,7 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None, 
             "ignored_files": ignored, "ignored_folders": hidden, "skipped_corrupt": unreadable}
     write_json(spec_path, spec)
     summary = ", ".join(f"{s}: {len(splits[s])}" for s in SPLITS)
-    shown = ", ".join(names) if len(names) <= 10 else f"{', '.join(names[:10])}, …"
-    print(f"wrote {spec_path}: {layout} layout, {len(names)} classes ({shown}), {summary}, "
+    print(f"wrote {spec_path}: {layout} layout, {len(names)} classes ({listed(names)}), {summary}, "
           f"{ignored} non-image file(s) ignored, {len(unreadable)} unreadable image(s) skipped"
           + (f", hidden folder(s) not taken as classes: {listed(hidden)}" if hidden else ""))
     return spec

@@ -30,8 +30,8 @@ RANDOM_INIT_SEED = 0
 MAX_WEIGHTS_MB = 4096  # torchvision's largest classification weights (ViT-H/14) are about 2.5 GB
 
 
-def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, dest: Path,
-                     transform_out: Path | None = None, sha256: str | None = None) -> Path:
+def fetch_pretrained(name: str, weights: str | None, weights_url: str | None, dest: Path, *, sha256: str | None,
+                     transform_out: Path | None = None) -> Path:
     """Write the backbone's state dict to `dest`, and the eval transform its weights expect to `transform_out`.
 
     `sha256` (params `model.sha256`) pins the fetched file in full; without it only the 8-digit prefix

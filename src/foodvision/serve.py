@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from foodvision.core.errors import FoodVisionError
-from foodvision.core.params import project_paths
+from foodvision.core.params import ParamsError, project_paths
 
 REQUEST_SECONDS = 30  # default --timeout: from connecting (or the last answer) to the whole request received
 MAX_CONNECTIONS = 2000  # open at once, idle ones included; more are closed as they arrive (file descriptors)
@@ -40,7 +40,7 @@ def examples(predictions_json: Path, photos_dir: Path) -> list[dict[str, str]]:
     tracked file anyone can edit, and a path in it must not make /etc/passwd an example.
     """
     try:
-        results = json.loads(Path(predictions_json).read_text())
+        results = json.loads(Path(predictions_json).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     folder = Path(photos_dir).resolve()
@@ -106,10 +106,16 @@ def _port(text: str) -> int:
 
 def _project_defaults(args: argparse.Namespace) -> None:
     """Unset files are the stages' outputs of the project in the current folder; outside one, only the model
-    is needed (no examples then)."""
+    is needed (no examples then). With --model given, a params.yaml that is not this project's (or not valid)
+    only costs the examples."""
     if args.model and args.examples and args.photos:
         return
-    paths = project_paths()
+    try:
+        paths = project_paths()
+    except ParamsError:
+        if args.model is None:
+            raise
+        paths = None
     if paths is None and args.model is None:
         raise FoodVisionError(f"no params.yaml in {Path.cwd()}: run inside the project, or give --model MODEL.onnx")
     if paths is not None:

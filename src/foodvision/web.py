@@ -72,7 +72,7 @@ class Site:
 
     def __init__(self, classifier: Classifier, samples: list[dict[str, str]], timeout: float) -> None:
         self.classifier, self.samples, self.timeout = classifier, samples, timeout
-        self.html = PAGE.read_text()
+        self.html = PAGE.read_text(encoding="utf-8")
         self.decoding = anyio.CapacityLimiter(DECODE_SLOTS)
         self.limit = MAX_UPLOAD_MB * 2**20
 

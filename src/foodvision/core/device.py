@@ -7,10 +7,11 @@ torchrun launcher can count CPUs without paying for it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from foodvision.core.errors import FoodVisionError
-from foodvision.core.params import DEVICE_PATTERN, shown
+from foodvision.core.errors import FoodVisionError, shown
+from foodvision.core.params import DEVICE_PATTERN, DEVICES
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,7 @@ def pick_device(device: str) -> torch.device:
     import torch
 
     if not DEVICE_PATTERN.fullmatch(device):
-        raise DeviceError(f"device {shown(device)} is not one of auto, cpu, cuda, cuda:N, mps")
+        raise DeviceError(f"device {shown(device)} is not one of {', '.join(DEVICES)} (or cuda:N)")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError(f"device {device!r} asked for, but CUDA is not available here; use auto or cpu")
@@ -53,7 +54,9 @@ def pick_device(device: str) -> torch.device:
 
 def loader_workers(device_type: str) -> int:
     """Workers for train's augmented loop. On CPU, torch's kernels already use every core: decoding in
-    workers would oversubscribe them."""
+    workers would oversubscribe them. On a GPU every core decodes (unlike `decode_workers`, which leaves
+    one to the main process: featurize's loop also writes features). The count is part of what an augmented
+    run's bytes depend on (each worker has its own random stream), so it stays as first measured."""
     return 0 if device_type == "cpu" else min(MAX_LOADER_WORKERS, cpu_count())
 
 
@@ -74,3 +77,12 @@ def decode_workers(device_type: str, cpus: int | None = None, ranks_here: int = 
 def io_threads() -> int:
     """Threads for work that waits on the disk more than the CPU (prepare's header checks)."""
     return min(32, 4 * cpu_count())
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere): bf16 pays only with AVX-512-BF16 or AMX."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())

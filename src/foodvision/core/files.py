@@ -18,6 +18,7 @@ from typing import Any
 
 from foodvision.core.errors import DatasetError, FoodVisionError
 
+CHUNK = 1 << 20  # bytes read or copied at a time: big enough for throughput, small enough for memory
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
                errno.EROFS: "read-only file system"}
@@ -159,6 +160,6 @@ def read_json(path: Path, stage: str) -> Any:
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -19,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from foodvision.core.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError, shown
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of these, plus auto
+MOVED = {"train.device": "device"}  # keys of older params.yaml files, and where they went
 MAX_SEED = 2**32 - 1  # NumPy's seed range; torch's is wider
-SHOWN = 80  # characters of a value quoted in an error message
 # YAML 1.1 (PyYAML) reads `1e-3` as a string: numbers in that form are accepted as floats
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -36,15 +35,6 @@ class ParamsError(FoodVisionError):
 def check_sha256(value: str | None, key: str) -> None:
     if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
         raise ParamsError(f"{key} must be 64 hex digits or null, got {shown(value)}")
-
-
-def shown(value: Any, quote: bool = True) -> str:
-    """A value as an error message quotes it: at most SHOWN characters (an alias bomb is megabytes)."""
-    short = reprlib.Repr()
-    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = SHOWN, SHOWN, 6, 6, 2
-    text = short.repr(value)
-    text = text if quote or not isinstance(value, str) else value
-    return text if len(text) <= SHOWN else text[:SHOWN - 1] + "…"
 
 
 # Upper bounds that fit a machine, not only "positive": 10**12 would otherwise pass and die in a traceback.
@@ -223,6 +213,9 @@ def parse(cls: type, raw: Any, prefix: str) -> Any:
         raise ParamsError(f"{where} must be a mapping of keys, got {type(raw).__name__}")
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted((k for k in raw if k not in fields), key=str)  # keys may be numbers, dates, null
+    moved = f"{prefix}{unknown[0]}" if unknown else ""
+    if moved in MOVED:
+        raise ParamsError(f"{moved} moved to the top-level key {MOVED[moved]}: move the line there")
     if unknown:
         raise ParamsError(
             f"unknown key {prefix}{shown(unknown[0], quote=False)}; "
