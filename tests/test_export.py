@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from foodvision.checkpoint import ModelError
+from foodvision.core.errors import FoodVisionError
 from foodvision.data import build_transform
 from foodvision.export import export, sample_rows
 from foodvision.export_backbone import export_backbone
@@ -130,7 +131,7 @@ def test_a_model_for_other_classes_is_refused_in_one_line(exported, trained, tmp
 
 
 def test_a_missing_backbone_export_names_the_stage_to_run(exported, trained, tmp_path):
-    with pytest.raises(ModelError, match=r"check.json is missing .* run `dvc repro export_backbone`"):
+    with pytest.raises(FoodVisionError, match=r"check.json not found: run `dvc repro export_backbone`"):
         export(trained.model, trained.features, tmp_path / "backbone.onnx", tmp_path / "check",
                onnx_out=tmp_path / "model.onnx", metrics_out=tmp_path / "export.json")
     assert not (tmp_path / "model.onnx").exists()

@@ -98,9 +98,10 @@ def test_precision_is_chosen_by_what_the_hardware_has():
 
 
 def test_bf16_features_stay_close_to_fp32_where_the_cpu_has_bf16(trained, tmp_path):
-    from foodvision.featurize import _cpu_flags, featurize
+    from foodvision.core.device import cpu_flags
+    from foodvision.featurize import featurize
 
-    if not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         pytest.skip("this CPU has no bf16 arithmetic (the stage refuses bf16 here, tested above)")
     featurize(trained.spec, trained.pretrained, trained.transform, tmp_path / "bf16", model_name="efficientnet_b0",
               batch_size=4, device="cpu", skip_corrupt=False, summary_out=tmp_path / "s.txt", precision="bf16")
