@@ -69,6 +69,35 @@ def test_same_seed_same_bytes_other_seed_differs(trained, tmp_path, server_url, 
     assert json.loads(other.metrics.read_text())["seed"] == 7
 
 
+def test_the_head_trains_on_one_thread_with_the_bytes_of_many(tmp_path):
+    """train runs the head's small steps on one CPU thread (faster: no waking of idle threads per step); the
+    weights are bit for bit those of a run on every core, and the caller's thread count is given back."""
+    from foodvision.core.device import torch_threads
+    from foodvision.features import NpyWriter, open_split
+
+    rng = np.random.default_rng(0)
+    index = {"splits": {}}
+    for split, n in (("train", 640), ("test", 96)):
+        writer = NpyWriter(tmp_path / f"{split}.npy", n, 1280)
+        writer.write(rng.standard_normal((n, 1280)).astype(np.float32))
+        writer.close()
+        index["splits"][split] = {"labels": rng.integers(0, 3, n).tolist()}
+    params = dataclasses.replace(project_params().train, epochs=2)
+    weights = []
+    for threads in (2, 1):
+        torch.manual_seed(0)
+        head = new_head(1280, 3, 0.2)
+        with torch_threads(threads):
+            fit_features(head, open_split(tmp_path, index, "train"), open_split(tmp_path, index, "test"), params, 42,
+                         torch.device("cpu"))
+        weights.append(head[1].weight.detach().numpy().tobytes() + head[1].bias.detach().numpy().tobytes())
+    assert weights[0] == weights[1]
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
 def test_stored_features_match_the_full_loop_on_images(trained):
     """Training the head on featurize's files equals the article's loop over images (frozen backbone, eval mode)."""
     from foodvision.features import load_index, open_split

@@ -1,12 +1,14 @@
 """Where work runs: the torch device (params.yaml's `device:`) and how many CPUs and workers to use.
 
-One policy for every stage. torch is imported only by `pick_device`, so torch-free stages and the
+One policy for every stage. torch is imported only inside the functions that need it, so torch-free stages and the
 torchrun launcher can count CPUs without paying for it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +52,19 @@ def pick_device(device: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, then restored (the caller may be a test process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def loader_workers(device_type: str) -> int:
