@@ -46,6 +46,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """preexec_fn for a child a test will Ctrl-C: SIGINT's default action, as a terminal's command has. A shell
+    starts a background job (`pytest &`, CI scripts) with SIGINT ignored, every child inherits that, and Python
+    then never raises KeyboardInterrupt: the test would wait for an interrupt that cannot come."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def default_params_text() -> str:
     """The committed params.yaml: the tests check the product's defaults, not the experiment a
     developer last applied to the workspace (`dvc exp run` rewrites params.yaml)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, default_params_text, free_port, prepare_spec, stored, write_dataset
+from conftest import ROOT, ctrl_c_as_in_a_terminal, default_params_text, free_port, prepare_spec, stored, write_dataset
 
 FEATURES = ("data/features/train.npy", "data/features/test.npy", "data/features/index.json", "models/summary.txt")
 
@@ -171,7 +171,7 @@ def test_two_nodes_with_c10d_rendezvous_write_the_same_bytes_as_one_process(trai
 def test_ctrl_c_with_two_processes_is_one_line_and_exit_130(trained, bigger_spec, tmp_path):
     """A terminal's Ctrl-C reaches the whole process group: the launcher, torchrun and both ranks."""
     folder = project(tmp_path / "two", bigger_spec, trained, processes=2)
-    stage = featurize_in(folder, start_new_session=True)
+    stage = featurize_in(folder, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while not list(folder.glob("data/.features.*.parts.tmp/train.1.npy")):  # both ranks at work
         assert stage.poll() is None and time.monotonic() < deadline, "rank 1 never started writing"

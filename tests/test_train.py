@@ -250,11 +250,11 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(trained, tmp_path)
     import sys
     import time
 
-    from conftest import ROOT
+    from conftest import ROOT, ctrl_c_as_in_a_terminal
 
     params = stage_project(trained, tmp_path, epochs=100_000)
     proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_as_in_a_terminal)
     metrics = tmp_path / params["paths"]["train_metrics"]
     deadline = time.monotonic() + 120
     while not metrics.exists():  # training is under way
