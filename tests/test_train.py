@@ -70,8 +70,9 @@ def test_same_seed_same_bytes_other_seed_differs(trained, tmp_path, server_url, 
 
 
 def test_the_head_trains_on_one_thread_with_the_bytes_of_many(tmp_path):
-    """train runs the head's small steps on one CPU thread (faster: no waking of idle threads per step); the
-    weights are bit for bit those of a run on every core, and the caller's thread count is given back."""
+    """train runs the head's small steps on one CPU thread (threads only wait on each other there, badly so
+    when another process holds a core); the weights are bit for bit those of a run on every core, and the
+    caller's thread count is given back."""
     from foodvision.core.device import torch_threads
     from foodvision.features import NpyWriter, open_split
 

@@ -204,8 +204,9 @@ def train(features_dir: Path, pretrained_path: Path, transform_path: Path, spec_
         torch.manual_seed(seed)
         net = new_head(index["feature_dim"], len(classes), model_params.dropout).to(dev)
         train_set, test_set = (open_split(features_dir, index, s) for s in ("train", "test"))
-        # one thread: the head's steps are tiny (32 x 1280 by default) and 2+ threads spend more on waking each
-        # other than they save (measured 3x slower on 2 cores); the same bytes either way (a test checks)
+        # one thread: the head's steps are tiny (32 x 1280 by default), so threads gain nothing alone (7.1 vs 6.8 s
+        # for 5 epochs of 24,000 rows on 2 cores) and lose 5x when another process holds a core (36 vs 7 s: a
+        # queued experiment, CI); the same bytes either way (a test checks)
         with torch_threads(1) if dev.type == "cpu" else nullcontext():
             history = fit_features(net, train_set, test_set, train_params, seed, dev, checkpoint_progress)
         backbone = load_state_dict_file(pretrained_path)
