@@ -192,3 +192,17 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
     assert list(dest.parent.iterdir()) == []
     write_json(dest, {"ok": 1})  # the next run writes normally
     assert dest.read_text() == '{\n  "ok": 1\n}\n'
+
+
+def test_ctrl_c_inside_a_constructor_is_still_one_line():
+    """Ctrl-C can land inside a constructor (tqdm's, seen in CI): the half-built object's destructor fails as
+    the interrupt unwinds, and the user must still see only `interrupted` and exit 130, no traceback."""
+    code = ("from foodvision.core.stage import run\n"
+            "class Half:\n"
+            "    def __init__(self):\n"
+            "        raise KeyboardInterrupt\n"
+            "    def __del__(self):\n"
+            "        self.pos\n"
+            "run(Half)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n")

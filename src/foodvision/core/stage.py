@@ -16,5 +16,12 @@ def run(main: Callable[[], object]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        # Ctrl-C can land inside a constructor (tqdm's): that half-built object's destructor then fails as the
+        # interrupt unwinds, which Python would print after this line as "Exception ignored ... Traceback"
+        sys.unraisablehook = _ignore
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _ignore(unraisable: object) -> None:
+    pass
