@@ -21,7 +21,7 @@ import numpy as np
 from foodvision.classifier import OnnxClassifier
 from foodvision.core.errors import FoodVisionError
 from foodvision.core.files import atomic_dir, read_json, write_json
-from foodvision.core.params import project_paths
+from foodvision.core.params import required_project_paths
 from foodvision.fetch import fetch, local_path, redact, source_name
 from foodvision.store import ImageStore
 
@@ -93,13 +93,6 @@ def _materialise(source: str, dest: Path) -> Path:
     return dest
 
 
-def _project_model() -> Path:
-    paths = project_paths()
-    if paths is None:
-        raise FoodVisionError(f"no params.yaml in {Path.cwd()}: run inside the project, or give --model MODEL.onnx")
-    return Path(paths.onnx)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Print class and probability per image; a bad file gets its own error line, the rest still run."""
     parser = argparse.ArgumentParser(prog="foodvision-predict", description=__doc__.splitlines()[0])
@@ -107,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="the exported model (default: paths.onnx of ./params.yaml)")
     args = parser.parse_args(argv)
     try:
-        model = args.model or _project_model()
+        model = args.model or Path(required_project_paths().onnx)
         predictor = OnnxClassifier(model)
     except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from foodvision.core.errors import FoodVisionError
-from foodvision.core.params import ParamsError, project_paths
+from foodvision.core.params import ParamsError, project_paths, required_project_paths
 
 REQUEST_SECONDS = 30  # default --timeout: from connecting (or the last answer) to the whole request received
 MAX_CONNECTIONS = 2000  # open at once, idle ones included; more are closed as they arrive (file descriptors)
@@ -110,14 +110,13 @@ def _project_defaults(args: argparse.Namespace) -> None:
     only costs the examples."""
     if args.model and args.examples and args.photos:
         return
-    try:
-        paths = project_paths()
-    except ParamsError:
-        if args.model is None:
-            raise
-        paths = None
-    if paths is None and args.model is None:
-        raise FoodVisionError(f"no params.yaml in {Path.cwd()}: run inside the project, or give --model MODEL.onnx")
+    if args.model is None:
+        paths = required_project_paths()
+    else:
+        try:
+            paths = project_paths()
+        except ParamsError:
+            paths = None
     if paths is not None:
         args.model = args.model or Path(paths.onnx)
         args.examples = args.examples or Path(paths.predictions_json)

@@ -206,6 +206,14 @@ def project_paths() -> PathsParams | None:
     return load_params(here).paths if here.is_file() else None
 
 
+def required_project_paths() -> PathsParams:
+    """`project_paths`, where a command cannot go on without them (no --model given)."""
+    paths = project_paths()
+    if paths is None:
+        raise ParamsError(f"no params.yaml in {Path.cwd()}: run inside the project, or give --model MODEL.onnx")
+    return paths
+
+
 def parse(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping, checking keys and value types recursively."""
     where = prefix.rstrip(".") or "params.yaml"
