@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: the trained head on the stored test features; paths.eval_metrics and the confusion matrix."""
+"""DVC stage `evaluate`: the trained model on the test split (stored features unless fine-tuned); paths.eval_metrics,
+the confusion matrix."""
 
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from foodvision.evaluate import evaluate
 def main() -> None:
     params = load_params()
     paths = params.paths
-    evaluate(Path(paths.model), Path(paths.features), metrics_out=Path(paths.eval_metrics),
+    evaluate(Path(paths.model), Path(paths.features), device=params.device, metrics_out=Path(paths.eval_metrics),
              confusion_csv=Path(paths.confusion_csv), confusion_png=Path(paths.confusion_png))
 
 

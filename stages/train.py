@@ -10,8 +10,9 @@ from foodvision.train import train
 def main() -> None:
     params = load_params()
     paths = params.paths
-    train(Path(paths.features), Path(paths.pretrained), Path(paths.transform), Path(paths.spec), params.model,
-          params.train, seed=params.seed, device=params.device, model_out=Path(paths.model),
+    train(Path(paths.features), Path(paths.pretrained), Path(paths.transform), params.model, params.train,
+          params.finetune, seed=params.seed, val_fraction=params.data.val_fraction, device=params.device,
+          model_out=Path(paths.model),
           metrics_out=Path(paths.train_metrics), history_out=Path(paths.history), curves_out=Path(paths.curves))
 
 

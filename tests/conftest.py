@@ -198,9 +198,9 @@ def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 
     featurize(t.spec, t.pretrained, t.transform, t.features, model_name="efficientnet_b0", batch_size=4,
               device="cpu", skip_corrupt=False, summary_out=t.summary, precision="fp32")
     p = project_params()
-    train(t.features, t.pretrained, t.transform, t.spec, p.model,
-          dataclasses.replace(p.train, epochs=epochs, batch_size=4, lr=0.01), seed=seed, device="cpu", model_out=t.model,
-          metrics_out=t.metrics, history_out=t.history, curves_out=t.curves)
+    train(t.features, t.pretrained, t.transform, p.model, dataclasses.replace(p.train, epochs=epochs, batch_size=4, lr=0.01),
+          p.finetune, seed=seed, val_fraction=0.0, device="cpu", model_out=t.model, metrics_out=t.metrics,
+          history_out=t.history, curves_out=t.curves)
     return t
 
 

@@ -23,7 +23,7 @@ def test_report_on_a_hand_checked_example():
 
 
 def test_evaluate_writes_metrics_and_confusion(trained, tmp_path):
-    m = evaluate(trained.model, trained.features, metrics_out=tmp_path / "eval.json",
+    m = evaluate(trained.model, trained.features, device="cpu", metrics_out=tmp_path / "eval.json",
                  confusion_csv=tmp_path / "confusion.csv", confusion_png=tmp_path / "confusion.png")
     assert json.loads((tmp_path / "eval.json").read_text()) == m
     assert m["samples"] == 6 and set(m["per_class"]) == {"pizza", "steak", "sushi"}
@@ -48,7 +48,7 @@ def rewritten(source, dest, **changes):
 def test_truncated_or_foreign_checkpoint(trained, tmp_path):
     truncated = tmp_path / "model.safetensors"
     truncated.write_bytes(trained.model.read_bytes()[:1000])
-    kwargs = dict(metrics_out=tmp_path / "e.json", confusion_csv=tmp_path / "c.csv",
+    kwargs = dict(device="cpu", metrics_out=tmp_path / "e.json", confusion_csv=tmp_path / "c.csv",
                   confusion_png=tmp_path / "c.png")
     with pytest.raises(ModelError, match="model.safetensors is not a readable safetensors file"):
         evaluate(truncated, trained.features, **kwargs)
@@ -141,7 +141,7 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
         head[1].bias.zero_()
     save_checkpoint(tmp_path / "model.safetensors", {f"classifier.{k}": v for k, v in head.state_dict().items()},
                     name="efficientnet_b0", head="classifier", dropout=0.2, class_names=classes, transform={})
-    m = evaluate(tmp_path / "model.safetensors", feats, metrics_out=tmp_path / "e.json",
+    m = evaluate(tmp_path / "model.safetensors", feats, device="cpu", metrics_out=tmp_path / "e.json",
                  confusion_csv=tmp_path / "c.csv", confusion_png=tmp_path / "c.png")
     assert m["accuracy"] == round(7 / 49, 6)
     assert m["top5_accuracy"] == round(35 / 49, 6)
@@ -170,7 +170,7 @@ def test_class_names_are_plain_text_in_every_png(tmp_path):
     matrix = [[3 if i == j else 1 for j in range(len(names))] for i in range(len(names))]
     confusion(matrix, names, tmp_path / "c.png")
     prediction(Image.new("RGB", (64, 48), "red"), "Pred: $^^$ | Prob: 0.500 | True: a_b$", False, tmp_path / "p.png")
-    loss_curves([{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_acc": 0.5, "test_acc": 0.4}],
+    loss_curves([{"epoch": 1, "train_loss": 1.0, "held_out_loss": 1.1, "train_acc": 0.5, "held_out_acc": 0.4}],
                 tmp_path / "l.png")
     for name in ("c.png", "p.png", "l.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

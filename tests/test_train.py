@@ -9,19 +9,21 @@ from conftest import project_params, train_tiny
 from foodvision.checkpoint import read_checkpoint
 from foodvision.head import load_state_dict_file, new_head
 from foodvision.model import load_checkpoint
-from foodvision.train import fit_features, fit_images, seed_everything
+from foodvision.train import FeatureRows, fit_features, fit_images, seed_everything
 
 
 def test_outputs_history_and_metrics(trained):
     rows = list(csv.DictReader(trained.history.open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
+    # the held-out split is test without data.val_fraction (the article's curves); train.json names it
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "held_out_loss", "held_out_acc"]
     for r in rows:
         # accuracy is over samples: 12 train and 6 test images, so it is a multiple of 1/12 and 1/6
         assert abs(float(r["train_acc"]) * 12 - round(float(r["train_acc"]) * 12)) < 1e-4
-        assert abs(float(r["test_acc"]) * 6 - round(float(r["test_acc"]) * 6)) < 1e-4
+        assert abs(float(r["held_out_acc"]) * 6 - round(float(r["held_out_acc"]) * 6)) < 1e-4
     metrics = json.loads(trained.metrics.read_text())
-    assert metrics["test_acc"] == float(rows[-1]["test_acc"]) and metrics["epoch"] == 2
+    assert metrics["test_acc"] == float(rows[-1]["held_out_acc"]) and metrics["epoch"] == 2
+    assert metrics["test_loss"] == float(rows[-1]["held_out_loss"]) and "val_loss" not in metrics
     assert (metrics["params_total"], metrics["params_trainable"], metrics["seed"]) == (4_011_391, 3_843, 42)
     assert trained.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -89,8 +91,8 @@ def test_the_head_trains_on_one_thread_with_the_bytes_of_many(tmp_path):
         torch.manual_seed(0)
         head = new_head(1280, 3, 0.2)
         with torch_threads(threads):
-            fit_features(head, open_split(tmp_path, index, "train"), open_split(tmp_path, index, "test"), params, 42,
-                         torch.device("cpu"))
+            fit_features(head, FeatureRows(open_split(tmp_path, index, "train")),
+                         FeatureRows(open_split(tmp_path, index, "test")), params, 42, torch.device("cpu"))
         weights.append(head[1].weight.detach().numpy().tobytes() + head[1].bias.detach().numpy().tobytes())
     assert weights[0] == weights[1]
     before = torch.get_num_threads()
@@ -103,23 +105,23 @@ def test_stored_features_match_the_full_loop_on_images(trained):
     """Training the head on featurize's files equals the article's loop over images (frozen backbone, eval mode)."""
     from foodvision.features import load_index, open_split
     from foodvision.model import classifier_for
-    from foodvision.spec import load_spec, load_transform
+    from foodvision.spec import load_transform
 
     params = dataclasses.replace(project_params().train, epochs=3, batch_size=4, lr=0.01)
     cpu = torch.device("cpu")
     seed_everything(42)
     model, head = classifier_for("efficientnet_b0", trained.pretrained, 3, 0.2, seed=42)
-    loop = fit_images(model, head, load_spec(trained.spec), load_transform(trained.transform), params, 42, cpu)
+    index = load_index(trained.features)
+    loop = fit_images(model, head, index, load_transform(trained.transform), params, 42, cpu)
     w_loop = model.get_submodule(head)[1].weight.detach().clone()
 
     seed_everything(42)
-    index = load_index(trained.features)
     torch.manual_seed(42)
     net = new_head(index["feature_dim"], 3, 0.2)
-    fast = fit_features(net, open_split(trained.features, index, "train"), open_split(trained.features, index, "test"),
-                        params, 42, cpu)
+    fast = fit_features(net, FeatureRows(open_split(trained.features, index, "train")),
+                        FeatureRows(open_split(trained.features, index, "test")), params, 42, cpu)
     for a, b in zip(fast, loop):
-        for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        for key in ("train_loss", "held_out_loss", "train_acc", "held_out_acc"):
             assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
     assert torch.allclose(net[1].weight, w_loop, atol=1e-5)
 

@@ -26,12 +26,17 @@ class ModelError(FoodVisionError):
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, Any], *, name: str, head: str, dropout: float,
-                    class_names: list[str], transform: dict[str, Any]) -> None:
-    """The whole model's weights plus what a runtime needs; `state_dict` values are torch tensors or arrays."""
+                    class_names: list[str], transform: dict[str, Any], finetuned: list[str] | None = None) -> None:
+    """The whole model's weights plus what a runtime needs; `state_dict` values are torch tensors or arrays.
+
+    `finetuned` names the backbone blocks trained with the head: then the backbone is no longer the pretrained
+    one whose features `featurize` stored. Absent for a frozen backbone, so those files keep their bytes."""
     from safetensors.numpy import save
 
     meta = {"format": CHECKPOINT_FORMAT, "model_name": name, "head": head, "dropout": dropout,
             "class_names": list(class_names), "transform": transform}
+    if finetuned:
+        meta["finetuned"] = list(finetuned)
     arrays = {k: _array(v) for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         tmp.write_bytes(save(arrays, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))

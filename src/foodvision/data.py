@@ -47,6 +47,13 @@ def augment_transform(transform: dict[str, Any]) -> T.Compose:
     ])
 
 
+def image_samples(index: dict[str, Any], split: str, rows: list[int] | None = None) -> list[dict[str, Any]]:
+    """The split's images (all, or the given rows) as `ImageSamples` takes them, from featurize's index."""
+    paths, labels = index["splits"][split]["paths"], index["splits"][split]["labels"]
+    picked = range(len(paths)) if rows is None else rows
+    return [{"path": paths[i], "label": labels[i]} for i in picked]
+
+
 class ImageSamples(Dataset):
     """(image tensor, label) for the spec's samples (`{"path": name in the dataset zip, "label": int}`), in order."""
 

@@ -6,6 +6,7 @@ no torch to import (seconds of every experiment), the same logits to float32 rou
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,30 @@ def cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((log_norm - z[np.arange(len(labels)), labels]).sum())
 
 
-def evaluate(model_path: Path, features_dir: Path, *, metrics_out: Path, confusion_csv: Path,
-             confusion_png: Path) -> dict[str, Any]:
-    """Score the trained head on the stored test features; write metrics JSON, confusion CSV and PNG.
+def test_features(model_path: Path, ckpt: dict[str, Any], features_dir: Path, index: dict[str, Any],
+                  device: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(features, labels) blocks of the test split as the checkpoint's backbone sees them.
 
-    The features are what the checkpoint's backbone makes of the test images (a test checks the
-    logits against the whole model on the images), so no image is decoded here.
+    A frozen backbone is the pretrained one `featurize` ran: its stored rows, read in blocks of a fixed memory
+    budget, no image decoded. A fine-tuned one runs on the decoded test images (torch, only then)."""
+    if ckpt.get("finetuned"):
+        from foodvision.core.device import pick_device
+        from foodvision.tuned import checkpoint_body, image_features
+
+        body, _ = checkpoint_body(model_path)
+        yield from image_features(body, index, "test", ckpt["transform"], pick_device(device))
+        return
+    test = open_split(features_dir, index, "test")
+    yield from test.batches(rows_per_read(test.cols))
+    test.close()
+
+
+def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: Path, confusion_csv: Path,
+             confusion_png: Path) -> dict[str, Any]:
+    """Score the trained model on the test split; write metrics JSON, confusion CSV and PNG.
+
+    For a frozen backbone the stored test features are what the checkpoint's backbone makes of the test
+    images (a test checks the logits against the whole model on the images), so no image is decoded here.
     """
     index = load_index(features_dir)
     ckpt = read_checkpoint(model_path)
@@ -62,18 +81,16 @@ def evaluate(model_path: Path, features_dir: Path, *, metrics_out: Path, confusi
                          f"{features_dir} holds {index['model']!r} features for {_few(index['classes'])}; "
                          "run `dvc repro` so train and evaluate see the same data")
     weight, bias = head_weights(model_path, ckpt)
-    test = open_split(features_dir, index, "test")
     classes = index["classes"]
     k = min(TOP_K, len(classes))
     actual, predicted, total_loss, top_k = [], [], 0.0, 0
-    for feats, labels in test.batches(rows_per_read(test.cols)):  # a fixed memory budget, not a row count
+    for feats, labels in test_features(model_path, ckpt, features_dir, index, device):
         logits = head_logits(feats, weight, bias)
         total_loss += cross_entropy_sum(logits, labels)
         best = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < len(classes) else None
         top_k += len(labels) if best is None else int((best == labels[:, None]).any(axis=1).sum())
         actual += labels.tolist()
         predicted += logits.argmax(axis=1).tolist()
-    test.close()
     report = classification_report(actual, predicted, classes)
     metrics = {"loss": round(total_loss / len(actual), 6), "accuracy": report["accuracy"],
                "macro_f1": report["macro_f1"], "samples": len(actual), "per_class": report["per_class"]}

@@ -20,6 +20,7 @@ runtime. The file carries its classes and eval transform as metadata, so it is a
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,10 @@ FIGURES = "check.json"  # export_backbone's figures
 
 def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir: Path, *, onnx_out: Path,
            metrics_out: Path) -> dict[str, Any]:
-    """Write `onnx_out` and the checks' figures to `metrics_out`; return the figures."""
-    import onnxruntime as ort
+    """Write `onnx_out` and the checks' figures to `metrics_out`; return the figures.
 
+    A fine-tuned checkpoint has its own backbone: it is exported and checked on every test image here, in a
+    temporary folder, as `export_backbone` does the pretrained one (torch and torchvision, only then)."""
     ckpt = read_checkpoint(model_path)
     index = load_index(features_dir)
     if ckpt["class_names"] != index["classes"]:
@@ -51,6 +53,23 @@ def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir:
                          "run `dvc repro` so train and export see the same data")
     if not index["splits"]["test"]["labels"]:
         raise ModelError("the test split is empty: nothing to check the ONNX export on")
+    if not ckpt.get("finetuned"):
+        return _join(model_path, ckpt, features_dir, index, backbone_onnx, check_dir, onnx_out, metrics_out)
+    from foodvision.export_backbone import write_checked
+    from foodvision.tuned import checkpoint_body
+
+    with tempfile.TemporaryDirectory(prefix="foodvision-export-") as tmp:
+        own_onnx, own_check = Path(tmp) / "backbone.onnx", Path(tmp) / "check"
+        body, _ = checkpoint_body(model_path)
+        write_checked(body, ckpt["transform"], features_dir, index, onnx_out=own_onnx, check_dir=own_check,
+                      run_torch=True, torch_side=f"the fine-tuned float32 backbone ({', '.join(ckpt['finetuned'])})")
+        return _join(model_path, ckpt, features_dir, index, own_onnx, own_check, onnx_out, metrics_out)
+
+
+def _join(model_path: Path, ckpt: dict[str, Any], features_dir: Path, index: dict[str, Any], backbone_onnx: Path,
+          check_dir: Path, onnx_out: Path, metrics_out: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+
     backbone_figures = read_figures(check_dir)
     if backbone_figures.get("backbone") != ckpt["model_name"]:
         raise ModelError(f"{backbone_onnx} is a {backbone_figures.get('backbone')!r} backbone, but {model_path} "

@@ -37,25 +37,36 @@ BATCH = 32
 def export_backbone(pretrained_path: Path, transform_path: Path, features_dir: Path, *, model_name: str,
                     onnx_out: Path, check_dir: Path) -> dict[str, Any]:
     """Write the backbone's ONNX file and the check folder; return the check's figures."""
-    import onnxruntime as ort
-
     index = load_index(features_dir)
     if index["model"] != model_name:
         raise ModelError(f"{features_dir} holds features of {index['model']!r}, but model.name is "
                          f"{model_name!r}; run `dvc repro featurize`")
-    transform = load_transform(transform_path)
     body = backbone_body(model_name, pretrained_path, len(index["classes"]))
-    data = onnx_bytes(body, transform["crop_size"], "features")
+    fp32 = index.get("precision") == "fp32"
+    return write_checked(body, load_transform(transform_path), features_dir, index, onnx_out=onnx_out,
+                         check_dir=check_dir, run_torch=not fp32,
+                         torch_side="float32 backbone (features stored in lower precision)")
+
+
+def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path, index: dict[str, Any], *,
+                  onnx_out: Path, check_dir: Path, run_torch: bool, torch_side: str) -> dict[str, Any]:
+    """`body` as ONNX plus its check folder, written only when ONNX Runtime agrees with torch on every test image.
+
+    torch's side is the stored features, or with `run_torch` the body itself on the same decoded batches
+    (after a bf16/fp16 featurize; a fine-tuned backbone), whose features are kept as `reference.npy`."""
+    import onnxruntime as ort
+
+    data = onnx_bytes(body.to(memory_format=torch.contiguous_format), transform["crop_size"], "features")
     with atomic_path(onnx_out) as tmp_onnx, atomic_dir(check_dir) as tmp_check:
         tmp_onnx.write_bytes(data)
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        fp32 = index.get("precision") == "fp32"
-        figures = _compare(None if fp32 else body, features_dir, session, index, transform, tmp_check)
+        figures = _compare(body if run_torch else None, features_dir, session, index, transform, tmp_check,
+                           torch_side)
         figures.update(opset=OPSET, onnx_mb=round(len(data) / 2**20, 2))
         if figures["backbone_max_abs_diff"] > MAX_ABS_DIFF:
-            raise ModelError(f"the ONNX export of the {model_name} backbone disagrees with torch on the test images "
-                             f"(max |feature difference| {figures['backbone_max_abs_diff']:.3g}); not written. "
-                             "Report it with your torch and onnxruntime versions")
+            raise ModelError(f"the ONNX export of the {index['model']} backbone disagrees with torch on the test "
+                             f"images (max |feature difference| {figures['backbone_max_abs_diff']:.3g}); not "
+                             "written. Report it with your torch and onnxruntime versions")
         write_json(tmp_check / FIGURES, figures)
     return figures
 
@@ -64,7 +75,7 @@ def backbone_body(model_name: str, pretrained_path: Path, num_classes: int) -> n
     """The pretrained backbone without its head, BatchNorm folded as `featurize` runs it (same features)."""
     model = load_pretrained(model_name, pretrained_path)
     model.set_submodule(replace_head(model, num_classes, dropout=0.0), nn.Identity())
-    return for_inference(model).to(memory_format=torch.contiguous_format)
+    return for_inference(model)
 
 
 def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
@@ -76,7 +87,7 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
 
 
 def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: dict[str, Any],
-             transform: dict[str, Any], check_dir: Path) -> dict[str, Any]:
+             transform: dict[str, Any], check_dir: Path, torch_side: str) -> dict[str, Any]:
     """ONNX Runtime on the decoded test batches against torch (the stored features, or `body` on the same
     batches); ONNX Runtime's features (and torch's, with `body`) are written to `check_dir`."""
     split = index["splits"]["test"]
@@ -111,7 +122,7 @@ def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: di
     for writer in (ort_out, reference):
         if writer is not None:
             writer.close()
-    torch_side = "stored features" if body is None else "float32 backbone (features stored in lower precision)"
+    torch_side = "stored features" if body is None else torch_side
     print(f"backbone check: {seen} test images, max |feature difference| {worst:.3g}; ONNX Runtime "
           f"{seen / max(ort_s, 1e-9):.1f} images/s (batch {BATCH}); torch: the {torch_side}")
     return {"images": seen, "backbone_max_abs_diff": float(f"{worst:.3g}"), "torch_reference": torch_side,

@@ -28,16 +28,19 @@ def _save(fig: plt.Figure, dest: Path) -> None:
 
 
 @plt.rc_context(PLAIN_TEXT)
-def loss_curves(history: list[dict[str, Any]], dest: Path) -> None:
-    """Two panels as in the article: loss and accuracy per epoch, train against test."""
+def loss_curves(history: list[dict[str, Any]], dest: Path, held_out: str = "test", finetune_from: int = 0) -> None:
+    """Two panels as in the article: loss and accuracy per epoch, train against the held-out split (`test`, or
+    `val` with a validation cut); a dashed line where fine-tuning starts (`finetune_from`, an epoch; 0 = none)."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], marker="o", label=f"train_{key}")
-        ax.plot(epochs, [r[f"test_{key}"] for r in history], marker="o", label=f"test_{key}")
+        ax.plot(epochs, [r[f"held_out_{key}"] for r in history], marker="o", label=f"{held_out}_{key}")
+        if finetune_from:
+            ax.axvline(finetune_from - 0.5, color="grey", linestyle="--", label="fine-tune starts")
         ax.set_title(title)
         ax.set_xlabel("Epoch")
-        ax.set_xticks(epochs)
+        ax.set_xticks(epochs if len(epochs) <= 30 else epochs[::max(1, len(epochs) // 15)])
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

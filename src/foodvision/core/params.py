@@ -58,6 +58,7 @@ class DataParams:
     skip_corrupt: bool
     classes: tuple[str, ...] | None
     test_fraction: float
+    val_fraction: float
 
     def __post_init__(self) -> None:
         if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
@@ -65,6 +66,8 @@ class DataParams:
                               f"got {shown(list(self.classes))}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ParamsError(f"data.test_fraction must be between 0 and 1, got {self.test_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ParamsError(f"data.val_fraction must be in [0, 1) (0 = no validation cut), got {self.val_fraction}")
         for key in ("max_extract_mb", "max_download_mb"):
             if getattr(self, key) <= 0:
                 raise ParamsError(f"data.{key} must be a positive integer, got {getattr(self, key)}")
@@ -105,14 +108,41 @@ class TrainParams:
     batch_size: int
     lr: float
     augment: bool
+    patience: int
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise ParamsError(f"train.epochs must be a positive integer, got {self.epochs}")
+        if self.patience < 0:
+            raise ParamsError(f"train.patience must be >= 0 (0 = run every epoch), got {self.patience}")
         _check_count(self.batch_size, "train.batch_size", MAX_IMAGE_BATCH if self.augment else MAX_ROW_BATCH,
                      "images per step with train.augment" if self.augment else "feature rows per step")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ParamsError(f"train.lr must be a finite number > 0, got {self.lr}")
+
+
+MAX_BLOCKS = 64  # more than any torchvision backbone has
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    blocks: int  # 0: the frozen backbone, the article's recipe
+    epochs: int
+    batch_size: int
+    lr: float  # the head's
+    backbone_lr: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.blocks <= MAX_BLOCKS:
+            raise ParamsError(f"finetune.blocks must be 0 (frozen backbone) or a number of blocks up to {MAX_BLOCKS}, "
+                              f"got {self.blocks}")
+        if self.epochs <= 0:
+            raise ParamsError(f"finetune.epochs must be a positive integer, got {self.epochs}")
+        _check_count(self.batch_size, "finetune.batch_size", MAX_IMAGE_BATCH, "images per step")
+        for key in ("lr", "backbone_lr"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise ParamsError(f"finetune.{key} must be a finite number > 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +207,7 @@ class Params:
     model: ModelParams
     featurize: FeaturizeParams
     train: TrainParams
+    finetune: FinetuneParams
     predict: PredictParams
     paths: PathsParams
 
