@@ -88,7 +88,7 @@ def linear_probe(features: Path, seed: int) -> dict:
 
     keep, val = val_cut(y["train"].tolist(), 0.15, seed)
     scores = {}
-    for l2 in (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
+    for l2 in (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
         lin = fit(x["train"][keep], y["train"][keep], l2)
         with torch.no_grad():
             scores[l2] = (lin(x["train"][val]).argmax(1) == y["train"][val]).float().mean().item()
