@@ -54,7 +54,7 @@ def test_experiment_runs_and_compares(repo):
     assert row["params"]["train"]["epochs"] == 2 and row["params"]["model"]["dropout"] == 0.3
     evaluation = row["metrics"]["metrics/eval.json"]
     assert {"accuracy", "loss", "macro_f1"} <= set(evaluation)
-    assert {"train_loss", "test_loss"} <= set(row["metrics"]["metrics/train.json"])
+    assert {"train_loss", "test_loss"} <= set(row["metrics"]["metrics/train.json"])  # no val cut: test per epoch
 
     exp_diff = json.loads(sh(repo, "dvc", "exp", "diff", "HEAD", "longer", "--json").stdout)
     assert exp_diff["params"]["params.yaml"]["train.epochs"]["new"] == 2
@@ -68,9 +68,26 @@ def test_experiment_runs_and_compares(repo):
     (loss,) = plots["Loss"]  # one chart per metric, both experiments overlaid on it
     assert loss["revisions"] == ["HEAD", "longer"]
     points = {(v["rev"], v["field"], v["epoch"]) for v in loss["content"]["data"]["values"]}
-    assert points == {("HEAD", f, "1") for f in ("train_loss", "test_loss")} | {
-        ("longer", f, e) for f in ("train_loss", "test_loss") for e in ("1", "2")}
+    assert points == {("HEAD", f, "1") for f in ("train_loss", "held_out_loss")} | {
+        ("longer", f, e) for f in ("train_loss", "held_out_loss") for e in ("1", "2")}
     assert len(plots["Accuracy"]) == 1
+
+
+def test_a_validated_fine_tune_is_one_experiment_that_reuses_the_features(repo):
+    """The opt-in path from the shell: no featurize, no backbone export; metrics say val, plots still compare."""
+    run = sh(repo, "dvc", "exp", "run", "--temp", "-n", "tuned", "-S", "data.val_fraction=0.34", "-S",
+             "train.patience=1", "-S", "finetune.blocks=1", "-S", "finetune.epochs=1", "-S", "finetune.batch_size=4")
+    for stage in ("featurize", "export_backbone"):
+        assert f"Stage '{stage}' didn't change, skipping" in run.stdout, stage
+    (row,) = [r for r in exp_rows(repo) if r["name"] == "tuned"]
+    train = row["metrics"]["metrics/train.json"]
+    assert {"val_loss", "val_acc", "best_epoch"} <= set(train) and "test_loss" not in train
+    assert row["metrics"]["metrics/export.json"]["argmax_agreement"] == 1.0
+    assert "fine-tuned" in row["metrics"]["metrics/export.json"]["torch_reference"]
+    plots = json.loads(sh(repo, "dvc", "plots", "diff", "HEAD", "tuned", "--json").stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    fields = {(v["rev"], v["field"]) for v in plots["data"]["Loss"][0]["content"]["data"]["values"]}
+    assert fields == {(rev, f) for rev in ("HEAD", "tuned") for f in ("train_loss", "held_out_loss")}
 
 
 def test_queued_sweep_runs_every_combination(repo, tmp_path):

@@ -116,7 +116,7 @@ def test_metrics_show_lists_the_figures(project):
 def test_plots_show_renders_every_plot(project):
     sh(project, "dvc", "plots", "show", "-o", "dvc_plots")
     html = (project / "dvc_plots/index.html").read_text()
-    for name in ("Loss", "Accuracy", "Confusion matrix", "train_loss", "test_loss", "loss_curves.png",
+    for name in ("Loss", "Accuracy", "Confusion matrix", "train_loss", "held_out_loss", "loss_curves.png",
                  "confusion.png", "image_0_own.png"):
         assert name in html, name
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from foodvision.core.device import loader_workers
 from foodvision.core.params import FinetuneParams, ParamsError
 from foodvision.data import ImageSamples, augment_transform, build_transform, image_samples, make_loader
-from foodvision.model import for_inference
+from foodvision.model import build_backbone, for_inference
 from foodvision.train import Cut, EpochHook, Keeper, record, run_epoch
 
 
@@ -45,13 +45,25 @@ def backbone_blocks(model: nn.Module, head: str) -> list[str]:
             if prefix + name != head and any(True for _ in module.parameters())]
 
 
-def unfreeze(model: nn.Module, head: str, blocks: int, model_name: str) -> list[str]:
-    """Gradients for the head and the last `blocks` blocks, none for BatchNorm; returns the blocks' names."""
+def last_blocks(model: nn.Module, head: str, blocks: int, model_name: str) -> list[str]:
+    """The names of the last `blocks` blocks; a one-line error naming the key when the model has fewer."""
     names = backbone_blocks(model, head)
     if blocks > len(names):
         raise ParamsError(f"finetune.blocks is {blocks}, but {model_name} has {len(names)} blocks "
                           f"({names[0]} ... {names[-1]}); use 1 to {len(names)}")
-    trained = names[len(names) - blocks:]
+    return names[len(names) - blocks:]
+
+
+def check_blocks(model_name: str, head: str, blocks: int) -> None:
+    """`last_blocks` on the bare architecture, before any training: a wrong finetune.blocks fails in a second.
+    Its random init draws from a forked RNG, so the run's own random stream is untouched."""
+    with torch.random.fork_rng():
+        last_blocks(build_backbone(model_name), head, blocks, model_name)
+
+
+def unfreeze(model: nn.Module, head: str, blocks: int, model_name: str) -> list[str]:
+    """Gradients for the head and the last `blocks` blocks, none for BatchNorm; returns the blocks' names."""
+    trained = last_blocks(model, head, blocks, model_name)
     for pname, param in model.named_parameters():
         param.requires_grad = any(pname.startswith(n + ".") for n in (head, *trained))
     for module in model.modules():

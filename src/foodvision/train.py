@@ -260,6 +260,10 @@ def train(features_dir: Path, pretrained_path: Path, transform_path: Path, model
     if cut is not None and not cut[1]:
         raise ParamsError(f"data.val_fraction is {val_fraction}, but no class has two train images to cut one "
                           "from; set data.val_fraction: 0")
+    if finetune_params.blocks > 0:
+        from foodvision.finetune import check_blocks
+
+        check_blocks(model_params.name, index["head"], finetune_params.blocks)
     keeper = Keeper(train_params.patience) if cut is not None else None
     split = "test" if cut is None else "val"
     head_params = index["feature_dim"] * len(classes) + len(classes)
