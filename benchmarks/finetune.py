@@ -38,11 +38,12 @@ def finetuned(blocks: int) -> dict[str, dict]:
     return {"finetune": {"blocks": blocks, "epochs": 5}}
 
 
-def run_config(project: Path, changes: dict[str, dict], seed: int) -> dict:
-    """train + evaluate with the committed params changed by `changes`; figures of both processes."""
+def run_config(project: Path, data: dict, changes: dict[str, dict], seed: int) -> dict:
+    """train + evaluate with the committed params, the project's `data`, changed by `changes`; figures of both
+    processes."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["name"], params["device"], params["seed"] = "efficientnet_lite0", "cpu", seed
-    params["data"].update(yaml.safe_load((project / "params.yaml").read_text())["data"])
+    params["data"].update(data)
     for section, values in changes.items():
         params[section].update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -104,6 +105,7 @@ def bench(archive: Path, work: Path, seeds: list[int], blocks: list[int], best_s
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"]["weights_url"] = None
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data = params["data"]
     setup = {}
     for stage in ("pretrained", "prepare", "featurize"):
         seconds, mb, _ = peak_of([sys.executable, f"stages/{stage}.py"], project)
@@ -111,14 +113,14 @@ def bench(archive: Path, work: Path, seeds: list[int], blocks: list[int], best_s
         print(f"  {archive.name} {stage}: {seconds:.1f} s, peak {mb:.0f} MB", flush=True)
     results: dict[str, list[dict]] = {}
     for name, changes in FROZEN.items():
-        results[name] = [run_config(project, changes, s) for s in seeds]
+        results[name] = [run_config(project, data, changes, s) for s in seeds]
         print(f"  {name}: {[r['accuracy'] for r in results[name]]}", flush=True)
     for n in blocks:
-        results[f"ft-{n}"] = [run_config(project, finetuned(n), seeds[0])]
+        results[f"ft-{n}"] = [run_config(project, data, finetuned(n), seeds[0])]
         print(f"  ft-{n}: {results[f'ft-{n}']}", flush=True)
     if best_seeds and blocks:
         best = max(blocks, key=lambda n: results[f"ft-{n}"][0]["accuracy"])
-        results[f"ft-{best}"] += [run_config(project, finetuned(best), s) for s in seeds[1:]]
+        results[f"ft-{best}"] += [run_config(project, data, finetuned(best), s) for s in seeds[1:]]
     probe = [linear_probe(project / "data/features", s) for s in seeds]
     index = json.loads((project / "data/features/index.json").read_text())
     sizes = {s: len(index["splits"][s]["labels"]) for s in ("train", "test")}

@@ -1,4 +1,5 @@
-"""DVC stage `train`: the head on the stored features; paths.model, paths.train_metrics, paths.history, paths.curves."""
+"""DVC stage `train`: the head on the stored features (then, with finetune.blocks, the last blocks too); paths.model,
+paths.train_metrics, paths.history, paths.curves."""
 
 from pathlib import Path
 

@@ -6,6 +6,10 @@ never decoding an image or running the backbone (nor importing torchvision). Wit
 epoch needs new random crops of the images, so it runs the full loop on images instead. Both paths give
 the same results without augmentation (a test checks, to 1e-4). Metrics and history are rewritten after
 every epoch, so `dvc exp show` and plot viewers follow a long run.
+
+With `data.val_fraction` a seeded per-class cut of the train rows is held out: the curves show it instead
+of test, the epoch with the lowest validation loss is kept (`train.patience` stops early), and the test
+split is left to `evaluate`. With `finetune.blocks` the trained head is the warm start of `finetune.py`.
 """
 
 from __future__ import annotations
