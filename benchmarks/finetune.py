@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py [--data ../shared/data/flowers12.zip ../shared/data/pizza_steak_sushi.zip]
                                   [--seeds 42 43 44] [--blocks 1 2 3] [--best-seeds 1]
+    python benchmarks/finetune.py --prefix-share models/pretrained/backbone.pth   # Lite0's: what cached activations save
 
 Per dataset, a project (the tracked files, Lite0, CPU) runs pretrained, prepare and featurize once; then
 each configuration runs `stages/train.py` and `stages/evaluate.py` as their own processes, as `dvc repro`
@@ -100,6 +101,46 @@ def linear_probe(features: Path, seed: int) -> dict:
     return {"l2": best, "accuracy": round(accuracy, 6)}
 
 
+def prefix_share(pretrained: Path, blocks: list[int], batch: int = 32, steps: int = 4) -> dict[int, dict]:
+    """What storing the activations entering the first unfrozen block would save (possible only without
+    augmentation): per N, the frozen blocks' forward against a whole training step, batch 32, Lite0 on this CPU."""
+    import torch
+
+    from foodvision.finetune import _train_mode, unfreeze
+    from foodvision.model import classifier_for
+
+    out = {}
+    for n in blocks:
+        model, head = classifier_for("efficientnet_lite0", pretrained, 12, 0.2, seed=0)
+        trained = unfreeze(model, head, n, "efficientnet_lite0")
+        model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        x = torch.randn(batch, 3, 224, 224).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 12, (batch,))
+        first = int(trained[0].split(".")[1])
+        prefix = model.features[:first]
+        _train_mode(model, trained)
+        timings = {"step": 0.0, "prefix": 0.0}
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step = time.perf_counter() - start
+            with torch.no_grad():
+                start = time.perf_counter()
+                act = prefix(x)
+                pre = time.perf_counter() - start
+            if i:  # the first is warm-up
+                timings["step"] += step / steps
+                timings["prefix"] += pre / steps
+        out[n] = {"step_s": round(timings["step"], 3), "frozen_forward_s": round(timings["prefix"], 3),
+                  "share": round(timings["prefix"] / timings["step"], 3),
+                  "activation_kb_per_image": round(act[0].numel() * 4 / 1024, 1)}
+    return out
+
+
 def bench(archive: Path, work: Path, seeds: list[int], blocks: list[int], best_seeds: bool) -> dict:
     project = make_project(work / archive.stem, "efficientnet_lite0", archive, epochs=5)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -155,10 +196,16 @@ def main() -> None:
                         default=[SHARED / "flowers12.zip", SHARED / "pizza_steak_sushi.zip"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--blocks", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--prefix-share", type=Path, metavar="PRETRAINED",
+                        help="only measure the frozen blocks' share of a step, with this Lite0 backbone.pth")
     parser.add_argument("--best-seeds", type=int, default=1, help="datasets (first ones) where the best N runs "
                                                                    "every seed")
     args = parser.parse_args()
     print(f"CPU: {cpu_name()}; torch threads: default", flush=True)
+    if args.prefix_share:
+        for n, figures in prefix_share(args.prefix_share, args.blocks).items():
+            print(f"finetune.blocks {n}: {figures}")
+        return
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="foodvision-finetune-") as tmp:
         all_figures = {}
