@@ -2,7 +2,7 @@
 
     python benchmarks/finetune.py [--data ../shared/data/flowers12.zip ../shared/data/pizza_steak_sushi.zip]
                                   [--seeds 42 43 44] [--blocks 1 2 3] [--best-seeds 1]
-    python benchmarks/finetune.py --prefix-share models/pretrained/backbone.pth   # Lite0's: what cached activations save
+    python benchmarks/finetune.py --prefix-share models/pretrained/backbone.pth  # what cached activations save
 
 Per dataset, a project (the tracked files, Lite0, CPU) runs pretrained, prepare and featurize once; then
 each configuration runs `stages/train.py` and `stages/evaluate.py` as their own processes, as `dvc repro`
