@@ -1,7 +1,7 @@
-"""Fine-tune benchmark: frozen head vs `finetune.blocks` 1, 2, 3 (Lite0): test accuracy, seconds, peak RSS.
+"""Fine-tune benchmark: frozen head vs `finetune.blocks` 1 to 6 (Lite0): test accuracy, seconds, peak RSS.
 
     python benchmarks/finetune.py [--data ../shared/data/flowers12.zip ../shared/data/pizza_steak_sushi.zip]
-                                  [--seeds 42 43 44] [--blocks 1 2 3] [--best-seeds 1]
+                                  [--seeds 42 43 44] [--blocks 1 2 3 4 5 6] [--best-seeds 1]
     python benchmarks/finetune.py --prefix-share models/pretrained/backbone.pth  # what cached activations save
 
 Per dataset, a project (the tracked files, Lite0, CPU) runs pretrained, prepare and featurize once; then
@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, nargs="+",
                         default=[SHARED / "flowers12.zip", SHARED / "pizza_steak_sushi.zip"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    parser.add_argument("--blocks", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--blocks", type=int, nargs="*", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--prefix-share", type=Path, metavar="PRETRAINED",
                         help="only measure the frozen blocks' share of a step, with this Lite0 backbone.pth")
     parser.add_argument("--best-seeds", type=int, default=1, help="datasets (first ones) where the best N runs "
