@@ -180,7 +180,8 @@ def test_bad_params_fail_the_stage_with_one_line(project, tmp_path):
     result = sh(clone, sys.executable, "stages/train.py", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: unknown key train.epoch; accepted keys here: train.epochs, train.batch_size, train.lr, train.augment"]
+        "error: unknown key train.epoch; accepted keys here: train.epochs, train.batch_size, train.lr, train.augment, "
+        "train.patience"]
 
 
 def test_rerun_from_scratch_is_byte_identical(project):
