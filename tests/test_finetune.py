@@ -195,7 +195,7 @@ def test_export_follows_the_fine_tuned_backbone_and_checks_it(trained, tuned, tm
     pretrained_check = (tmp_path / "check" / "test.npy").read_bytes()
     figures = export(tuned / "model.safetensors", trained.features, tmp_path / "backbone.onnx", tmp_path / "check",
                      onnx_out=tmp_path / "model.onnx", metrics_out=tmp_path / "export.json")
-    assert figures["torch_reference"].startswith("the fine-tuned float32 backbone (features.8)")
+    assert figures["torch_reference"].startswith("fine-tuned float32 backbone (features.8)")
     assert figures["argmax_agreement"] == figures["sample_argmax_agreement"] == 1.0
     assert max(figures["max_abs_diff"], figures["sample_max_abs_diff"], figures["backbone_max_abs_diff"]) <= 1e-4
     assert (tmp_path / "check" / "test.npy").read_bytes() == pretrained_check, "export_backbone's output untouched"
