@@ -18,18 +18,16 @@ run its own backbone on the test images (`tuned.py`) instead of reading the pret
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from foodvision.core.device import loader_workers
 from foodvision.core.params import FinetuneParams, ParamsError
-from foodvision.data import ImageSamples, augment_transform, build_transform, image_samples, make_loader
+from foodvision.data import augment_transform
 from foodvision.model import build_backbone, for_inference
-from foodvision.train import Cut, EpochHook, Keeper, record, run_epoch
+from foodvision.train import Cut, EpochHook, Keeper, image_loaders, record, run_epoch
 
 
 def backbone_blocks(model: nn.Module, head: str) -> list[str]:
@@ -120,13 +118,8 @@ def finetune(model: nn.Module, head: str, trained: list[str], index: dict[str, A
     """Train `model` (its head warm, `trained` blocks unfrozen by `unfreeze`); appends to `history`, keeps the best
     validation epoch when `keeper` is given (starting from the warm model's score)."""
     model.to(device, memory_format=torch.channels_last)  # 1.7x faster steps than contiguous on a CPU (Lite0)
-    root, size, workers = Path(index["root"]), transform["resize_size"], loader_workers(device.type)
-    train_rows, val_rows = cut if cut is not None else (None, None)
-    train_set = ImageSamples(root, image_samples(index, "train", train_rows), augment_transform(transform), size)
-    held_out = image_samples(index, "train", val_rows) if keeper is not None else image_samples(index, "test")
-    loader = make_loader(train_set, params.batch_size, shuffle=True, seed=seed, workers=workers)
-    held_out_loader = make_loader(ImageSamples(root, held_out, build_transform(transform), size), params.batch_size,
-                                  shuffle=False, seed=seed, workers=workers)
+    loader, held_out_loader = image_loaders(index, transform, augment_transform(transform), cut, params.batch_size,
+                                            seed, device)
     groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(head + ".")],
                "lr": params.lr},
               {"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(head + ".")],

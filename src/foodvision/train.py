@@ -132,14 +132,15 @@ class Keeper:
 
     def stop_after(self, epoch: int, loss: float, module: nn.Module) -> bool:
         if loss < self.best_loss:
-            self.best_loss, self.best_epoch, self.waited = loss, epoch, 0
-            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self.best_loss, self.best_epoch = loss, epoch
+            self.rebase(module)
         else:
             self.waited += 1
         return 0 < self.patience <= self.waited
 
     def rebase(self, module: nn.Module) -> None:
-        """Go on with another module holding the best weights so far (the fine-tune's model, its head warm)."""
+        """Keep `module`'s weights as the best so far (also: the fine-tune's model, its head warm, goes on from
+        the head's best score)."""
         self.state, self.waited = {k: v.detach().clone() for k, v in module.state_dict().items()}, 0
 
     def restore(self, module: nn.Module) -> None:
@@ -216,26 +217,36 @@ def fit_features(head: nn.Module, train_set: FeatureRows, held_out: FeatureRows,
                    keeper)
 
 
+def image_loaders(index: dict[str, Any], transform: dict[str, Any], train_tf: Callable, cut: Cut | None,
+                  batch_size: int, seed: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """The loops on images (`train.augment`, a fine-tune): the train images, less a validation cut, through
+    `train_tf` in a seeded shuffle, and the held-out ones (the cut, else test) through the eval transform."""
+    from foodvision.core.device import loader_workers
+    from foodvision.data import ImageSamples, build_transform, image_samples, make_loader
+
+    workers = loader_workers(device.type)
+    root, size = Path(index["root"]), transform["resize_size"]
+    train_rows, val_rows = cut if cut is not None else (None, None)
+    held_out = image_samples(index, "test") if cut is None else image_samples(index, "train", val_rows)
+    train_loader = make_loader(ImageSamples(root, image_samples(index, "train", train_rows), train_tf, size),
+                               batch_size, shuffle=True, seed=seed, workers=workers)
+    held_out_loader = make_loader(ImageSamples(root, held_out, build_transform(transform), size),
+                                  batch_size, shuffle=False, seed=seed, workers=workers)
+    return train_loader, held_out_loader
+
+
 def fit_images(model: nn.Module, head: str, index: dict[str, Any], transform: dict[str, Any], params: TrainParams,
                seed: int, device: torch.device, on_epoch: EpochHook | None = None, cut: Cut | None = None,
                keeper: Keeper | None = None) -> list[dict[str, Any]]:
     """The full loop on images: each epoch decodes every image and runs the frozen backbone.
 
     Needed with `train.augment` (random crops change every epoch); without it, it is the reference
-    that `fit_features` must match. `cut`: (train rows, validation rows) of the train split.
+    that `fit_features` must match. `cut`: (train rows, validation rows) of the train split, with its `keeper`.
     """
-    from foodvision.core.device import loader_workers
-    from foodvision.data import ImageSamples, augment_transform, build_transform, image_samples, make_loader
+    from foodvision.data import augment_transform, build_transform
 
-    workers = loader_workers(device.type)
-    root, size = Path(index["root"]), transform["resize_size"]
     train_tf = augment_transform(transform) if params.augment else build_transform(transform)
-    train_rows, val_rows = cut if cut is not None else (None, None)
-    held_out = image_samples(index, "test") if keeper is None else image_samples(index, "train", val_rows)
-    train_loader = make_loader(ImageSamples(root, image_samples(index, "train", train_rows), train_tf, size),
-                               params.batch_size, shuffle=True, seed=seed, workers=workers)
-    held_out_loader = make_loader(ImageSamples(root, held_out, build_transform(transform), size),
-                                  params.batch_size, shuffle=False, seed=seed, workers=workers)
+    train_loader, held_out_loader = image_loaders(index, transform, train_tf, cut, params.batch_size, seed, device)
     return _epochs(model, head, lambda: train_loader, lambda: held_out_loader, params, device, on_epoch, keeper)
 
 
