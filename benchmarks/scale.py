@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "pizza_steak_sushi.zip"
 CLASSES = ("pizza", "steak", "sushi")
 STAGES = ("prepare", "featurize", "export_backbone", "train", "evaluate", "export", "predict")
-# what each stage of a head-only experiment imports before its first useful line (lazy imports included)
-IMPORTS = {"train": "foodvision.train, foodvision.plots", "evaluate": "foodvision.evaluate",
+# what each stage imports before its first useful line (lazy imports included): its fixed cost per process
+IMPORTS = {"download": "foodvision.download", "pretrained": "foodvision.pretrained", "prepare": "foodvision.prepare",
+           "featurize": "foodvision.featurize, torchinfo", "export_backbone": "foodvision.export_backbone, onnxruntime",
+           "train": "foodvision.train, foodvision.plots", "evaluate": "foodvision.evaluate",
            "export": "foodvision.export, onnx, onnxruntime",
            "predict": "foodvision.predict, foodvision.plots, onnxruntime"}
 ENV = {**os.environ, "TQDM_DISABLE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

@@ -6,7 +6,7 @@ Uses ../shared/data/pizza_steak_sushi.zip when present, else generated images (s
 timed in the same run, as whole processes (imports included), on the same data, backbone and epochs:
 `dvc repro -f evaluate` (the article's training and test accuracy) and `dvc repro -f predict` (all of
 it: predict runs the ONNX export, so the export stages come with it); then each stage's script on its
-own with its peak RSS, and a no-op `dvc repro`.
+own with its peak RSS, beside its imports alone (the fixed cost of a process), and a no-op `dvc repro`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import ENV, REAL, make_project, peak_of  # noqa: E402
+from scale import ENV, IMPORTS, REAL, make_project, peak_of  # noqa: E402
 
 STAGES = ("download", "pretrained", "prepare", "featurize", "export_backbone", "train", "evaluate", "export",
           "predict")
@@ -127,10 +127,17 @@ def main() -> None:
               f"speed-up {t_loop / t_eval:.1f}x")
         print(f"dvc repro -f predict (every stage, the ONNX export included): {t_repro:.1f} s (peak "
               f"{peak_repro:.0f} MB); speed-up {t_loop / t_repro:.1f}x; no-op dvc repro: {t_noop:.2f} s")
-        print(f"{'stage':>10} {'seconds':>8} {'peak MB':>8}")
+        print(f"{'stage':>15} {'seconds':>8} {'imports':>8} {'work':>8} {'peak MB':>8}")
+        fixed = 0.0
         for stage in STAGES:
-            seconds, peak, _ = peak_of([sys.executable, f"stages/{stage}.py"], project)
-            print(f"{stage:>10} {seconds:>8.1f} {peak:>8.0f}", flush=True)
+            seconds, peak, out = peak_of([sys.executable, f"stages/{stage}.py"], project)
+            imports, _, _ = peak_of([sys.executable, "-c", f"import {IMPORTS[stage]}"], project)
+            fixed += imports
+            print(f"{stage:>15} {seconds:>8.1f} {imports:>8.1f} {seconds - imports:>8.1f} {peak:>8.0f}", flush=True)
+            exported = [line for line in out.splitlines() if line.startswith("exported the")]
+            print("".join(f"{'':>15} ({line})\n" for line in exported), end="")
+        print(f"imports of the {len(STAGES)} stage processes: {fixed:.1f} s; the article's budget at 3x: "
+              f"{t_loop / 3:.1f} s")
 
 
 if __name__ == "__main__":

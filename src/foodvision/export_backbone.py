@@ -56,7 +56,9 @@ def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path
     (after a bf16/fp16 featurize; a fine-tuned backbone), whose features are kept as `reference.npy`."""
     import onnxruntime as ort
 
+    start = time.perf_counter()
     data = onnx_bytes(body.to(memory_format=torch.contiguous_format), transform["crop_size"], "features")
+    print(f"exported the {index['model']} backbone with torch.onnx.export in {time.perf_counter() - start:.1f} s")
     with atomic_path(onnx_out) as tmp_onnx, atomic_dir(check_dir) as tmp_check:
         tmp_onnx.write_bytes(data)
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
