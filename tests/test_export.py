@@ -46,6 +46,7 @@ def test_every_check_agrees_and_the_metrics_say_so(exported):
     assert written["head_max_abs_diff"] <= 1e-5, "the head alone: the same rows through ONNX Runtime and torch"
     assert written["sample_images"] == 6 and written["sample_argmax_agreement"] == 1.0
     assert written["sample_max_abs_diff"] <= 1e-4 and written["backbone_max_abs_diff"] <= 1e-4
+    assert written["max_rel_diff"] <= 1e-4
     assert written["opset"] == 18 and written["onnx_mb"] > 1
     assert written["torch_reference"] == "stored features"
     assert not (out / "check" / "reference.npy").exists(), "fp32 features are their own reference"
@@ -116,6 +117,33 @@ def test_another_head_reuses_the_backbone_export(exported, trained, tmp_path):
                      metrics_out=tmp_path / "export.json")
     assert figures["argmax_agreement"] == 1.0 and figures["max_abs_diff"] <= 1e-4
     assert (tmp_path / "model.onnx").read_bytes() != (out / "model.onnx").read_bytes()
+
+
+def test_logits_are_held_to_their_scale_so_a_large_head_passes_and_a_wrong_feature_fails(tmp_path):
+    """`-S train.lr=0.1` on 22,500 rows grows the head's weights to ~16 and its logits to ~600: the same features
+    through ONNX Runtime and torch (1e-5 apart, as measured) then give logits 5e-4 apart, which failed the
+    experiment under an absolute 1e-4. Held to the size of their sum they pass; a feature off by 0.01 still fails."""
+    from foodvision.export import MAX_REL_DIFF, check_rows, head_onnx
+
+    rng = np.random.default_rng(0)
+    n, dim = 500, 1280
+    torchs = np.maximum(rng.normal(0.3, 0.6, (n, dim)), 0).astype(np.float32)  # post-activation features
+    head = (rng.normal(0, 6, (3, dim)).astype(np.float32), rng.normal(0, 6, 3).astype(np.float32))
+    session = ort.InferenceSession(head_onnx(head, 8).SerializeToString(), providers=["CPUExecutionProvider"])
+    labels = (torchs @ head[0].T + head[1]).argmax(1).tolist()
+    index = {"splits": {"test": {"labels": labels, "paths": [f"{i}.jpg" for i in range(n)]}}}
+
+    def rows_check(onnx_features: np.ndarray) -> dict:
+        (tmp_path / "f").mkdir(exist_ok=True), (tmp_path / "c").mkdir(exist_ok=True)
+        np.save(tmp_path / "f" / "test.npy", torchs)
+        np.save(tmp_path / "c" / "test.npy", onnx_features.astype(np.float32))
+        return check_rows(head, session, tmp_path / "f", tmp_path / "c", index)
+
+    rounding = rows_check(torchs + rng.uniform(-1e-5, 1e-5, torchs.shape))
+    assert rounding["max_abs_diff"] > 1e-4 >= MAX_REL_DIFF >= rounding["rows_rel_diff"], rounding
+    assert rounding["argmax_agreement"] > 0.99
+    wrong = rows_check(torchs + np.float32(0.01))
+    assert wrong["rows_rel_diff"] > MAX_REL_DIFF, wrong
 
 
 def test_a_model_for_other_classes_is_refused_in_one_line(exported, trained, tmp_path):

@@ -12,6 +12,9 @@ written:
   `export_backbone`) against the head on torch's features of the same images;
 - the file as a runtime loads it: a fixed sample of decoded test images through the joined model.
 
+Logits are compared relative to the size of the sum behind each (`MAX_REL_DIFF`); features, in
+`export_backbone`, in absolute terms (`MAX_ABS_DIFF`).
+
 So the cost of an experiment's export is flat in the number of images, apart from reading feature rows.
 ONNX Runtime runs the model without the training stack: `foodvision.serve` uses it, and so can any ONNX
 runtime. The file carries its classes and eval transform as metadata, so it is all a runtime needs.
@@ -33,7 +36,11 @@ from foodvision.images import eval_array, open_rgb
 from foodvision.store import ImageStore
 
 OPSET = 18
-MAX_ABS_DIFF = 1e-4  # the largest difference accepted between ONNX Runtime and torch (features or logits)
+MAX_ABS_DIFF = 1e-4  # the largest difference accepted between ONNX Runtime's and torch's backbone features
+# the largest logit difference accepted, relative to the size of the sum that makes each logit (|features| @ |W|.T
+# + |b|, taken as at least 1): a high train.lr grows the head's weights and so its logits (hundreds at lr 0.1), whose
+# float32 rounding alone would fail an absolute bound; a wrong weight, bias or feature still moves it by far more
+MAX_REL_DIFF = 1e-4
 SAMPLE = 32  # decoded test images run through the joined file in every experiment
 ORT_FEATURES = "test.npy"  # in export_backbone's check folder: ONNX Runtime's features of every test image
 REFERENCE = "reference.npy"  # only after a bf16/fp16 featurize: torch's float32 features of the same images
@@ -85,14 +92,17 @@ def _join(model_path: Path, ckpt: dict[str, Any], features_dir: Path, index: dic
         figures = {"backbone_max_abs_diff": backbone_figures["backbone_max_abs_diff"],
                    "torch_reference": backbone_figures["torch_reference"], "opset": OPSET,
                    "onnx_mb": round(len(data) / 2**20, 2)}
-        figures.update(_check_rows(head, head_session, features_dir, check_dir, index))
+        figures.update(check_rows(head, head_session, features_dir, check_dir, index))
         figures.update(_check_sample(head, session, check_dir, features_dir, index, ckpt["transform"]))
         diffs = [figures[k] for k in ("max_abs_diff", "head_max_abs_diff", "sample_max_abs_diff")]
+        relative = max(figures.pop("rows_rel_diff"), figures.pop("sample_rel_diff"))
+        figures["max_rel_diff"] = float(f"{relative:.3g}")
         agreement = min(figures["argmax_agreement"], figures["sample_argmax_agreement"])
-        if max(diffs) > MAX_ABS_DIFF or agreement < 1.0:
+        if relative > MAX_REL_DIFF or agreement < 1.0:
             raise ModelError(f"the ONNX export of {model_path} disagrees with torch on the test images "
-                             f"(max |logit difference| {max(diffs):.3g}, same class on {agreement:.2%}); "
-                             "not written. Report it with your torch and onnxruntime versions")
+                             f"(max |logit difference| {max(diffs):.3g}, {relative:.3g} of the logits' scale; "
+                             f"same class on {agreement:.2%}); not written. Report it with your torch and onnxruntime "
+                             "versions")
     write_json(metrics_out, figures)
     print(f"export check: {figures['images']} test images through the head on ONNX Runtime's backbone features, "
           f"max |logit difference| {figures['max_abs_diff']:.3g}; head alone {figures['head_max_abs_diff']:.3g}; "
@@ -148,7 +158,7 @@ def _own_reference(check_dir: Path, index: dict[str, Any]) -> FeatureFile | None
     return FeatureFile(own, index["splits"]["test"]["labels"]) if own.exists() else None
 
 
-def _check_rows(head: tuple[np.ndarray, np.ndarray], session: Any, features_dir: Path, check_dir: Path,
+def check_rows(head: tuple[np.ndarray, np.ndarray], session: Any, features_dir: Path, check_dir: Path,
                 index: dict[str, Any]) -> dict[str, Any]:
     """Every test row, read in blocks that fit a fixed memory budget: the head on ONNX Runtime against the
     checkpoint's head on the stored features, and the head on ONNX Runtime's backbone features against the
@@ -158,19 +168,23 @@ def _check_rows(head: tuple[np.ndarray, np.ndarray], session: Any, features_dir:
     ort_features = FeatureFile(Path(check_dir) / ORT_FEATURES, labels)
     block = rows_per_read(stored.cols)
     references = own.batches(block) if own is not None else None
-    head_worst, worst, same = 0.0, 0.0, 0
+    head_worst, worst, relative, same = 0.0, 0.0, 0.0, 0
     for (x, _), (ort_x, _) in zip(stored.batches(block), ort_features.batches(block)):
-        logits = head_logits(x, *head)
-        head_worst = max(head_worst, _worst(session.run(["logits"], {"features": x})[0], logits))
-        want = logits if references is None else head_logits(next(references)[0], *head)
+        logits, scale = head_logits(x, *head), logit_scale(x, head)
+        alone = session.run(["logits"], {"features": x})[0]
+        head_worst = max(head_worst, _worst(alone, logits))
+        ref = x if references is None else next(references)[0]
+        want = logits if references is None else head_logits(ref, *head)
         got = session.run(["logits"], {"features": ort_x})[0]
         worst = max(worst, _worst(got, want))
+        relative = max(relative, _worst(alone, logits, scale), _worst(got, want, logit_scale(ref, head)))
         same += int((got.argmax(1) == want.argmax(1)).sum())
     for f in (stored, own, ort_features):
         if f is not None:
             f.close()
     return {"images": len(labels), "max_abs_diff": float(f"{worst:.3g}"),
-            "argmax_agreement": round(same / len(labels), 6), "head_max_abs_diff": float(f"{head_worst:.3g}")}
+            "argmax_agreement": round(same / len(labels), 6), "head_max_abs_diff": float(f"{head_worst:.3g}"),
+            "rows_rel_diff": relative}
 
 
 def sample_rows(n: int, k: int = SAMPLE) -> list[int]:
@@ -191,12 +205,25 @@ def _check_sample(head: tuple[np.ndarray, np.ndarray], session: Any, check_dir: 
     store.close()
     own = _own_reference(check_dir, index)
     reference = own if own is not None else open_split(features_dir, index, "test")
-    want = head_logits(reference.take(rows), *head)
+    features = reference.take(rows)
     reference.close()
+    want = head_logits(features, *head)
     got = session.run(["logits"], {"images": images})[0]
     return {"sample_images": len(rows), "sample_max_abs_diff": float(f"{_worst(got, want):.3g}"),
-            "sample_argmax_agreement": round(float((got.argmax(1) == want.argmax(1)).mean()), 6)}
+            "sample_argmax_agreement": round(float((got.argmax(1) == want.argmax(1)).mean()), 6),
+            "sample_rel_diff": _worst(got, want, logit_scale(features, head))}
 
 
-def _worst(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max()) if a.size else 0.0
+def logit_scale(features: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The size of the sum behind each logit, |features| @ |W|.T + |b|: what float32 rounding and a feature
+    difference are measured against."""
+    weight, bias = head
+    return np.abs(features) @ np.abs(weight).T + np.abs(bias)
+
+
+def _worst(a: np.ndarray, b: np.ndarray, scale: np.ndarray | None = None) -> float:
+    """The largest |a - b|, or with `scale` the largest |a - b| / max(scale, 1)."""
+    if not a.size:
+        return 0.0
+    diff = np.abs(a - b)
+    return float(diff.max() if scale is None else (diff / np.maximum(scale, 1.0)).max())
