@@ -159,7 +159,7 @@ def _own_reference(check_dir: Path, index: dict[str, Any]) -> FeatureFile | None
 
 
 def check_rows(head: tuple[np.ndarray, np.ndarray], session: Any, features_dir: Path, check_dir: Path,
-                index: dict[str, Any]) -> dict[str, Any]:
+               index: dict[str, Any]) -> dict[str, Any]:
     """Every test row, read in blocks that fit a fixed memory budget: the head on ONNX Runtime against the
     checkpoint's head on the stored features, and the head on ONNX Runtime's backbone features against the
     head on torch's float32 features (the stored ones, read once, unless featurize stored lower precision)."""
@@ -173,11 +173,14 @@ def check_rows(head: tuple[np.ndarray, np.ndarray], session: Any, features_dir: 
         logits, scale = head_logits(x, *head), logit_scale(x, head)
         alone = session.run(["logits"], {"features": x})[0]
         head_worst = max(head_worst, _worst(alone, logits))
-        ref = x if references is None else next(references)[0]
-        want = logits if references is None else head_logits(ref, *head)
+        if references is None:  # the stored features are torch's float32 ones
+            want, want_scale = logits, scale
+        else:
+            ref = next(references)[0]
+            want, want_scale = head_logits(ref, *head), logit_scale(ref, head)
         got = session.run(["logits"], {"features": ort_x})[0]
         worst = max(worst, _worst(got, want))
-        relative = max(relative, _worst(alone, logits, scale), _worst(got, want, logit_scale(ref, head)))
+        relative = max(relative, _worst(alone, logits, scale), _worst(got, want, want_scale))
         same += int((got.argmax(1) == want.argmax(1)).sum())
     for f in (stored, own, ort_features):
         if f is not None:
