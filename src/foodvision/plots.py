@@ -40,7 +40,7 @@ def loss_curves(history: list[dict[str, Any]], dest: Path, held_out: str = "test
             ax.axvline(finetune_from - 0.5, color="grey", linestyle="--", label="fine-tune starts")
         ax.set_title(title)
         ax.set_xlabel("Epoch")
-        ax.set_xticks(epochs if len(epochs) <= 30 else epochs[::max(1, len(epochs) // 15)])
+        ax.set_xticks(epochs if len(epochs) <= 15 else epochs[::-(-len(epochs) // 15)])
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
