@@ -6,6 +6,7 @@ Runs where ../shared/data has the archive (development machines and CI); skips e
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -66,8 +67,6 @@ def test_a_high_learning_rate_experiment_exports(project, tmp_path):
     logits ~600; here lr 1.0 over 50 epochs of the article's 225 images): the export's check of the same features
     through ONNX Runtime and torch must hold the logits to their scale, not to an absolute 1e-4, which failed
     such an experiment although the file was right."""
-    import shutil
-
     copy = tmp_path / "project"
     shutil.copytree(project, copy, symlinks=True)
     set_params(copy, train__lr=1.0, train__epochs=50)
