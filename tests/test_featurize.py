@@ -42,6 +42,13 @@ def test_a_short_or_foreign_feature_file_is_refused(tmp_path):
     (tmp_path / "h.npy").write_text("<html>")
     with pytest.raises(DatasetError, match=r"h.npy is not a .npy file.*dvc repro featurize"):
         FeatureFile(tmp_path / "h.npy", [0])
+    np.save(tmp_path / "k.npy", np.ones((3, 4), dtype=np.float32))
+    rows = FeatureFile(tmp_path / "k.npy", [0, 0, 0])
+    assert rows.take([2, 0]).tolist() == [[1.0] * 4] * 2
+    with open(tmp_path / "k.npy", "r+b") as f:  # cut short by someone else while a stage reads it
+        f.truncate(f.seek(0, 2) - 1)
+    with pytest.raises(DatasetError, match=r"k.npy ended before row 2; run `dvc repro featurize`"):
+        rows.take([0, 2])
 
 
 def test_the_decode_thread_hands_on_errors_and_stops_with_its_consumer():

@@ -7,6 +7,7 @@ import torch
 from conftest import project_params, train_tiny
 
 from foodvision.checkpoint import read_checkpoint
+from foodvision.core.device import torch_threads
 from foodvision.head import load_state_dict_file, new_head
 from foodvision.model import load_checkpoint
 from foodvision.train import FeatureRows, fit_features, fit_images, seed_everything
@@ -75,7 +76,6 @@ def test_the_head_trains_on_one_thread_with_the_bytes_of_many(tmp_path):
     """train runs the head's small steps on one CPU thread (threads only wait on each other there, badly so
     when another process holds a core); the weights are bit for bit those of a run on every core, and the
     caller's thread count is given back."""
-    from foodvision.core.device import torch_threads
     from foodvision.features import NpyWriter, open_split
 
     rng = np.random.default_rng(0)
@@ -99,6 +99,28 @@ def test_the_head_trains_on_one_thread_with_the_bytes_of_many(tmp_path):
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_the_heads_dropout_keeps_1_minus_p_of_units_independently_scaled_as_nn_dropout():
+    """The head's own Dropout (its mask from raw CPU draws, the same on every CPU vendor) behaves as nn.Dropout."""
+    from foodvision.head import Dropout
+
+    torch.manual_seed(0)
+    drop, ones = Dropout(p=0.2), torch.ones(1000, 1000, requires_grad=True)
+    out = drop(ones)
+    kept = out != 0
+    assert set(out.unique().tolist()) == {0.0, 1 / 0.8}  # nn.Dropout's 1 / (1 - p) on the kept units
+    assert abs(kept.float().mean().item() - 0.8) < 0.002  # 5 sigma of 10^6 draws
+    pairs = kept.view(-1, 2)  # the two 32-bit halves of each 64-bit draw are two independent units
+    assert abs((pairs[:, 0] & pairs[:, 1]).float().mean().item() - 0.64) < 0.003
+    out.sum().backward()
+    assert torch.equal(ones.grad, out.detach())  # the gradient goes through the kept units, scaled alike
+    torch.manual_seed(0)
+    with torch_threads(2):
+        assert torch.equal(Dropout(p=0.2)(torch.ones(1000, 1000)), out.detach())  # the seed decides, not threads
+    drop.eval()
+    x = torch.randn(4, 8)
+    assert drop(x) is x and Dropout(p=0.0)(x) is x
 
 
 def test_stored_features_match_the_full_loop_on_images(trained):
