@@ -8,9 +8,11 @@ real photos of ../shared/data/pizza_steak_sushi.zip (reused in turn) when it is 
 peak RSS is the process's maximum resident set. The bare backbone forward (batch 32, BN folded,
 channels-last, random inputs) is measured in the same run, so featurize can be compared with it.
 `--exp N [N ...]` times, in a git + DVC repository of N images each, a whole `dvc repro` (after the
-download) against a head-only `dvc exp run -S train.lr=0.01` (the default 5 epochs); then each stage
-the experiment reran, as its own process, beside its imports alone (the fixed cost before any work),
-and the physical floor: reading the stored feature rows and 5 epochs of the head's matrix products.
+download) against head-only `dvc exp run -S train.lr=...` (the default 5 epochs), three per size,
+alternating between the sizes so that a shared machine's noise falls on each alike (medians compared);
+then each stage the experiment reran, as its own process, beside its imports alone (the fixed cost
+before any work), and the physical floor: reading the stored feature rows and 5 epochs of the head's
+matrix products.
 
     python benchmarks/scale.py --sizes --exp 3000 30000     # issue 16's figures
 """
@@ -193,12 +195,9 @@ def main() -> None:
             shutil.rmtree(project)
         if results:
             summary(results, bare)
-        experiments = {}
-        for n in args.exp:
-            archive = make_dataset(work / f"raw{n}.zip", n, pool)
-            project = make_project(work / f"e{n}", args.model, None, epochs=5)
-            experiments[n] = exp_timing(project, archive)
-            shutil.rmtree(project)
+        projects = {n: make_project(work / f"e{n}", args.model, None, epochs=5) for n in args.exp}
+        archives = {n: make_dataset(work / f"raw{n}.zip", n, pool) for n in args.exp}
+        experiments = exp_timing(projects, archives) if projects else {}
         if len(experiments) > 1:
             small, big = min(experiments), max(experiments)
             print(f"\nhead-only experiment at {big} vs {small} images: {experiments[big] / experiments[small]:.2f}x")
@@ -219,10 +218,9 @@ def summary(results: dict[int, dict[str, tuple[float, float]]], bare: float) -> 
             print(f"featurize at {n}: {n / seconds:.1f} images/s = {n / seconds / bare:.2f}x the bare forward")
 
 
-def exp_timing(project: Path, archive: Path) -> float:
-    """A whole `dvc repro` (after the download) against a head-only experiment, in one repository; then the
-    experiment's stages one by one against their imports, and the floor. Returns the experiment's seconds."""
-    n = project.name[1:]
+def exp_project(project: Path, archive: Path) -> float:
+    """A git + DVC repository of the archive, after a whole `dvc repro` (timed after the download) and a commit.
+    Returns the repro's seconds."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"].update(url=str(archive), content_sha256=None)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -233,23 +231,54 @@ def exp_timing(project: Path, archive: Path) -> float:
     full, full_peak, _ = peak_of(["dvc", "repro"], project)
     subprocess.run([*git, "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True)
-    exp, exp_peak, out = peak_of(["dvc", "exp", "run", "-S", "train.lr=0.01"], project)
+    print(f"{project.name[1:]} images: dvc repro after the download: {full:.1f} s (peak {full_peak:.0f} MB)",
+          flush=True)
+    return full
+
+
+def head_only(project: Path, lr: float) -> tuple[float, float, list[str]]:
+    """One `dvc exp run -S train.lr=...`: (seconds, peak RSS in MB, the stages it reran)."""
+    seconds, peak, out = peak_of(["dvc", "exp", "run", "-S", f"train.lr={lr}"], project)
     reran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    print(f"\n{n} images: dvc repro after the download: {full:.1f} s (peak {full_peak:.0f} MB); "
-          f"dvc exp run -S train.lr=0.01: {exp:.1f} s (peak {exp_peak:.0f} MB) = {100 * exp / full:.1f}% of it; "
-          f"stages rerun: {', '.join(reran)}", flush=True)
+    print(f"{project.name[1:]} images: dvc exp run -S train.lr={lr}: {seconds:.1f} s (peak {peak:.0f} MB), "
+          f"reran {', '.join(reran)}", flush=True)
+    return seconds, peak, reran
+
+
+def exp_stages(project: Path, reran: list[str], seconds: float) -> None:
+    """The experiment's stages one by one against their imports, DVC's share of `seconds`, and the floor."""
     print(f"{'stage':>10} {'process s':>10} {'imports s':>10} {'work s':>8} {'peak MB':>8}")
     total = 0.0
     for stage in reran:
-        seconds, peak, _ = peak_of([sys.executable, f"stages/{stage}.py"], project)
+        spent, peak, _ = peak_of([sys.executable, f"stages/{stage}.py"], project)
         imports, _, _ = peak_of([sys.executable, "-c", f"import {IMPORTS[stage]}"], project)
-        total += seconds
-        print(f"{stage:>10} {seconds:>10.2f} {imports:>10.2f} {seconds - imports:>8.2f} {peak:>8.0f}", flush=True)
-    print(f"{'stages':>10} {total:>10.2f}; DVC's own share of the experiment: {exp - total:.1f} s")
-    floor = subprocess.run([sys.executable, "-c", FLOOR, str(project / params["paths"]["features"])], env=ENV,
+        total += spent
+        print(f"{stage:>10} {spent:>10.2f} {imports:>10.2f} {spent - imports:>8.2f} {peak:>8.0f}", flush=True)
+    print(f"{'stages':>10} {total:>10.2f}; DVC's own share of the experiment (its median): {seconds - total:.1f} s")
+    features = yaml.safe_load((project / "params.yaml").read_text())["paths"]["features"]
+    floor = subprocess.run([sys.executable, "-c", FLOOR, str(project / features)], env=ENV,
                            check=True, capture_output=True, text=True).stdout.strip()
     print(f"floor (in one process, imports excluded): {floor}", flush=True)
-    return exp
+
+
+def exp_timing(projects: dict[int, Path], archives: dict[int, Path], rounds: int = 3) -> dict[int, float]:
+    """Each size's whole `dvc repro`, then head-only experiments alternating between the sizes, `rounds` each
+    (a shared machine's noise then falls on every size alike); per size the median, its share of the repro,
+    its stages and the floor. Returns the medians."""
+    full = {n: exp_project(projects[n], archives[n]) for n in projects}
+    runs: dict[int, list[tuple[float, float, list[str]]]] = {n: [] for n in projects}
+    for i in range(rounds):
+        for n in projects:
+            runs[n].append(head_only(projects[n], round(0.01 * (i + 1), 4)))
+    medians = {}
+    for n, timed in runs.items():
+        seconds, peak, reran = sorted(timed)[len(timed) // 2]
+        medians[n] = seconds
+        print(f"\n{n} images: dvc repro after the download {full[n]:.1f} s; head-only experiment median "
+              f"{seconds:.1f} s of {', '.join(f'{t[0]:.1f}' for t in timed)} (peak {peak:.0f} MB) = "
+              f"{100 * seconds / full[n]:.1f}% of the repro", flush=True)
+        exp_stages(projects[n], reran, seconds)
+    return medians
 
 
 FLOOR = """

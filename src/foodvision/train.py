@@ -210,6 +210,7 @@ def fit_features(head: nn.Module, train_set: FeatureRows, held_out: FeatureRows,
     """Train `head` on stored features; the shuffle order is the one a DataLoader over images would draw.
 
     `held_out` is the validation cut when `keeper` is given (early stopping, best epoch kept), else test."""
+    train_set.file.read_ahead()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=generator,
                         collate_fn=_as_batch)
