@@ -49,6 +49,8 @@ def test_a_short_or_foreign_feature_file_is_refused(tmp_path):
         f.truncate(f.seek(0, 2) - 1)
     with pytest.raises(DatasetError, match=r"k.npy ended before row 2; run `dvc repro featurize`"):
         rows.take([0, 2])
+    with pytest.raises(DatasetError, match=r"k.npy ended before row 2; run `dvc repro featurize`"):
+        list(rows.batches(3))
 
 
 def test_the_decode_thread_hands_on_errors_and_stops_with_its_consumer():
