@@ -1,6 +1,6 @@
 """Stored features: one `.npy` per split (float32, N x D, the spec's sample order) plus `index.json`.
 
-Written as a stream and read back by row with `os.pread`, never memory-mapped or loaded whole, so
+Written as a stream and read back by row with `os.preadv`, never memory-mapped or loaded whole, so
 neither `featurize` nor `train` nor `evaluate` holds more than a batch: their memory does not grow
 with the number of images (mapped file pages would count in a process's RSS; page-cache reads do not).
 NumPy only: `evaluate` and `export` read rows without importing torch; `train` wraps them for its DataLoader.
