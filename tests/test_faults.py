@@ -177,6 +177,29 @@ def test_cleanup_spares_the_temporaries_of_live_writers(tmp_path):
     assert live.exists() and not killed.exists()
 
 
+def test_ctrl_c_right_after_a_temporary_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C lands between bytecodes: right after the temporary file or folder exists is one such point
+    (a train stage interrupted in CI left `.train.json.<pid>.<random>.tmp` there)."""
+    from foodvision.core.files import atomic_dir, write_json
+
+    def then_interrupted(real):
+        def call(*args, **kwargs):
+            real(*args, **kwargs)
+            raise KeyboardInterrupt
+        return call
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "close", then_interrupted(os.close))
+        with pytest.raises(KeyboardInterrupt):
+            write_json(tmp_path / "metrics.json", {"epoch": 1})
+    (tmp_path / "features").mkdir()
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "mkdir", then_interrupted(os.mkdir))
+        with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "features"):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == ["features"]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
     """Writes that hit ENOSPC (here: the temporary file is /dev/full) name the output; nothing stays."""

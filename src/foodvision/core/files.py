@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +81,12 @@ def remove_stale(dest: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _temp_name(dest: Path, tag: str = "") -> Path:
+    """A fresh temporary's path beside `dest`, named before it is made: an interrupt (Ctrl-C) that lands right
+    after the file is created still finds it to remove (`tempfile.mkstemp` hands the name back only then)."""
+    return dest.parent / f"{temp_prefix(dest, tag)}{os.urandom(6).hex()}.tmp"
+
+
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds."""
@@ -89,12 +94,11 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     with _named_disk_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(dest)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest), suffix=".tmp")
-        os.close(fd)
-        tmp_path = Path(tmp)
+        tmp_path = _temp_name(dest)
         try:
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             yield tmp_path
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+            os.chmod(tmp_path, 0o666 & ~_umask())
             os.replace(tmp_path, dest)
         finally:
             tmp_path.unlink(missing_ok=True)
@@ -107,19 +111,18 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     with _named_disk_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(dest)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest), suffix=".tmp"))
+        tmp, old = _temp_name(dest), _temp_name(dest, "old.")
         try:
+            os.mkdir(tmp, 0o700)
             yield tmp
             os.chmod(tmp, 0o777 & ~_umask())
             if dest.exists():
-                old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest, "old."), suffix=".tmp"))
+                os.mkdir(old, 0o700)
                 os.replace(dest, old / "previous")
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
+            os.replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(dest: Path, text: str) -> None:
