@@ -198,3 +198,20 @@ def test_export_imports_neither_torchvision_nor_the_backbone_exporter():
     """Every experiment pays export's imports: joining a head needs torch, onnx and ONNX Runtime only."""
     code = "import sys, foodvision.export; sys.exit('torchvision' in sys.modules or 'torch.onnx' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_in_place_activations_export_as_they_compute_and_stay_in_place_for_torch():
+    """onnx_bytes exports a copy with in-place activations out of place (torch.export is much faster so): the
+    file clips like ReLU6 does, and the caller's model keeps its in-place layers."""
+    from foodvision.export_backbone import onnx_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU6(inplace=True),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    images = torch.randn(3, 3, 8, 8) * 20  # well beyond ReLU6's 0 and 6
+    session = ort.InferenceSession(onnx_bytes(model, 8, "features"), providers=["CPUExecutionProvider"])
+    got = session.run(["features"], {"images": images.numpy()})[0]
+    with torch.inference_mode():
+        expected = model(images).numpy()
+    assert 0 < expected.min() and expected.max() < 6 and np.abs(got - expected).max() < 1e-5
+    assert model[1].inplace
