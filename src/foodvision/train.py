@@ -32,7 +32,7 @@ from foodvision.checkpoint import ModelError, save_checkpoint
 from foodvision.core.device import pick_device, torch_threads
 from foodvision.core.files import write_csv, write_json
 from foodvision.core.params import FinetuneParams, ModelParams, ParamsError, TrainParams
-from foodvision.features import FeatureFile, load_index, open_split
+from foodvision.features import FeatureFile, load_index, open_split, rows_per_read
 from foodvision.head import load_state_dict_file, new_head
 from foodvision.spec import load_transform
 
@@ -56,16 +56,17 @@ def seed_everything(seed: int, device: torch.device | None = None) -> None:
 
 
 class Adam:
-    """torch.optim.Adam's update with its defaults, through torch's own functional `adam`, without the
+    """torch.optim.Adam(fused=True) with its defaults, through torch's own functional `adam`, without the
     Optimizer base class: its methods import torch._dynamo on first call, over a second of every train
-    process on a CPU. The same arithmetic, so the same bytes (a test checks against torch.optim.Adam)."""
+    process on a CPU. The same kernel, so the same bytes (a test checks against torch.optim.Adam). Fused: one
+    kernel per step instead of seven ops per tensor, 0.1 of the head's 0.7 ms per step on a CPU."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float) -> None:
         self.params = list(params)
         self.lr = lr
         self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.steps = [torch.tensor(0.0, dtype=torch.get_default_dtype()) for _ in self.params]
+        self.steps = [torch.tensor(0.0, dtype=torch.float32, device=p.device) for p in self.params]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -79,7 +80,7 @@ class Adam:
         adam([self.params[i] for i in live], [self.params[i].grad for i in live], [self.exp_avgs[i] for i in live],
              [self.exp_avg_sqs[i] for i in live], [], [self.steps[i] for i in live], amsgrad=False, beta1=0.9,
              beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False, foreach=None, capturable=False,
-             differentiable=False, fused=None, grad_scale=None, found_inf=None, has_complex=False)
+             differentiable=False, fused=True, grad_scale=None, found_inf=None, has_complex=False)
 
 
 def run_epoch(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: torch.device,
@@ -209,13 +210,14 @@ def fit_features(head: nn.Module, train_set: FeatureRows, held_out: FeatureRows,
                  keeper: Keeper | None = None) -> list[dict[str, Any]]:
     """Train `head` on stored features; the shuffle order is the one a DataLoader over images would draw.
 
-    `held_out` is the validation cut when `keeper` is given (early stopping, best epoch kept), else test."""
+    `held_out` is the validation cut when `keeper` is given (early stopping, best epoch kept), else test. It is
+    scored in blocks of memory's size, not train.batch_size: the same sums, a few steps instead of N / 32."""
     train_set.file.read_ahead()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=generator,
                         collate_fn=_as_batch)
-    return _epochs(head, "", lambda: loader, lambda: _in_order(held_out, params.batch_size), params, device, on_epoch,
-                   keeper)
+    block = rows_per_read(held_out.file.cols)
+    return _epochs(head, "", lambda: loader, lambda: _in_order(held_out, block), params, device, on_epoch, keeper)
 
 
 def image_loaders(index: dict[str, Any], transform: dict[str, Any], train_tf: Callable, cut: Cut | None,
