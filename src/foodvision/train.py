@@ -59,7 +59,7 @@ class Adam:
     """torch.optim.Adam(fused=True) with its defaults, through torch's own functional `adam`, without the
     Optimizer base class: its methods import torch._dynamo on first call, over a second of every train
     process on a CPU. The same kernel, so the same bytes (a test checks against torch.optim.Adam). Fused: one
-    kernel per step instead of seven ops per tensor, 0.1 of the head's 0.7 ms per step on a CPU."""
+    kernel per step instead of seven operations per tensor, 35 against 95 microseconds per head step on a CPU."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float) -> None:
         self.params = list(params)
@@ -211,7 +211,8 @@ def fit_features(head: nn.Module, train_set: FeatureRows, held_out: FeatureRows,
     """Train `head` on stored features; the shuffle order is the one a DataLoader over images would draw.
 
     `held_out` is the validation cut when `keeper` is given (early stopping, best epoch kept), else test. It is
-    scored in blocks of memory's size, not train.batch_size: the same sums, a few steps instead of N / 32."""
+    scored in blocks of memory's size, not train.batch_size: the same scores to float rounding, a few matrix
+    products instead of N / 32 steps."""
     train_set.file.read_ahead()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=generator,
