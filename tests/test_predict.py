@@ -230,3 +230,27 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_predict_and_exports_sample_read_test_images_where_prepare_found_them(trained, exported, tmp_path):
+    """Neither parses the dataset zip's whole directory (a cost that grows with the dataset): with the directory
+    gone, both still read their test images, by the locations in the features index."""
+    from foodvision.export import export
+
+    data = trained.raw.read_bytes()
+    directory = data.index(b"PK\x01\x02")
+    raw = tmp_path / "dataset.zip"
+    raw.write_bytes(data[:directory] + b"\0" * (len(data) - directory))
+    features = tmp_path / "features"
+    shutil.copytree(trained.features, features)
+    index = json.loads((features / "index.json").read_text())
+    assert len(index["splits"]["test"]["at"]) == len(index["splits"]["test"]["paths"])
+    (features / "index.json").write_text(json.dumps({**index, "root": raw.as_posix()}))
+    results = predict(onnx(exported), features, num_samples=3, images=(), seed=1, out_dir=tmp_path / "out",
+                      json_out=tmp_path / "out.json", photos_dir=tmp_path / "photos")
+    for r in results:
+        assert Path(r["path"]).read_bytes() == ImageStore(trained.raw).read(r["source"])
+    out = exported[0]
+    figures = export(trained.model, features, out / "backbone.onnx", out / "check", onnx_out=tmp_path / "model.onnx",
+                     metrics_out=tmp_path / "export.json")
+    assert figures["sample_images"] > 0 and figures["sample_argmax_agreement"] == 1.0

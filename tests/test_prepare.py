@@ -8,6 +8,7 @@ from PIL import Image
 
 from foodvision.model import eval_transform
 from foodvision.prepare import DatasetError
+from foodvision.store import ImageStore
 
 
 def run(raw: Path, tmp_path: Path, **kwargs) -> dict:
@@ -22,7 +23,10 @@ def test_spec_is_a_plain_index_of_classes_and_samples(tmp_path):
     assert spec["classes"] == ["pizza", "steak", "sushi"]
     assert spec["layout"] == "train/test"
     assert spec["counts"] == {"train": {"pizza": 4, "steak": 4, "sushi": 4}, "test": {"pizza": 2, "steak": 2, "sushi": 2}}
-    assert spec["splits"]["test"][0] == {"path": "test/pizza/000.jpg", "label": 0}
+    first = spec["splits"]["test"][0]
+    assert {k: first[k] for k in ("path", "label")} == {"path": "test/pizza/000.jpg", "label": 0}
+    store = ImageStore(tmp_path / "raw.zip")  # where it lies in the zip: its bytes, read without the zip's directory
+    assert store.read_at(first["path"], first["at"]).read() == (tmp_path / "raw" / first["path"]).read_bytes()
     assert spec["ignored_files"] == 1  # the .DS_Store
     assert not {"transform", "batch_size", "seed"} & set(spec), "what later stages choose is not in the index"
 
@@ -103,7 +107,8 @@ def test_food101_layout_under_its_top_folder_and_a_class_subset(tmp_path):
     spec = run(tmp_path / "raw", tmp_path)
     assert spec["layout"] == "food-101" and spec["classes"] == ["apple_pie", "pizza", "steak", "sushi"]
     assert spec["counts"]["train"]["apple_pie"] == 3 and spec["counts"]["test"]["sushi"] == 2
-    assert spec["splits"]["test"][0] == {"path": "food-101/images/apple_pie/103.jpg", "label": 0}
+    assert spec["splits"]["test"][0]["path"] == "food-101/images/apple_pie/103.jpg"
+    assert spec["splits"]["test"][0]["label"] == 0
     subset = run(tmp_path / "raw", tmp_path, classes=("sushi", "pizza", "steak"))
     assert subset["classes"] == ["pizza", "steak", "sushi"]
     assert subset["counts"]["train"] == {"pizza": 3, "steak": 3, "sushi": 3}

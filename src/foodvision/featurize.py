@@ -227,7 +227,8 @@ def _finish_split(path: Path, spec: dict[str, Any], split: str, bad: list[int], 
     if dropped:
         _drop_rows(path, dropped, len(samples), cols)
     kept = [s for i, s in enumerate(samples) if i not in dropped]
-    index["splits"][split] = {"paths": [s["path"] for s in kept], "labels": [s["label"] for s in kept]}
+    index["splits"][split] = {"paths": [s["path"] for s in kept], "labels": [s["label"] for s in kept],
+                              "at": [s.get("at") for s in kept]}  # where each lies in the zip: store.read_at
     index["skipped_corrupt"] += broken
 
 

@@ -23,7 +23,7 @@ from foodvision.core.errors import FoodVisionError
 from foodvision.core.files import atomic_dir, read_json, write_json
 from foodvision.core.params import required_project_paths
 from foodvision.fetch import fetch, local_path, redact, source_name
-from foodvision.store import ImageStore
+from foodvision.store import ImageStore, member_locations
 
 MAX_IMAGE_MB = 200  # a photo, not a video
 
@@ -49,7 +49,8 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
     if predictor.classes != index["classes"]:
         raise FoodVisionError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
                               "run `dvc repro` so train and predict see the same data")
-    test = list(zip(index["splits"]["test"]["paths"], index["splits"]["test"]["labels"]))
+    test = list(zip(index["splits"]["test"]["paths"], index["splits"]["test"]["labels"],
+                    member_locations(index, "test")))
     picked = random.Random(seed).sample(test, k=min(num_samples, len(test)))
     from foodvision.plots import prediction  # matplotlib is slow to import; the command does not need it
 
@@ -58,9 +59,9 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
           tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in):
         store = ImageStore(Path(index["root"]))
         jobs = []
-        for i, (rel, label) in enumerate(picked):
+        for i, (rel, label, where) in enumerate(picked):
             photo = tmp_photos / f"test_{i}_{PurePosixPath(rel).name}"
-            photo.write_bytes(store.read(rel))
+            photo.write_bytes(store.read_at(rel, where).read())
             jobs.append((photo, rel, index["classes"][label], f"test_{i}"))
         store.close()
         for i, source in enumerate(images):

@@ -55,8 +55,9 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None, 
         raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {listed(unreadable)}; "
                            "replace them, or set data.skip_corrupt: true")
     bad = set(unreadable)
-    splits = {split: [{"path": rel, "label": index[c]} for rel, c in images.pop(split) if rel not in bad]
-              for split in SPLITS}
+    where = store.locations()  # stages that read a few images (export, predict) read them at these
+    splits = {split: [{"path": rel, "label": index[c], "at": list(where[rel])} for rel, c in images.pop(split)
+                      if rel not in bad] for split in SPLITS}
     counts = {split: {c: 0 for c in names} for split in SPLITS}
     for split in SPLITS:
         for sample in splits[split]:

@@ -10,8 +10,11 @@ Members are only ever read by name, never extracted: no later stage writes a pat
 from __future__ import annotations
 
 import bisect
+import io
 import os
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
@@ -19,6 +22,8 @@ from typing import IO
 from foodvision.core.errors import FoodVisionError
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no member carries the time it was written
+# where a member lies, as the central directory says: its local header's offset, its size and its CRC-32
+Location = tuple[int, int, int]
 
 
 class StoreError(FoodVisionError):
@@ -61,6 +66,37 @@ class ImageStore:
         with self.open(name) as f:
             return f.read()
 
+    def locations(self) -> dict[str, Location]:
+        """Every file's location, for `read_at`."""
+        return {i.filename: (i.header_offset, i.file_size, i.CRC) for i in self._file().infolist() if not i.is_dir()}
+
+    def read_at(self, name: str, where: Location | None) -> IO[bytes]:
+        """The member at its recorded location, without opening the zip: `zipfile` parses every entry of the
+        central directory first (167 ms at 30,000 images, in each process that reads a few test images).
+        Checked against its local header's name and its CRC-32; without a location, read by name."""
+        if where is None:
+            return io.BytesIO(self.read(name))
+        offset, size, crc = where
+        data = b""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                header = f.read(zipfile.sizeFileHeader)
+                if len(header) == zipfile.sizeFileHeader:
+                    # signature, versions, flags, method, time, date, CRC, sizes, name length, extra length
+                    sig, _, _, flags, method, _, _, _, _, _, name_len, extra_len = struct.unpack(
+                        zipfile.structFileHeader, header)
+                    found = f.read(name_len).decode("utf-8" if flags & 0x800 else "cp437", "replace")
+                    if sig == zipfile.stringFileHeader and method == zipfile.ZIP_STORED and found == name:
+                        f.seek(extra_len, os.SEEK_CUR)
+                        data = f.read(size)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path} is missing: run `dvc repro download` (or `dvc pull`)") from None
+        if len(data) != size or zlib.crc32(data) != crc:
+            raise StoreError(f"{self.path} does not hold {name!r} where the spec says; "
+                             "run `dvc repro prepare`")
+        return io.BytesIO(data)
+
     def __getstate__(self) -> dict:  # spawned workers reopen the file themselves
         return {"path": self.path, "_zip": None, "_pid": -1}
 
@@ -68,6 +104,13 @@ class ImageStore:
         if self._zip is not None:
             self._zip.close()
             self._zip = None
+
+
+def member_locations(index: dict, split: str) -> list[Location | None]:
+    """The split's recorded locations (None each for an index written before they were recorded)."""
+    split_index = index["splits"][split]
+    at = split_index.get("at") or [None] * len(split_index["paths"])
+    return [None if w is None else (w[0], w[1], w[2]) for w in at]
 
 
 def write_store(target: Path, members: Iterable[tuple[str, Iterable[bytes]]]) -> None:
