@@ -4,7 +4,8 @@ One file instead of a folder of images, because DVC checks a tracked folder file
 images every `dvc status`, `dvc exp run` and checkout walked them, about 10 s of every head-only
 experiment; one file is one lookup. Stored, not deflated (photos do not compress; a member is one seek),
 with fixed timestamps and modes, so the same archive gives the same bytes on any machine.
-Members are only ever read by name, never extracted: no later stage writes a path the archive chose.
+Members are only ever read, by name or at the location `prepare` recorded, never extracted: no later stage
+writes a path the archive chose.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class ImageStore:
             with open(self.path, "rb") as f:
                 f.seek(offset)
                 header = f.read(zipfile.sizeFileHeader)
-                if len(header) == zipfile.sizeFileHeader:
+                if len(header) == zipfile.sizeFileHeader and offset + size <= os.fstat(f.fileno()).st_size:
                     # signature, versions, flags, method, time, date, CRC, sizes, name length, extra length
                     sig, _, _, flags, method, _, _, _, _, _, name_len, extra_len = struct.unpack(
                         zipfile.structFileHeader, header)
