@@ -33,7 +33,7 @@ from foodvision.checkpoint import ModelError, head_logits, head_weights, read_ch
 from foodvision.core.files import atomic_path, read_json, write_json
 from foodvision.features import FeatureFile, load_index, open_split, rows_per_read
 from foodvision.images import eval_array, open_rgb
-from foodvision.store import ImageStore, member_locations
+from foodvision.store import ImageStore, member_location
 
 OPSET = 18
 MAX_ABS_DIFF = 1e-4  # the largest difference accepted between ONNX Runtime's and torch's backbone features
@@ -200,11 +200,11 @@ def _check_sample(head: tuple[np.ndarray, np.ndarray], session: Any, check_dir: 
                   index: dict[str, Any], transform: dict[str, Any]) -> dict[str, Any]:
     """The joined file on a fixed sample of test images decoded as `featurize` decodes them, against the head on
     torch's features of them."""
-    paths, where = index["splits"]["test"]["paths"], member_locations(index, "test")
+    paths = index["splits"]["test"]["paths"]
     rows = sample_rows(len(paths))
     store = ImageStore(Path(index["root"]))
-    images = np.stack([eval_array(open_rgb(store.read_at(paths[i], where[i]), transform["resize_size"]), transform)
-                       for i in rows])
+    images = np.stack([eval_array(open_rgb(store.read_at(paths[i], member_location(index, "test", i)),
+                                           transform["resize_size"]), transform) for i in rows])
     store.close()
     own = _own_reference(check_dir, index)
     reference = own if own is not None else open_split(features_dir, index, "test")

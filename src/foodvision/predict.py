@@ -23,7 +23,7 @@ from foodvision.core.errors import FoodVisionError
 from foodvision.core.files import atomic_dir, read_json, write_json
 from foodvision.core.params import required_project_paths
 from foodvision.fetch import fetch, local_path, redact, source_name
-from foodvision.store import ImageStore, member_locations
+from foodvision.store import ImageStore, member_location
 
 MAX_IMAGE_MB = 200  # a photo, not a video
 
@@ -49,9 +49,9 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
     if predictor.classes != index["classes"]:
         raise FoodVisionError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
                               "run `dvc repro` so train and predict see the same data")
-    test = list(zip(index["splits"]["test"]["paths"], index["splits"]["test"]["labels"],
-                    member_locations(index, "test")))
-    picked = random.Random(seed).sample(test, k=min(num_samples, len(test)))
+    test = index["splits"]["test"]
+    # the same picks as sampling the (path, label) pairs themselves: sample() draws positions only
+    picked = random.Random(seed).sample(range(len(test["paths"])), k=min(num_samples, len(test["paths"])))
     from foodvision.plots import prediction  # matplotlib is slow to import; the command does not need it
 
     results = []
@@ -59,10 +59,11 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
           tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in):
         store = ImageStore(Path(index["root"]))
         jobs = []
-        for i, (rel, label, where) in enumerate(picked):
+        for i, row in enumerate(picked):
+            rel = test["paths"][row]
             photo = tmp_photos / f"test_{i}_{PurePosixPath(rel).name}"
-            photo.write_bytes(store.read_at(rel, where).read())
-            jobs.append((photo, rel, index["classes"][label], f"test_{i}"))
+            photo.write_bytes(store.read_at(rel, member_location(index, "test", row)).read())
+            jobs.append((photo, rel, index["classes"][test["labels"][row]], f"test_{i}"))
         store.close()
         for i, source in enumerate(images):
             path = _materialise(source, Path(tmp_in) / f"{i}_{source_name(source)}")

@@ -18,7 +18,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from foodvision.core.errors import FoodVisionError
 
@@ -107,11 +107,10 @@ class ImageStore:
             self._zip = None
 
 
-def member_locations(index: dict, split: str) -> list[Location | None]:
-    """The split's recorded locations (None each for an index written before they were recorded)."""
-    split_index = index["splits"][split]
-    at = split_index.get("at") or [None] * len(split_index["paths"])
-    return [None if w is None else (w[0], w[1], w[2]) for w in at]
+def member_location(index: dict[str, Any], split: str, row: int) -> Location | None:
+    """Where the split's `row` lies in the zip, as recorded (None for an index written before locations were)."""
+    at = index["splits"][split].get("at")
+    return None if not at or at[row] is None else (at[row][0], at[row][1], at[row][2])
 
 
 def write_store(target: Path, members: Iterable[tuple[str, Iterable[bytes]]]) -> None:
