@@ -229,3 +229,29 @@ def test_ctrl_c_inside_a_constructor_is_still_one_line():
             "run(Half)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (130, "interrupted\n")
+
+
+def test_a_stage_exits_fast_with_its_output_flushed_and_exit_handlers_run(tmp_path):
+    """Stages leave with os._exit (the interpreter's teardown cost a torch process up to 1.5 s): everything
+    printed must still reach the pipe, exit handlers (logging's, multiprocessing's) must still run, and the
+    exit code must be the stage's."""
+    code = ("import atexit, sys\n"
+            "from pathlib import Path\n"
+            "from foodvision.core.errors import DatasetError\n"
+            "from foodvision.core.stage import run\n"
+            "atexit.register(lambda: Path(sys.argv[1]).write_text('ran'))\n"
+            "def main():\n"
+            "    sys.stdout.write('x' * 300_000)\n"  # more than a pipe holds: buffered, unflushed at exit
+            "    sys.stderr.write('partial line')\n"
+            "    if sys.argv[2] == 'fail':\n"
+            "        raise DatasetError('bad input')\n"
+            "run(main)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # pipes are block-buffered then
+    for mode, rc in (("ok", 0), ("fail", 1)):
+        marker = tmp_path / mode
+        done = subprocess.run([sys.executable, "-c", code, str(marker), mode], capture_output=True, text=True,
+                              timeout=60, env=env)
+        assert done.returncode == rc
+        assert done.stdout == "x" * 300_000
+        assert done.stderr == "partial line" + ("error: bad input\n" if mode == "fail" else "")
+        assert marker.read_text() == "ran"
