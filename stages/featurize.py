@@ -1,4 +1,5 @@
-"""DVC stage `featurize`: every image through the frozen backbone once, into paths.features (+ paths.summary).
+"""DVC stage `featurize`: every image through the frozen backbone once, into paths.features (+ paths.summary),
+then the backbone as ONNX (paths.backbone_onnx), checked on every test image into paths.onnx_check.
 
 With featurize.processes > 1 it re-runs itself under torchrun, one rank per process; this launching
 process never imports torch (its 3 s would add to every run).
@@ -26,7 +27,8 @@ def main() -> None:
     record(featurize)(Path(paths.spec), Path(paths.pretrained), Path(paths.transform), Path(paths.features),
                       model_name=params.model.name, batch_size=params.featurize.batch_size,
                       device=params.device, skip_corrupt=params.data.skip_corrupt,
-                      summary_out=Path(paths.summary), precision=params.featurize.precision)
+                      summary_out=Path(paths.summary), precision=params.featurize.precision,
+                      onnx_out=Path(paths.backbone_onnx), check_dir=Path(paths.onnx_check))
 
 
 if __name__ == "__main__":

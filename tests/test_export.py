@@ -159,7 +159,7 @@ def test_a_model_for_other_classes_is_refused_in_one_line(exported, trained, tmp
 
 
 def test_a_missing_backbone_export_names_the_stage_to_run(exported, trained, tmp_path):
-    with pytest.raises(FoodVisionError, match=r"check.json not found: run `dvc repro export_backbone`"):
+    with pytest.raises(FoodVisionError, match=r"check.json not found: run `dvc repro featurize`"):
         export(trained.model, trained.features, tmp_path / "backbone.onnx", tmp_path / "check",
                onnx_out=tmp_path / "model.onnx", metrics_out=tmp_path / "export.json")
     assert not (tmp_path / "model.onnx").exists()

@@ -1,6 +1,6 @@
 """export stage: the trained head attached to the backbone's ONNX graph, one self-contained model file.
 
-`export_backbone` exported and checked the frozen backbone once per `featurize`; here, in every
+`featurize` exported and checked the frozen backbone (`export_backbone`) once per feature pass; here, in every
 experiment, the head (Dropout + Linear, in eval mode a Gemm) becomes an ONNX graph of its own and
 `onnx.compose` joins it to the backbone: no second `torch.onnx.export`, no torchvision, no torch (the
 head's weights come from the safetensors checkpoint; its logits, `features @ weight.T + bias`, are
@@ -139,7 +139,7 @@ def joined_bytes(backbone: Any, head: Any, classes: list[str], transform: dict[s
 
 def read_figures(check_dir: Path) -> dict[str, Any]:
     """export_backbone's figures (and the proof that its check folder is complete)."""
-    return read_json(Path(check_dir) / FIGURES, "export_backbone")
+    return read_json(Path(check_dir) / FIGURES, "featurize")
 
 
 def _load_onnx(path: Path) -> Any:
@@ -149,7 +149,7 @@ def _load_onnx(path: Path) -> Any:
         return onnx.load(str(path))
     except Exception as exc:  # missing, or protobuf's DecodeError for a damaged file
         raise ModelError(f"{path} is not a readable ONNX file ({type(exc).__name__}); "
-                         "run `dvc repro export_backbone`") from None
+                         "run `dvc repro featurize`") from None
 
 
 def _own_reference(check_dir: Path, index: dict[str, Any]) -> FeatureFile | None:

@@ -1,10 +1,11 @@
-"""export_backbone stage: the frozen backbone as ONNX (images -> features), checked on every test image.
+"""The frozen backbone as ONNX (images -> features), checked on every test image: the end of the `featurize` stage.
 
-The backbone changes only when `featurize` reruns (another model.name, pretrained file or dataset), so
-its slow part, `torch.onnx.export` and a pass of ONNX Runtime over the decoded test split, runs here,
-once per featurize, not in every experiment. ONNX Runtime's features of the test split are kept
-(`check/test.npy`): the per-experiment `export` stage puts the trained head on top of them and so
-checks the whole file's logits on every test image with a matrix product, decoding nothing.
+The backbone changes only when the features do (another model.name, pretrained file or dataset), so its
+slow part, `torch.onnx.export` and a pass of ONNX Runtime over the decoded test split, runs once per
+featurize, in that stage's process (no second import of torch and torchvision), never in an experiment.
+ONNX Runtime's features of the test split are kept (`check/test.npy`): the per-experiment `export` stage
+puts the trained head on top of them and so checks the whole file's logits on every test image with a
+matrix product, decoding nothing.
 
 The torch side is the stored fp32 features (what `featurize` computed with the same fused backbone).
 After a bf16/fp16 `featurize` the backbone runs in float32 on the same batches instead, and its

@@ -29,6 +29,7 @@ from foodvision.core.device import cpu_flags as read_cpu_flags
 from foodvision.core.errors import DatasetError, listed
 from foodvision.core.files import atomic_dir, write_json, write_text
 from foodvision.data import ImageSamples, build_transform, make_loader, prefetched
+from foodvision.export_backbone import export_backbone
 from foodvision.features import INDEX, FeatureFile, NpyWriter
 from foodvision.images import open_rgb
 from foodvision.model import (
@@ -102,10 +103,14 @@ class Pass:
 
 
 def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_dir: Path, *, model_name: str,
-              batch_size: int, device: str, skip_corrupt: bool, summary_out: Path, precision: str) -> dict[str, Any]:
+              batch_size: int, device: str, skip_corrupt: bool, summary_out: Path, precision: str,
+              onnx_out: Path | None = None, check_dir: Path | None = None) -> dict[str, Any]:
     """Write `out_dir/{train,test}.npy` and `out_dir/index.json`; return the index.
 
-    Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`.
+    Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`,
+    and with `onnx_out` and `check_dir` the backbone as ONNX, checked on every test image (`export_backbone`).
+    That export changes exactly when the features do, and in this process it costs no second import of torch
+    and torchvision (about 3 s, a third of a forced `dvc repro` on the article's data; docs/scale.md).
     """
     resolve_weights(model_name, None)  # a bad name fails before any work
     spec, transform = load_spec(spec_path), load_transform(transform_path)
@@ -122,10 +127,13 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
         job = Pass(body, dev, cols, Path(spec["root"]), transform, batch_size, me)
         write = _write_alone if me.world == 1 else _write_ranked
         write(job, spec, out_dir, skip_corrupt, index)
-        return index
     finally:
         if me.world > 1:
             torch.distributed.destroy_process_group()
+    if onnx_out is not None and check_dir is not None and me.leader:
+        export_backbone(pretrained_path, transform_path, out_dir, model_name=model_name, onnx_out=onnx_out,
+                        check_dir=check_dir)
+    return index
 
 
 def _setup(device: str, precision: str, me: distributed.Rank) -> tuple[torch.device, torch.dtype | None]:
