@@ -37,13 +37,17 @@ BATCH = 32
 
 
 def export_backbone(pretrained_path: Path, transform_path: Path, features_dir: Path, *, model_name: str,
-                    onnx_out: Path, check_dir: Path) -> dict[str, Any]:
-    """Write the backbone's ONNX file and the check folder; return the check's figures."""
+                    onnx_out: Path, check_dir: Path, body: nn.Module | None = None) -> dict[str, Any]:
+    """Write the backbone's ONNX file and the check folder; return the check's figures.
+
+    `body` is `backbone_body`'s module when the caller already has it on the CPU (`featurize` in float32),
+    so the weights are not loaded twice."""
     index = load_index(features_dir)
     if index["model"] != model_name:
         raise ModelError(f"{features_dir} holds features of {index['model']!r}, but model.name is "
                          f"{model_name!r}; run `dvc repro featurize`")
-    body = backbone_body(model_name, pretrained_path, len(index["classes"]))
+    if body is None:
+        body = backbone_body(model_name, pretrained_path, len(index["classes"]))
     fp32 = index.get("precision") == "fp32"
     return write_checked(body, load_transform(transform_path), features_dir, index, onnx_out=onnx_out,
                          check_dir=check_dir, run_torch=not fp32,

@@ -131,8 +131,9 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
         if me.world > 1:
             torch.distributed.destroy_process_group()
     if onnx_out is not None and check_dir is not None and me.leader:
+        reuse = dev.type == "cpu" and dtype is None  # the same BN-folded module backbone_body would build
         export_backbone(pretrained_path, transform_path, out_dir, model_name=model_name, onnx_out=onnx_out,
-                        check_dir=check_dir)
+                        check_dir=check_dir, body=body if reuse else None)
     return index
 
 
