@@ -3,6 +3,7 @@ runtime without torch finds in the joined file."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -215,3 +216,26 @@ def test_in_place_activations_export_as_they_compute_and_stay_in_place_for_torch
         expected = model(images).numpy()
     assert 0 < expected.min() and expected.max() < 6 and np.abs(got - expected).max() < 1e-5
     assert model[1].inplace
+
+
+def test_the_onnx_file_is_the_same_wherever_the_code_lies(tmp_path):
+    """torch's exporter notes on each node the Python stack that made it, absolute paths included: the same
+    model defined in two folders must give the same file, holding neither folder nor this Python's prefix."""
+    from foodvision.export_backbone import onnx_bytes
+
+    source = ("import torch\n"
+              "class Net(torch.nn.Sequential):\n"
+              "    def forward(self, x):\n"
+              "        return super().forward(x) * 2\n")
+    files = []
+    for folder in (tmp_path / "one", tmp_path / "two"):
+        folder.mkdir()
+        (folder / "netdef.py").write_text(source)
+        spec = importlib.util.spec_from_file_location("netdef", folder / "netdef.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        torch.manual_seed(0)
+        net = module.Net(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        files.append(onnx_bytes(net, 8, "features"))
+    assert files[0] == files[1]
+    assert str(tmp_path).encode() not in files[0] and sys.prefix.encode() not in files[0]

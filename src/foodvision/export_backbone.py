@@ -34,6 +34,7 @@ from foodvision.model import for_inference, load_pretrained, replace_head
 from foodvision.spec import load_transform
 
 BATCH = 32
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata torch's exporter writes: source paths
 
 
 def export_backbone(pretrained_path: Path, transform_path: Path, features_dir: Path, *, model_name: str,
@@ -91,7 +92,11 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
 
     A copy with in-place activations made out of place is exported: the graph computes the same, but
     torch.export takes each in-place ReLU6 through a slow reference decomposition (Lite0's export 5.7 s
-    against 3.5 s out of place; EfficientNet-B0's SiLU 5.1 against 4.7 s; docs/scale.md)."""
+    against 3.5 s out of place; EfficientNet-B0's SiLU 5.1 against 4.7 s; docs/scale.md).
+
+    torch notes on every node the Python stack that made it, absolute paths included (the checkout, the
+    virtual environment, a home folder); those notes are dropped, so the file is the same wherever the
+    project lies and tells nobody where that is. The rest of the node metadata (module names) stays."""
     module = copy.deepcopy(module).eval()
     for layer in module.modules():
         if isinstance(getattr(layer, "inplace", None), bool):
@@ -99,7 +104,12 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
     program = torch.onnx.export(module, (torch.zeros(2, 3, crop, crop),), input_names=["images"],
                                 output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},),
                                 opset_version=OPSET, dynamo=True, verbose=False)
-    return program.model_proto.SerializeToString(deterministic=True)
+    proto = program.model_proto
+    for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
+        kept = [entry for entry in node.metadata_props if entry.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return proto.SerializeToString(deterministic=True)
 
 
 def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: dict[str, Any],
