@@ -67,12 +67,12 @@ def linear_probe(features: Path, seed: int) -> dict:
     import torch
 
     from foodvision.features import load_index
-    from foodvision.train import val_cut
+    from foodvision.loop import val_cut
 
     index = load_index(features)
     x = {s: torch.from_numpy(np.load(features / f"{s}.npy")) for s in ("train", "test")}
-    y = {s: torch.tensor(index["splits"][s]["labels"]) for s in ("train", "test")}
-    classes = len(index["classes"])
+    y = {s: torch.tensor(index.split(s).labels) for s in ("train", "test")}
+    classes = len(index.classes)
 
     def fit(xs: torch.Tensor, ys: torch.Tensor, l2: float) -> torch.nn.Linear:
         torch.manual_seed(seed)
@@ -106,7 +106,8 @@ def prefix_share(pretrained: Path, blocks: list[int], batch: int = 32, steps: in
     augmentation): per N, the frozen blocks' forward against a whole training step, batch 32, Lite0 on this CPU."""
     import torch
 
-    from foodvision.finetune import _train_mode, unfreeze
+    from foodvision.finetune import unfreeze
+    from foodvision.loop import train_mode
     from foodvision.model import classifier_for
 
     out = {}
@@ -119,7 +120,7 @@ def prefix_share(pretrained: Path, blocks: list[int], batch: int = 32, steps: in
         y = torch.randint(0, 12, (batch,))
         first = int(trained[0].split(".")[1])
         prefix = model.features[:first]
-        _train_mode(model, trained)
+        train_mode(model, trained)
         timings = {"step": 0.0, "prefix": 0.0}
         for i in range(steps + 1):
             start = time.perf_counter()

@@ -32,15 +32,14 @@ def bare_forward(model: str, batch: int, precision: str, batches: int = 20) -> f
     """Images/s of the backbone alone on random GPU tensors (BN folded, channels-last)."""
     code = f"""
 import time, torch
-from torch import nn
 from foodvision.core.device import pick_device
-from foodvision.featurize import autocast_dtype
-from foodvision.model import build_backbone, for_inference, replace_head
+from foodvision.precision import autocast_dtype
+from foodvision.backbone import frozen_body
+from foodvision.model import build_backbone, replace_head
 dev = pick_device("auto")
 dtype = autocast_dtype({precision!r}, dev)
 m = build_backbone({model!r})
-m.set_submodule(replace_head(m, 3, 0.0), nn.Identity())
-body = for_inference(m).to(dev)
+body = frozen_body(m, replace_head(m, 3, 0.0)).to(dev)
 x = torch.randn({batch}, 3, 224, 224, device=dev).to(memory_format=torch.channels_last)
 with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
     for _ in range(3):

@@ -148,11 +148,8 @@ def bare_forward(model: str, pretrained: Path, batches: int) -> float:
     """Images/s of the backbone alone on random batches of 32 (BN folded, channels-last, inference mode)."""
     code = f"""
 import time, torch
-from torch import nn
-from foodvision.model import for_inference, load_pretrained, replace_head
-m = load_pretrained({model!r}, {str(pretrained)!r})
-m.set_submodule(replace_head(m, 3, 0.0), nn.Identity())
-body = for_inference(m)
+from foodvision.backbone import pretrained_body
+body = pretrained_body({model!r}, {str(pretrained)!r}, 3).module
 x = torch.randn(32, 3, 224, 224).to(memory_format=torch.channels_last)
 with torch.inference_mode():
     for _ in range(2):
@@ -298,7 +295,7 @@ import sys, time
 from pathlib import Path
 import numpy as np, torch
 from foodvision.features import load_index, open_split
-from foodvision.train import Adam
+from foodvision.fit import Adam
 folder = Path(sys.argv[1])
 index = load_index(folder)
 start = time.perf_counter()
@@ -307,7 +304,7 @@ x = {s: torch.from_numpy(np.concatenate([b for b, _ in f.batches(8192)])) for s,
 y = {s: torch.from_numpy(f.labels) for s, f in splits.items()}
 read = time.perf_counter() - start
 torch.manual_seed(0)
-head = torch.nn.Linear(x["train"].shape[1], len(index["classes"]))
+head = torch.nn.Linear(x["train"].shape[1], len(index.classes))
 opt = Adam(head.parameters(), 1e-3)
 start = time.perf_counter()
 for epoch in range(5):

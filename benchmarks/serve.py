@@ -30,6 +30,7 @@ import requests
 import torch
 from PIL import Image
 
+from foodvision.backbone import frozen_body
 from foodvision.export import head_onnx, joined_bytes
 from foodvision.export_backbone import onnx_bytes
 from foodvision.model import build_backbone, eval_transform, for_inference, replace_head
@@ -98,8 +99,7 @@ def exported(model: torch.nn.Module, transform: dict, name: str) -> bytes:
     import onnx
 
     head = model.classifier[1]
-    model.classifier = torch.nn.Identity()
-    body = for_inference(model).to(memory_format=torch.contiguous_format)
+    body = frozen_body(model, "classifier").to(memory_format=torch.contiguous_format)
     backbone = onnx.load_from_string(onnx_bytes(body, transform["crop_size"], "features"))
     weights = (head.weight.detach().numpy(), head.bias.detach().numpy())
     return joined_bytes(backbone, head_onnx(weights, backbone.ir_version), ["pizza", "steak", "sushi"], transform,

@@ -4,11 +4,13 @@ README stays short (the details live in docs/, one page per task)."""
 from __future__ import annotations
 
 import re
+import shlex
 import unicodedata
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -128,3 +130,143 @@ def test_the_readme_links_every_page():
 ])
 def test_anchors_follow_githubs_rule(heading, anchor):
     assert slug(heading) == anchor
+
+
+# --- the docs stay true to the code: names they give exist ----------------------------------------------------
+
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PACKAGE = ROOT / "src" / "foodvision"
+# a params key as the docs write it: `-S train.lr=0.01`, `train.augment: true`, `seed`
+SET_PARAM = re.compile(r"(?:-S|--set-param)\s+['\"]?\+?([a-z_][a-z0-9_.]*)=")
+SPAN_KEY = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+):(?:\s|$)")
+# a file of the repository: a folder of the source tree, then a path
+SOURCE_PATH = re.compile(r"(?<![\w./-])((?:src|stages|tests|benchmarks|docs|\.ci)/[\w./-]*\w)(?:::(\w+))?")
+ROOT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "requirements.lock", "package.json", "package-lock.json")
+DVC_RUN = re.compile(r"dvc (?:repro|exp run)([^`|;&#\n]*)")
+# options of `dvc repro` / `dvc exp run` that take a value (the value is not a stage)
+VALUE_OPTIONS = {"-S", "--set-param", "-n", "--name", "-j", "--jobs", "-m", "--message", "--temp-dir"}
+MODULE = re.compile(r"(?<![\w/])foodvision((?:\.\w+)+)")
+
+
+def texts(page: Path) -> list[tuple[int, str]]:
+    """(line, text) of every line of the page, code blocks included: commands live there."""
+    return list(enumerate(page.read_text(encoding="utf-8").splitlines(), start=1))
+
+
+def code_spans(page: Path) -> list[tuple[int, str]]:
+    return [(n, m.group(2).strip()) for n, line in prose_lines(page) for m in CODE_SPAN.finditer(line)]
+
+
+def is_param(key: str) -> bool:
+    node = PARAMS
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_params_key_the_docs_name_exists(page):
+    """`-S key=...` in any command, and `key: value` in a code span, name keys of params.yaml."""
+    named = [(n, m.group(1)) for n, line in texts(page) for m in SET_PARAM.finditer(line)]
+    named += [(n, m.group(1)) for n, span in code_spans(page) if (m := SPAN_KEY.match(span))
+              and m.group(1).split(".")[0] in PARAMS]
+    # dotted keys: a bare word such as `-S key=value` is a placeholder (top-level keys are few and shown whole)
+    wrong = [f"{page.relative_to(ROOT)}:{n}: {key}" for n, key in named if "." in key and not is_param(key)]
+    assert not wrong, "params keys not in params.yaml:\n" + "\n".join(wrong)
+
+
+def test_a_misspelled_key_is_caught():
+    assert is_param("train.epochs") and is_param("seed") and not is_param("train.epoch")
+    assert SET_PARAM.findall("dvc exp run -S 'train.epoch=3' -S +model.dropout=0.3") == ["train.epoch", "model.dropout"]
+    assert SPAN_KEY.match("data.val_fraction: 0").group(1) == "data.val_fraction"
+
+
+def defined_names(module: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(module.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.ImportFrom):
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def missing_path(page: Path, rel: str, function: str | None) -> str | None:
+    path = ROOT / rel
+    if not path.exists() and not (page.parent / rel).exists():
+        return f"{rel} does not exist"
+    if function and function not in defined_names(path):
+        return f"{rel} has no {function}"
+    return None
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_source_file_the_docs_name_exists(page):
+    """src/…, stages/…, tests/… (with ::test names), benchmarks/…, docs/… named anywhere on the page."""
+    wrong = [f"{page.relative_to(ROOT)}:{n}: {problem}" for n, line in texts(page)
+             for m in SOURCE_PATH.finditer(line) if (problem := missing_path(page, m.group(1), m.group(2)))]
+    assert not wrong, "named but missing:\n" + "\n".join(wrong)
+
+
+def missing_module(dotted: str) -> str | None:
+    """`.featurize.featurize` (after `foodvision`): the longest prefix that is a module, then a name it defines."""
+    parts = dotted.strip(".").split(".")
+    for cut in range(len(parts), 0, -1):
+        base = PACKAGE.joinpath(*parts[:cut])
+        module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if module.is_file():
+            rest = parts[cut:]
+            if rest and rest[0] not in defined_names(module):
+                return f"foodvision{dotted}: {module.relative_to(ROOT)} defines no {rest[0]}"
+            return None
+    return f"foodvision{dotted}: no such module"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_module_and_function_the_docs_name_exists(page):
+    wrong = [f"{page.relative_to(ROOT)}:{n}: {problem}" for n, span in code_spans(page)
+             for m in MODULE.finditer(span) if (problem := missing_module(m.group(1)))]
+    assert not wrong, "\n".join(wrong)
+
+
+def stage_args(args: str) -> list[str]:
+    """The positional arguments of a `dvc repro` / `dvc exp run`: stage names (or dvc.yaml:stage)."""
+    try:
+        words = shlex.split(args)
+    except ValueError:  # a quote the line does not close
+        words = args.split()
+    found, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word.startswith("-"):
+            skip = word in VALUE_OPTIONS
+        elif word != "\\" and not word.startswith(("$", "<")):
+            found.append(word.split(":")[-1])
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_stage_the_docs_run_exists(page):
+    wrong = [f"{page.relative_to(ROOT)}:{n}: {name}" for n, line in texts(page)
+             for m in DVC_RUN.finditer(line) for name in stage_args(m.group(1))
+             if name not in STAGES and name != "dvc.yaml"]
+    assert not wrong, "stages not in dvc.yaml:\n" + "\n".join(wrong)
+
+
+def test_the_layout_lists_every_module_of_the_package():
+    """docs/development.md's layout names each module of src/foodvision, and only those."""
+    text = (ROOT / "docs" / "development.md").read_text()
+    block = text[text.index("src/foodvision/        the library"):text.index("stages/                one thin")]
+    named = set(re.findall(r"(?<![\w/])([a-z_0-9]+\.py)\b", block))
+    actual = {p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert named == actual, f"layout lists {sorted(named - actual)} that do not exist, omits {sorted(actual - named)}"

@@ -7,8 +7,8 @@ import torch
 from safetensors.numpy import save
 
 from foodvision.checkpoint import read_checkpoint
+from foodvision.core.errors import ModelError
 from foodvision.evaluate import classification_report, evaluate
-from foodvision.model import ModelError
 
 
 def test_report_on_a_hand_checked_example():

@@ -16,8 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from foodvision.checkpoint import ModelError
-from foodvision.core.errors import FoodVisionError
+from foodvision.core.errors import FoodVisionError, ModelError
 from foodvision.data import build_transform
 from foodvision.export import export, sample_rows
 from foodvision.export_backbone import export_backbone

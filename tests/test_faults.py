@@ -16,10 +16,10 @@ import pytest
 from conftest import download, prepare_spec, store, stored, write_dataset
 from PIL import Image
 
+from foodvision.core.errors import ModelError
 from foodvision.download import ArchiveError
 from foodvision.fetch import FetchError, fetch
 from foodvision.images import open_rgb
-from foodvision.model import ModelError
 from foodvision.store import ImageStore
 
 
@@ -131,8 +131,8 @@ def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path, backbone_file):
     assert not (tmp_path / "features").exists()
     index = featurize(tmp_path / "spec.json", backbone_file, tmp_path / "t.json", tmp_path / "features",
                       skip_corrupt=True, **kwargs)
-    assert index["skipped_corrupt"] == ["test/steak/short.jpg"]
-    assert "test/steak/short.jpg" not in index["splits"]["test"]["paths"] and len(index["splits"]["test"]["paths"]) == 6
+    assert index.skipped_corrupt == ["test/steak/short.jpg"]
+    assert "test/steak/short.jpg" not in index.split("test").paths and len(index.split("test").paths) == 6
     assert np.load(tmp_path / "features" / "test.npy").shape == (6, 1280)
 
 

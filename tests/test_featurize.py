@@ -15,12 +15,12 @@ from foodvision.features import FeatureFile, NpyWriter, load_index
 
 def test_feature_files_are_plain_npy_in_the_specs_order(trained):
     index = load_index(trained.features)
-    assert index["model"] == "efficientnet_b0" and index["feature_dim"] == 1280 and index["head"] == "classifier"
-    assert index["splits"]["test"]["paths"][:2] == ["test/pizza/000.jpg", "test/pizza/001.jpg"]
-    assert index["splits"]["train"]["labels"] == [0] * 4 + [1] * 4 + [2] * 4
+    assert index.model == "efficientnet_b0" and index.feature_dim == 1280 and index.head == "classifier"
+    assert index.split("test").paths[:2] == ["test/pizza/000.jpg", "test/pizza/001.jpg"]
+    assert index.split("train").labels == [0] * 4 + [1] * 4 + [2] * 4
     stored = np.load(trained.features / "train.npy")
     assert stored.shape == (12, 1280) and stored.dtype == np.float32
-    rows = FeatureFile(trained.features / "train.npy", index["splits"]["train"]["labels"])
+    rows = FeatureFile(trained.features / "train.npy", index.split("train").labels)
     assert np.array_equal(rows.take([5, 0, 11]), stored[[5, 0, 11]]) and rows.labels[[5, 0, 11]].tolist() == [1, 0, 2]
     batches = list(rows.batches(5))
     assert [len(b[0]) for b in batches] == [5, 5, 2] and [b[1].tolist() for b in batches][-1] == [2, 2]
@@ -93,8 +93,8 @@ def test_missing_or_damaged_index_names_the_stage_that_makes_it(tmp_path):
 
 
 def test_precision_is_chosen_by_what_the_hardware_has():
-    from foodvision.checkpoint import ModelError
-    from foodvision.featurize import autocast_dtype
+    from foodvision.core.errors import ModelError
+    from foodvision.precision import autocast_dtype
 
     cpu = torch.device("cpu")
     assert autocast_dtype("fp32", cpu) is None

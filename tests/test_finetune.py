@@ -24,9 +24,10 @@ from foodvision.export import export
 from foodvision.export_backbone import export_backbone
 from foodvision.features import NpyWriter, load_index, open_split
 from foodvision.finetune import backbone_blocks, unfreeze
-from foodvision.head import load_state_dict_file
+from foodvision.loop import Keeper, val_cut
 from foodvision.model import build_backbone, load_checkpoint, replace_head
-from foodvision.train import Keeper, train, val_cut
+from foodvision.statedict import load_state_dict_file
+from foodvision.train import train
 
 
 def run_train(trained, out: Path, *, features: Path | None = None, blocks: int = 0, val_fraction: float = 0.0,
@@ -88,7 +89,7 @@ def test_with_a_val_cut_the_kept_head_is_the_epoch_with_the_lowest_val_loss(trai
         assert rows[-1]["epoch"] - best["epoch"] == 3
     # the checkpoint's head, scored on the validation rows by NumPy, is that epoch's head
     index = load_index(trained.features)
-    _, val = val_cut(index["splits"]["train"]["labels"], 0.34, 42)
+    _, val = val_cut(index.split("train").labels, 0.34, 42)
     ckpt = read_checkpoint(tmp_path / "model.safetensors")
     rows_file = open_split(trained.features, index, "train")
     logits = head_logits(rows_file.take(val), *head_weights(tmp_path / "model.safetensors", ckpt))
@@ -173,11 +174,11 @@ def torch_logits_on_test_images(trained, model_path: Path) -> tuple[torch.Tensor
 
     index = load_index(trained.features)
     transform = load_transform(trained.transform)
-    images = ImageSamples(trained.raw, [{"path": p, "label": 0} for p in index["splits"]["test"]["paths"]],
+    images = ImageSamples(trained.raw, [{"path": p, "label": 0} for p in index.split("test").paths],
                           build_transform(transform), transform["resize_size"])
     model, _ = load_checkpoint(model_path)
     with torch.inference_mode():
-        return model(torch.stack([images[i][0] for i in range(len(images))])), np.array(index["splits"]["test"]["labels"])
+        return model(torch.stack([images[i][0] for i in range(len(images))])), np.array(index.split("test").labels)
 
 
 def test_evaluate_scores_the_fine_tuned_backbone_on_the_test_images(trained, tuned, tmp_path):
@@ -208,7 +209,7 @@ def test_export_follows_the_fine_tuned_backbone_and_checks_it(trained, tuned, tm
     transform = load_transform(trained.transform)
     store = ImageStore(trained.raw)
     images = torch.stack([build_transform(transform)(open_rgb(store.open(p), transform["resize_size"]))
-                          for p in load_index(trained.features)["splits"]["test"]["paths"]])
+                          for p in load_index(trained.features).split("test").paths])
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"images": images.numpy()})[0]
     assert np.abs(got - logits.numpy()).max() <= 1e-4, "the ONNX file is the fine-tuned model, not the pretrained one"

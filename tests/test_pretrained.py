@@ -2,9 +2,11 @@ import pytest
 import torch
 from conftest import save_with_hash_name
 
+from foodvision.core.errors import ModelError
 from foodvision.fetch import FetchError
-from foodvision.model import ModelError, build_backbone, load_state_dict_file, resolve_weights
+from foodvision.model import build_backbone, resolve_weights
 from foodvision.pretrained import fetch_pretrained
+from foodvision.statedict import load_state_dict_file
 
 
 def test_fetch_over_http_checks_hash_and_loads(server_url, backbone_file, tmp_path):

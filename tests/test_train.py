@@ -8,9 +8,11 @@ from conftest import project_params, train_tiny
 
 from foodvision.checkpoint import read_checkpoint
 from foodvision.core.device import torch_threads
-from foodvision.head import load_state_dict_file, new_head
+from foodvision.fit import FeatureRows, fit_features, fit_images
+from foodvision.head import new_head
+from foodvision.loop import seed_everything
 from foodvision.model import load_checkpoint
-from foodvision.train import FeatureRows, fit_features, fit_images, seed_everything
+from foodvision.statedict import load_state_dict_file
 
 
 def test_outputs_history_and_metrics(trained):
@@ -76,23 +78,23 @@ def test_the_head_trains_on_one_thread_with_the_bytes_of_many(tmp_path):
     """train runs the head's small steps on one CPU thread (threads only wait on each other there, badly so
     when another process holds a core); the weights are bit for bit those of a run on every core, and the
     caller's thread count is given back."""
-    from foodvision.features import NpyWriter, open_split
+    from foodvision.features import FeatureFile, NpyWriter
 
     rng = np.random.default_rng(0)
-    index = {"splits": {}}
+    labels = {}
     for split, n in (("train", 640), ("test", 96)):
         writer = NpyWriter(tmp_path / f"{split}.npy", n, 1280)
         writer.write(rng.standard_normal((n, 1280)).astype(np.float32))
         writer.close()
-        index["splits"][split] = {"labels": rng.integers(0, 3, n).tolist()}
+        labels[split] = rng.integers(0, 3, n).tolist()
     params = dataclasses.replace(project_params().train, epochs=2)
     weights = []
     for threads in (2, 1):
         torch.manual_seed(0)
         head = new_head(1280, 3, 0.2)
         with torch_threads(threads):
-            fit_features(head, FeatureRows(open_split(tmp_path, index, "train")),
-                         FeatureRows(open_split(tmp_path, index, "test")), params, 42, torch.device("cpu"))
+            fit_features(head, FeatureRows(FeatureFile(tmp_path / "train.npy", labels["train"])),
+                         FeatureRows(FeatureFile(tmp_path / "test.npy", labels["test"])), params, 42, torch.device("cpu"))
         weights.append(head[1].weight.detach().numpy().tobytes() + head[1].bias.detach().numpy().tobytes())
     assert weights[0] == weights[1]
     before = torch.get_num_threads()
@@ -144,7 +146,7 @@ def test_stored_features_match_the_full_loop_on_images(trained):
 
     seed_everything(42)
     torch.manual_seed(42)
-    net = new_head(index["feature_dim"], 3, 0.2)
+    net = new_head(index.feature_dim, 3, 0.2)
     fast = fit_features(net, FeatureRows(open_split(trained.features, index, "train")),
                         FeatureRows(open_split(trained.features, index, "test")), params, 42, cpu)
     for a, b in zip(fast, loop):
@@ -165,7 +167,7 @@ def test_the_head_on_stored_features_gives_the_saved_models_logits_on_the_images
     from_files = torch.from_numpy(head_logits(feats, *head_weights(trained.model, read_checkpoint(trained.model))))
     model, _ = load_checkpoint(trained.model)
     transform = load_transform(trained.transform)
-    images = ImageSamples(trained.raw, [{"path": p, "label": 0} for p in index["splits"]["test"]["paths"]],
+    images = ImageSamples(trained.raw, [{"path": p, "label": 0} for p in index.split("test").paths],
                           build_transform(transform), transform["resize_size"])
     batch = torch.stack([images[i][0] for i in range(len(images))])
     with torch.inference_mode():
@@ -252,8 +254,8 @@ def test_our_adam_is_torchs_adam_to_the_bit_and_never_imports_dynamo():
 
     import torch
 
+    from foodvision.fit import Adam
     from foodvision.head import new_head
-    from foodvision.train import Adam
 
     def steps(make_optimizer) -> dict:
         torch.manual_seed(0)
@@ -269,7 +271,7 @@ def test_our_adam_is_torchs_adam_to_the_bit_and_never_imports_dynamo():
 
     ours, theirs = steps(lambda p: Adam(p, lr=0.01)), steps(lambda p: torch.optim.Adam(p, lr=0.01, fused=True))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs) and not torch.equal(ours["1.bias"], torch.zeros(3))
-    code = ("import sys, torch; from foodvision.train import Adam; p = torch.nn.Parameter(torch.ones(2)); "
+    code = ("import sys, torch; from foodvision.fit import Adam; p = torch.nn.Parameter(torch.ones(2)); "
             "o = Adam([p], 0.1); p.sum().backward(); o.step(); sys.exit('torch._dynamo' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -13,16 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.core.errors import FoodVisionError, shown
+from foodvision.core.errors import ModelError, shown
 from foodvision.core.files import atomic_path
 
 CHECKPOINT_FORMAT = 2  # 1 was a torch.save pickle (models/model.pt)
 META_KEY = "foodvision"
 CHECKPOINT_KEYS = {"format", "model_name", "head", "dropout", "class_names", "transform"}
-
-
-class ModelError(FoodVisionError):
-    pass
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, Any], *, name: str, head: str, dropout: float,

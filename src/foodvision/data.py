@@ -1,4 +1,5 @@
-"""Images in, tensors out: upright RGB decoding, the weights' eval transform, seeded loaders."""
+"""Images in, tensors out: the weights' eval transform and the training preset, datasets over the zip, seeded
+loaders and a decoding thread. Decoding itself (upright RGB, bounded pixels) is `images.py`'s."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from torchvision.transforms._presets import ImageClassification
 
 from foodvision.images import open_rgb
 from foodvision.store import ImageStore
+
+if TYPE_CHECKING:
+    from foodvision.features import FeatureIndex
 
 Item = TypeVar("Item")
 
@@ -47,13 +51,6 @@ def augment_transform(transform: dict[str, Any]) -> T.Compose:
     ])
 
 
-def image_samples(index: dict[str, Any], split: str, rows: list[int] | None = None) -> list[dict[str, Any]]:
-    """The split's images (all, or the given rows) as `ImageSamples` takes them, from featurize's index."""
-    paths, labels = index["splits"][split]["paths"], index["splits"][split]["labels"]
-    picked = range(len(paths)) if rows is None else rows
-    return [{"path": paths[i], "label": labels[i]} for i in picked]
-
-
 class ImageSamples(Dataset):
     """(image tensor, label) for the spec's samples (`{"path": name in the dataset zip, "label": int}`), in order."""
 
@@ -69,6 +66,12 @@ class ImageSamples(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.samples[i]
         return self.transform(open_rgb(self.store.open(rel), self.min_size)), label
+
+
+def split_images(index: FeatureIndex, split: str, transform: Callable, min_size: int,
+                 rows: list[int] | None = None) -> ImageSamples:
+    """A split's images (all, or the given rows of its feature file) from featurize's index."""
+    return ImageSamples(Path(index.root), index.split(split).samples(rows), transform, min_size)
 
 
 def prefetched(batches: Iterable[Item], depth: int = 2) -> Iterator[Item]:

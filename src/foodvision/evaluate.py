@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
-from foodvision.core.errors import listed
+from foodvision.checkpoint import head_logits, head_weights, read_checkpoint
+from foodvision.core.errors import ModelError, listed
 from foodvision.core.files import write_csv, write_json
-from foodvision.features import load_index, open_split, rows_per_read
+from foodvision.features import FeatureIndex, load_index, open_split, rows_per_read
 
 TOP_K = 5  # reported when there are more classes than this
 
@@ -49,18 +49,18 @@ def cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((log_norm - z[np.arange(len(labels)), labels]).sum())
 
 
-def test_features(model_path: Path, ckpt: dict[str, Any], features_dir: Path, index: dict[str, Any],
+def test_features(model_path: Path, ckpt: dict[str, Any], features_dir: Path, index: FeatureIndex,
                   device: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(features, labels) blocks of the test split as the checkpoint's backbone sees them.
 
     A frozen backbone is the pretrained one `featurize` ran: its stored rows, read in blocks of a fixed memory
     budget, no image decoded. A fine-tuned one runs on the decoded test images (torch, only then)."""
     if ckpt.get("finetuned"):
+        from foodvision.backbone import checkpoint_body, split_features
         from foodvision.core.device import pick_device
-        from foodvision.tuned import checkpoint_body, image_features
 
         body, _ = checkpoint_body(model_path)
-        yield from image_features(body, index, "test", ckpt["transform"], pick_device(device))
+        yield from split_features(body, index, "test", ckpt["transform"], pick_device(device))
         return
     test = open_split(features_dir, index, "test")
     yield from test.batches(rows_per_read(test.cols))
@@ -76,12 +76,12 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
     """
     index = load_index(features_dir)
     ckpt = read_checkpoint(model_path)
-    if ckpt["class_names"] != index["classes"] or ckpt["model_name"] != index["model"]:
+    if ckpt["class_names"] != index.classes or ckpt["model_name"] != index.model:
         raise ModelError(f"{model_path} is a {ckpt['model_name']!r} model for {_few(ckpt['class_names'])}, but "
-                         f"{features_dir} holds {index['model']!r} features for {_few(index['classes'])}; "
+                         f"{features_dir} holds {index.model!r} features for {_few(index.classes)}; "
                          "run `dvc repro` so train and evaluate see the same data")
     weight, bias = head_weights(model_path, ckpt)
-    classes = index["classes"]
+    classes = index.classes
     k = min(TOP_K, len(classes))
     actual, predicted, total_loss, top_k = [], [], 0.0, 0
     for feats, labels in test_features(model_path, ckpt, features_dir, index, device):
@@ -97,7 +97,7 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
     if len(classes) > TOP_K:
         metrics[f"top{TOP_K}_accuracy"] = round(top_k / len(actual), 6)
     write_json(metrics_out, metrics)
-    paths = index["splits"]["test"]["paths"]
+    paths = index.split("test").paths
     write_csv(confusion_csv, ["path", "actual", "predicted"],
               [[p, classes[a], classes[q]] for p, a, q in zip(paths, actual, predicted)])
     from foodvision.plots import confusion  # matplotlib: only once the figures are in

@@ -13,7 +13,7 @@ written:
 - the file as a runtime loads it: a fixed sample of decoded test images through the joined model.
 
 Logits are compared relative to the size of the sum behind each (`MAX_REL_DIFF`); features, in
-`export_backbone`, in absolute terms (`MAX_ABS_DIFF`).
+`export_backbone`, in absolute terms (`onnx_check.MAX_ABS_DIFF`).
 
 So the cost of an experiment's export is flat in the number of images, apart from reading feature rows.
 ONNX Runtime runs the model without the training stack: `foodvision.serve` uses it, and so can any ONNX
@@ -29,22 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.checkpoint import ModelError, head_logits, head_weights, read_checkpoint
-from foodvision.core.files import atomic_path, read_json, write_json
-from foodvision.features import FeatureFile, load_index, open_split, rows_per_read
+from foodvision.checkpoint import head_logits, head_weights, read_checkpoint
+from foodvision.core.errors import ModelError
+from foodvision.core.files import atomic_path, write_json
+from foodvision.features import FeatureIndex, load_index, open_split, rows_per_read
 from foodvision.images import eval_array, open_rgb
-from foodvision.store import ImageStore, member_location
+from foodvision.onnx_check import OPSET, ort_features, own_reference, read_figures
+from foodvision.store import ImageStore
 
-OPSET = 18
-MAX_ABS_DIFF = 1e-4  # the largest difference accepted between ONNX Runtime's and torch's backbone features
 # the largest logit difference accepted, relative to the size of the sum that makes each logit (|features| @ |W|.T
 # + |b|, taken as at least 1): a high train.lr grows the head's weights and so its logits (hundreds at lr 0.1), whose
 # float32 rounding alone would fail an absolute bound; a wrong weight, bias or feature still moves it by far more
 MAX_REL_DIFF = 1e-4
 SAMPLE = 32  # decoded test images run through the joined file in every experiment
-ORT_FEATURES = "test.npy"  # in export_backbone's check folder: ONNX Runtime's features of every test image
-REFERENCE = "reference.npy"  # only after a bf16/fp16 featurize: torch's float32 features of the same images
-FIGURES = "check.json"  # export_backbone's figures
 
 
 def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir: Path, *, onnx_out: Path,
@@ -55,15 +52,15 @@ def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir:
     temporary folder, as `export_backbone` does the pretrained one (torch and torchvision, only then)."""
     ckpt = read_checkpoint(model_path)
     index = load_index(features_dir)
-    if ckpt["class_names"] != index["classes"]:
+    if ckpt["class_names"] != index.classes:
         raise ModelError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
                          "run `dvc repro` so train and export see the same data")
-    if not index["splits"]["test"]["labels"]:
+    if not index.split("test").labels:
         raise ModelError("the test split is empty: nothing to check the ONNX export on")
     if not ckpt.get("finetuned"):
         return _join(model_path, ckpt, features_dir, index, backbone_onnx, check_dir, onnx_out, metrics_out)
+    from foodvision.backbone import checkpoint_body
     from foodvision.export_backbone import write_checked
-    from foodvision.tuned import checkpoint_body
 
     with tempfile.TemporaryDirectory(prefix="foodvision-export-") as tmp:
         own_onnx, own_check = Path(tmp) / "backbone.onnx", Path(tmp) / "check"
@@ -73,7 +70,7 @@ def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir:
         return _join(model_path, ckpt, features_dir, index, own_onnx, own_check, onnx_out, metrics_out)
 
 
-def _join(model_path: Path, ckpt: dict[str, Any], features_dir: Path, index: dict[str, Any], backbone_onnx: Path,
+def _join(model_path: Path, ckpt: dict[str, Any], features_dir: Path, index: FeatureIndex, backbone_onnx: Path,
           check_dir: Path, onnx_out: Path, metrics_out: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -137,11 +134,6 @@ def joined_bytes(backbone: Any, head: Any, classes: list[str], transform: dict[s
     return model.SerializeToString(deterministic=True)
 
 
-def read_figures(check_dir: Path) -> dict[str, Any]:
-    """export_backbone's figures (and the proof that its check folder is complete)."""
-    return read_json(Path(check_dir) / FIGURES, "featurize")
-
-
 def _load_onnx(path: Path) -> Any:
     import onnx
 
@@ -152,24 +144,18 @@ def _load_onnx(path: Path) -> Any:
                          "run `dvc repro featurize`") from None
 
 
-def _own_reference(check_dir: Path, index: dict[str, Any]) -> FeatureFile | None:
-    """export_backbone's float32 features after a bf16/fp16 featurize; None when the stored ones are float32."""
-    own = Path(check_dir) / REFERENCE
-    return FeatureFile(own, index["splits"]["test"]["labels"]) if own.exists() else None
-
-
 def check_rows(head: tuple[np.ndarray, np.ndarray], session: Any, features_dir: Path, check_dir: Path,
-               index: dict[str, Any]) -> dict[str, Any]:
+               index: FeatureIndex) -> dict[str, Any]:
     """Every test row, read in blocks that fit a fixed memory budget: the head on ONNX Runtime against the
     checkpoint's head on the stored features, and the head on ONNX Runtime's backbone features against the
     head on torch's float32 features (the stored ones, read once, unless featurize stored lower precision)."""
-    labels = index["splits"]["test"]["labels"]
-    stored, own = open_split(features_dir, index, "test"), _own_reference(check_dir, index)
-    ort_features = FeatureFile(Path(check_dir) / ORT_FEATURES, labels)
+    labels = index.split("test").labels
+    stored, own = open_split(features_dir, index, "test"), own_reference(check_dir, index)
+    ort_rows = ort_features(check_dir, index)
     block = rows_per_read(stored.cols)
     references = own.batches(block) if own is not None else None
     head_worst, worst, relative, same = 0.0, 0.0, 0.0, 0
-    for (x, _), (ort_x, _) in zip(stored.batches(block), ort_features.batches(block)):
+    for (x, _), (ort_x, _) in zip(stored.batches(block), ort_rows.batches(block)):
         logits, scale = head_logits(x, *head), logit_scale(x, head)
         alone = session.run(["logits"], {"features": x})[0]
         head_worst = max(head_worst, _worst(alone, logits))
@@ -182,7 +168,7 @@ def check_rows(head: tuple[np.ndarray, np.ndarray], session: Any, features_dir: 
         worst = max(worst, _worst(got, want))
         relative = max(relative, _worst(alone, logits, scale), _worst(got, want, want_scale))
         same += int((got.argmax(1) == want.argmax(1)).sum())
-    for f in (stored, own, ort_features):
+    for f in (stored, own, ort_rows):
         if f is not None:
             f.close()
     return {"images": len(labels), "max_abs_diff": float(f"{worst:.3g}"),
@@ -197,16 +183,16 @@ def sample_rows(n: int, k: int = SAMPLE) -> list[int]:
 
 
 def _check_sample(head: tuple[np.ndarray, np.ndarray], session: Any, check_dir: Path, features_dir: Path,
-                  index: dict[str, Any], transform: dict[str, Any]) -> dict[str, Any]:
+                  index: FeatureIndex, transform: dict[str, Any]) -> dict[str, Any]:
     """The joined file on a fixed sample of test images decoded as `featurize` decodes them, against the head on
     torch's features of them."""
-    paths = index["splits"]["test"]["paths"]
-    rows = sample_rows(len(paths))
-    store = ImageStore(Path(index["root"]))
-    images = np.stack([eval_array(open_rgb(store.read_at(paths[i], member_location(index, "test", i)),
+    test = index.split("test")
+    rows = sample_rows(len(test.paths))
+    store = ImageStore(Path(index.root))
+    images = np.stack([eval_array(open_rgb(store.read_at(test.paths[i], test.location(i)),
                                            transform["resize_size"]), transform) for i in rows])
     store.close()
-    own = _own_reference(check_dir, index)
+    own = own_reference(check_dir, index)
     reference = own if own is not None else open_split(features_dir, index, "test")
     features = reference.take(rows)
     reference.close()

@@ -22,15 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from foodvision.checkpoint import ModelError
+from foodvision.backbone import Engine, image_features, pretrained_body, torch_engine
 from foodvision.core.device import decode_workers
+from foodvision.core.errors import ModelError
 from foodvision.core.files import atomic_dir, atomic_path, write_json
-from foodvision.data import ImageSamples, build_transform, make_loader, prefetched
-from foodvision.export import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE
-from foodvision.features import NpyWriter, load_index, open_split
-from foodvision.model import for_inference, load_pretrained, replace_head
+from foodvision.data import build_transform, make_loader, split_images
+from foodvision.features import FeatureIndex, NpyWriter, load_index, open_split
+from foodvision.onnx_check import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE
 from foodvision.spec import load_transform
 
 BATCH = 32
@@ -41,21 +40,21 @@ def export_backbone(pretrained_path: Path, transform_path: Path, features_dir: P
                     onnx_out: Path, check_dir: Path, body: nn.Module | None = None) -> dict[str, Any]:
     """Write the backbone's ONNX file and the check folder; return the check's figures.
 
-    `body` is `backbone_body`'s module when the caller already has it on the CPU (`featurize` in float32),
-    so the weights are not loaded twice."""
+    `body` is `backbone.pretrained_body`'s module when the caller already has it on the CPU (`featurize` in
+    float32), so the weights are not loaded twice."""
     index = load_index(features_dir)
-    if index["model"] != model_name:
-        raise ModelError(f"{features_dir} holds features of {index['model']!r}, but model.name is "
+    if index.model != model_name:
+        raise ModelError(f"{features_dir} holds features of {index.model!r}, but model.name is "
                          f"{model_name!r}; run `dvc repro featurize`")
     if body is None:
-        body = backbone_body(model_name, pretrained_path, len(index["classes"]))
-    fp32 = index.get("precision") == "fp32"
+        body = pretrained_body(model_name, pretrained_path, len(index.classes)).module
+    fp32 = index.precision == "fp32"
     return write_checked(body, load_transform(transform_path), features_dir, index, onnx_out=onnx_out,
                          check_dir=check_dir, run_torch=not fp32,
                          torch_side="float32 backbone (features stored in lower precision)")
 
 
-def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path, index: dict[str, Any], *,
+def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path, index: FeatureIndex, *,
                   onnx_out: Path, check_dir: Path, run_torch: bool, torch_side: str) -> dict[str, Any]:
     """`body` as ONNX plus its check folder, written only when ONNX Runtime agrees with torch on every test image.
 
@@ -65,7 +64,7 @@ def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path
 
     start = time.perf_counter()
     data = onnx_bytes(body.to(memory_format=torch.contiguous_format), transform["crop_size"], "features")
-    print(f"exported the {index['model']} backbone with torch.onnx.export in {time.perf_counter() - start:.1f} s")
+    print(f"exported the {index.model} backbone with torch.onnx.export in {time.perf_counter() - start:.1f} s")
     with atomic_path(onnx_out) as tmp_onnx, atomic_dir(check_dir) as tmp_check:
         tmp_onnx.write_bytes(data)
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -73,18 +72,11 @@ def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path
                            torch_side)
         figures.update(opset=OPSET, onnx_mb=round(len(data) / 2**20, 2))
         if figures["backbone_max_abs_diff"] > MAX_ABS_DIFF:
-            raise ModelError(f"the ONNX export of the {index['model']} backbone disagrees with torch on the test "
+            raise ModelError(f"the ONNX export of the {index.model} backbone disagrees with torch on the test "
                              f"images (max |feature difference| {figures['backbone_max_abs_diff']:.3g}); not "
                              "written. Report it with your torch and onnxruntime versions")
         write_json(tmp_check / FIGURES, figures)
     return figures
-
-
-def backbone_body(model_name: str, pretrained_path: Path, num_classes: int) -> nn.Module:
-    """The pretrained backbone without its head, BatchNorm folded as `featurize` runs it (same features)."""
-    model = load_pretrained(model_name, pretrained_path)
-    model.set_submodule(replace_head(model, num_classes, dropout=0.0), nn.Identity())
-    return for_inference(model)
 
 
 def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
@@ -112,37 +104,35 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: dict[str, Any],
+def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: FeatureIndex,
              transform: dict[str, Any], check_dir: Path, torch_side: str) -> dict[str, Any]:
     """ONNX Runtime on the decoded test batches against torch (the stored features, or `body` on the same
     batches); ONNX Runtime's features (and torch's, with `body`) are written to `check_dir`."""
-    split = index["splits"]["test"]
-    samples = [{"path": path, "label": label} for path, label in zip(split["paths"], split["labels"])]
-    if not samples:
+    test = index.split("test")
+    if not test.paths:
         raise ModelError("the test split is empty: nothing to check the ONNX export on")
-    dataset = ImageSamples(Path(index["root"]), samples, build_transform(transform), transform["resize_size"])
-    workers = decode_workers("cpu")  # ONNX Runtime and torch run on the CPU here
-    loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=workers)
-    cols = index["feature_dim"]
+    dataset = split_images(index, "test", build_transform(transform), transform["resize_size"])
+    # ONNX Runtime and torch run on the CPU here
+    loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=decode_workers("cpu"))
+    rows, cols = len(test.paths), index.feature_dim
     stored = open_split(features_dir, index, "test") if body is None else None
-    ort_out = NpyWriter(check_dir / ORT_FEATURES, len(samples), cols)
-    reference = NpyWriter(check_dir / REFERENCE, len(samples), cols) if body is not None else None
-    worst, seen, ort_s = 0.0, 0, 0.0
-    with torch.inference_mode():
-        rows = stored.batches(BATCH) if stored is not None else None
-        batches = loader if workers else prefetched(loader)  # the next batch decodes while this one runs
-        for images, _ in tqdm(batches, desc="backbone check", total=len(loader), unit="batch", leave=False):
-            start = time.perf_counter()
-            got = session.run(["features"], {"images": images.numpy()})[0]
-            ort_s += time.perf_counter() - start
-            if body is None:
-                expected = next(rows)[0]
-            else:
-                expected = body(images).numpy()
-                reference.write(expected)
-            ort_out.write(got)
-            worst = max(worst, float(np.abs(got - expected).max()))
-            seen += len(images)
+    ort_out = NpyWriter(check_dir / ORT_FEATURES, rows, cols)
+    reference = NpyWriter(check_dir / REFERENCE, rows, cols) if body is not None else None
+    engine = _timed(_ort_engine(session))
+    expected_rows = stored.batches(BATCH) if stored is not None else None
+    # the body as exported (contiguous), on the images as ONNX Runtime gets them
+    run_torch = (torch_engine(body, torch.device("cpu"), memory_format=torch.contiguous_format)
+                 if body is not None else None)
+    worst, seen = 0.0, 0
+    for images, got, _ in image_features(loader, engine, "backbone check"):
+        if run_torch is None:
+            expected = next(expected_rows)[0]
+        else:
+            expected = run_torch(images)
+            reference.write(expected)
+        ort_out.write(got)
+        worst = max(worst, float(np.abs(got - expected).max()))
+        seen += len(images)
     if stored is not None:
         stored.close()
     for writer in (ort_out, reference):
@@ -150,7 +140,24 @@ def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: di
             writer.close()
     torch_side = "stored features" if body is None else torch_side
     print(f"backbone check: {seen} test images, max |feature difference| {worst:.3g}; ONNX Runtime "
-          f"{seen / max(ort_s, 1e-9):.1f} images/s (batch {BATCH}); torch: the {torch_side}")
+          f"{seen / max(engine.seconds, 1e-9):.1f} images/s (batch {BATCH}); torch: the {torch_side}")
     return {"images": seen, "backbone_max_abs_diff": float(f"{worst:.3g}"), "torch_reference": torch_side,
-            "backbone": index["model"]}
+            "backbone": index.model}
 
+
+def _ort_engine(session: Any) -> Engine:
+    """ONNX Runtime on the exported graph: a batch of decoded images to feature rows."""
+    return lambda images: session.run(["features"], {"images": images.numpy()})[0]
+
+
+class _timed:
+    """An engine that adds up the seconds it runs (the check reports ONNX Runtime's speed alone)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.seconds = engine, 0.0
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        start = time.perf_counter()
+        out = self.engine(images)
+        self.seconds += time.perf_counter() - start
+        return out

@@ -8,27 +8,78 @@ NumPy only: `evaluate` and `export` read rows without importing torch; `train` w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from foodvision.core.errors import DatasetError
-from foodvision.core.files import read_json
+from foodvision.core.files import read_json, write_json
 
 INDEX = "index.json"
 DTYPE = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """One split's images, in the order of its feature rows: names in the dataset zip, labels, locations."""
+
+    paths: list[str]
+    labels: list[int]
+    at: list[list[int] | None]  # [offset, size, crc] per image, as prepare recorded it
+
+    def location(self, row: int) -> tuple[int, int, int] | None:
+        """Where `row`'s image lies in the zip (`store.Location`); None in an index older than locations."""
+        where = self.at[row] if row < len(self.at) else None
+        return None if where is None else (where[0], where[1], where[2])
+
+    def samples(self, rows: list[int] | None = None) -> list[dict[str, Any]]:
+        """The split's images (all, or the given rows) as `data.ImageSamples` takes them."""
+        picked = range(len(self.paths)) if rows is None else rows
+        return [{"path": self.paths[i], "label": self.labels[i]} for i in picked]
+
+
+@dataclass(frozen=True)
+class FeatureIndex:
+    """What `featurize` recorded beside the feature files (`index.json`): read and written only here."""
+
+    model: str  # model.name of the backbone that made the features
+    head: str  # the name of its classifier head, replaced by ours (`classifier`, `fc`, `heads`)
+    feature_dim: int  # features per image: the head's input width
+    backbone_params: int
+    classes: list[str]
+    root: str  # the dataset zip the paths are members of
+    precision: str | None  # featurize.precision; None in an index older than the param
+    splits: dict[str, SplitIndex]
+    skipped_corrupt: list[str]
+
+    def split(self, name: str) -> SplitIndex:
+        return self.splits[name]
 
 
 def split_file(features_dir: Path, split: str) -> Path:
     return Path(features_dir) / f"{split}.npy"
 
 
-def load_index(features_dir: Path) -> dict[str, Any]:
+def load_index(features_dir: Path) -> FeatureIndex:
     """What `featurize` recorded: backbone, feature size, classes, and per split the sample paths and labels."""
-    return read_json(Path(features_dir) / INDEX, "featurize")
+    path = Path(features_dir) / INDEX
+    raw = read_json(path, "featurize")
+    try:
+        splits = {name: SplitIndex(list(s["paths"]), list(s["labels"]), list(s.get("at") or [None] * len(s["paths"])))
+                  for name, s in raw["splits"].items()}
+        return FeatureIndex(raw["model"], raw["head"], raw["feature_dim"], raw["backbone_params"], raw["classes"],
+                            raw["root"], raw.get("precision"), splits, raw.get("skipped_corrupt", []))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DatasetError(f"{path} lacks {exc} or is not a feature index; run `dvc repro featurize`") from None
+
+
+def write_index(features_dir: Path, index: FeatureIndex) -> None:
+    write_json(Path(features_dir) / INDEX, dataclasses.asdict(index))
 
 
 class NpyWriter:
@@ -124,8 +175,8 @@ class FeatureFile:
             self._fd = None
 
 
-def open_split(features_dir: Path, index: dict[str, Any], split: str) -> FeatureFile:
-    return FeatureFile(split_file(features_dir, split), index["splits"][split]["labels"])
+def open_split(features_dir: Path, index: FeatureIndex, split: str) -> FeatureFile:
+    return FeatureFile(split_file(features_dir, split), index.split(split).labels)
 
 
 READ_BUDGET = 32 * 2**20  # bytes of feature rows a stage holds at once when it reads a split in order

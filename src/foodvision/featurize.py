@@ -12,34 +12,25 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed
 from PIL import Image
-from torch import nn
-from tqdm import tqdm
 
 from foodvision import distributed
-from foodvision.checkpoint import ModelError
+from foodvision.backbone import Engine, image_features, pretrained_body, torch_engine
 from foodvision.core.device import cpu_count, decode_workers, pick_device
-from foodvision.core.device import cpu_flags as read_cpu_flags
 from foodvision.core.errors import DatasetError, listed
-from foodvision.core.files import atomic_dir, write_json, write_text
-from foodvision.data import ImageSamples, build_transform, make_loader, prefetched
+from foodvision.core.files import atomic_dir, write_text
+from foodvision.data import ImageSamples, build_transform, make_loader
 from foodvision.export_backbone import export_backbone
-from foodvision.features import INDEX, FeatureFile, NpyWriter
+from foodvision.features import FeatureFile, FeatureIndex, NpyWriter, SplitIndex, write_index
 from foodvision.images import open_rgb
-from foodvision.model import (
-    build_backbone,
-    for_inference,
-    freeze_all_but,
-    load_pretrained,
-    replace_head,
-    resolve_weights,
-)
+from foodvision.model import build_backbone, freeze_all_but, replace_head, resolve_weights
+from foodvision.precision import autocast_dtype
 from foodvision.spec import SPLITS, load_spec, load_transform
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -57,43 +48,11 @@ class _Decoded(ImageSamples):
             return torch.zeros(3, crop, crop), False
 
 
-class Autocast(nn.Module):
-    """The backbone under torch.autocast at a lower precision (`_stream` stores float32 all the same)."""
-
-    def __init__(self, inner: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.inner, self.device_type, self.dtype = inner, device_type, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.inner(x)
-
-
-def autocast_dtype(precision: str, device: torch.device, cpu_flags: set[str] | None = None) -> torch.dtype | None:
-    """The autocast dtype for `featurize.precision`, refused where the hardware would make it slower."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ModelError(f"featurize.precision fp16 needs a CUDA GPU, not {device.type}; use bf16 where the "
-                             "hardware has it, or fp32")
-        return torch.float16
-    if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
-            raise ModelError("featurize.precision bf16: this GPU has no bf16 arithmetic; use fp16 or fp32")
-        return torch.bfloat16
-    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
-    if device.type != "cpu" or not flags & {"avx512_bf16", "amx_bf16"}:
-        raise ModelError(f"featurize.precision bf16: this {device.type.upper()} has neither AVX-512-BF16 nor AMX, "
-                         "where bf16 ran the backbone about 17x slower than fp32; use fp32")
-    return torch.bfloat16
-
-
 @dataclass(frozen=True)
 class Pass:
     """What one pass over a split needs: the frozen backbone ready to run, where, and on which rank."""
 
-    body: nn.Module
+    engine: Engine
     device: torch.device
     cols: int  # features per image
     root: Path
@@ -104,13 +63,13 @@ class Pass:
 
 def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_dir: Path, *, model_name: str,
               batch_size: int, device: str, skip_corrupt: bool, summary_out: Path, precision: str,
-              onnx_out: Path | None = None, check_dir: Path | None = None) -> dict[str, Any]:
+              onnx_out: Path | None = None, check_dir: Path | None = None) -> FeatureIndex:
     """Write `out_dir/{train,test}.npy` and `out_dir/index.json`; return the index.
 
     Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`,
     and with `onnx_out` and `check_dir` the backbone as ONNX, checked on every test image (`export_backbone`).
     That export changes exactly when the features do, and in this process it costs no second import of torch
-    and torchvision (about 3 s, a third of a forced `dvc repro` on the article's data; docs/scale.md).
+    and torchvision (docs/scale.md has the figures).
     """
     resolve_weights(model_name, None)  # a bad name fails before any work
     spec, transform = load_spec(spec_path), load_transform(transform_path)
@@ -120,20 +79,20 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
         if me.leader:
             write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size,
                                                   transform["crop_size"]))
-        body, head, cols, backbone_params = _frozen_body(model_name, pretrained_path, len(spec["classes"]), dev, dtype)
-        index: dict[str, Any] = {"model": model_name, "head": head, "feature_dim": cols,
-                                 "backbone_params": backbone_params, "classes": spec["classes"],
-                                 "root": spec["root"], "precision": precision, "splits": {}, "skipped_corrupt": []}
-        job = Pass(body, dev, cols, Path(spec["root"]), transform, batch_size, me)
+        body = pretrained_body(model_name, pretrained_path, len(spec["classes"]))
+        job = Pass(torch_engine(body.module, dev, dtype), dev, body.cols, Path(spec["root"]), transform, batch_size, me)
+        # the splits and the images that did not decode are filled in once every row is written
+        header = FeatureIndex(model_name, body.head, body.cols, body.backbone_params, spec["classes"], spec["root"],
+                              precision, splits={}, skipped_corrupt=[])
         write = _write_alone if me.world == 1 else _write_ranked
-        write(job, spec, out_dir, skip_corrupt, index)
+        index = write(job, spec, out_dir, skip_corrupt, header)
     finally:
         if me.world > 1:
             torch.distributed.destroy_process_group()
     if onnx_out is not None and check_dir is not None and me.leader:
-        reuse = dev.type == "cpu" and dtype is None  # the same BN-folded module backbone_body would build
+        reuse = dev.type == "cpu" and dtype is None  # the same BN-folded module, still on the CPU
         export_backbone(pretrained_path, transform_path, out_dir, model_name=model_name, onnx_out=onnx_out,
-                        check_dir=check_dir, body=body if reuse else None)
+                        check_dir=check_dir, body=body.module if reuse else None)
     return index
 
 
@@ -158,30 +117,23 @@ def _setup(device: str, precision: str, me: distributed.Rank) -> tuple[torch.dev
     return dev, dtype
 
 
-def _frozen_body(model_name: str, pretrained_path: Path, num_classes: int, dev: torch.device,
-                 dtype: torch.dtype | None) -> tuple[nn.Module, str, int, int]:
-    """The pretrained model without its head, BN-folded for inference on `dev`; also the head's name, its
-    input width and the backbone's parameter count (for the index)."""
-    model = load_pretrained(model_name, pretrained_path)
-    head = replace_head(model, num_classes, dropout=0.0)
-    cols = model.get_submodule(head)[1].in_features
-    backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
-    model.set_submodule(head, nn.Identity())
-    body = for_inference(model).to(dev)
-    return (body if dtype is None else Autocast(body, dev.type, dtype)), head, cols, backbone_params
-
-
-def _write_alone(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool, index: dict[str, Any]) -> None:
+def _write_alone(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool,
+                 header: FeatureIndex) -> FeatureIndex:
     """One process: each split streamed straight into the output folder's temporary."""
+    splits, broken = {}, []
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             bad = _stream_slice(job, spec["splits"][split], split, tmp / f"{split}.npy")
-            _finish_split(tmp / f"{split}.npy", spec, split, bad, skip_corrupt, job.cols, index)
-        write_json(tmp / INDEX, index)
+            splits[split] = _finish_split(tmp / f"{split}.npy", spec, split, bad, skip_corrupt, job.cols, broken)
+        index = replace(header, splits=splits, skipped_corrupt=broken)
+        write_index(tmp, index)
+    return index
 
 
-def _write_ranked(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool, index: dict[str, Any]) -> None:
-    """Under torchrun: each rank writes its slice as a part file; rank 0 joins them in rank order."""
+def _write_ranked(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool,
+                  header: FeatureIndex) -> FeatureIndex:
+    """Under torchrun: each rank writes its slice as a part file; rank 0 joins them in rank order (the other
+    ranks return `header`, without splits)."""
     me = job.me
     # named after rank 0's torchrun agent, whose node assembles the files (cleanup spares it while the
     # agent lives); every node must see this folder: a shared filesystem across machines (docs/scale.md)
@@ -196,15 +148,20 @@ def _write_ranked(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: 
         torch.distributed.all_gather_object(gathered, bad)
         bad_by_split[split] = sorted(i for rank_bad in gathered for i in rank_bad)
     torch.distributed.barrier()  # every part is complete
+    index = header
     if me.leader:
+        splits, broken = {}, []
         with atomic_dir(out_dir) as tmp:
             for split in SPLITS:
                 _concatenate([parts / f"{split}.{r}.npy" for r in range(me.world)], tmp / f"{split}.npy",
                              len(spec["splits"][split]), job.cols, job.batch_size)
-                _finish_split(tmp / f"{split}.npy", spec, split, bad_by_split[split], skip_corrupt, job.cols, index)
-            write_json(tmp / INDEX, index)
+                splits[split] = _finish_split(tmp / f"{split}.npy", spec, split, bad_by_split[split], skip_corrupt,
+                                              job.cols, broken)
+            index = replace(header, splits=splits, skipped_corrupt=broken)
+            write_index(tmp, index)
         shutil.rmtree(parts, ignore_errors=True)
     torch.distributed.barrier()  # no rank leaves before the files exist
+    return index
 
 
 def _stream_slice(job: Pass, samples: list[dict[str, Any]], split: str, dest: Path) -> list[int]:
@@ -215,7 +172,7 @@ def _stream_slice(job: Pass, samples: list[dict[str, Any]], split: str, dest: Pa
     workers = decode_workers(job.device.type, ranks_here=me.local_world)
     loader = make_loader(dataset, job.batch_size, shuffle=False, seed=0, workers=workers)
     start = time.perf_counter()
-    bad = _stream(job.body, loader, job.device, dest, hi - lo, job.cols, desc=split)
+    bad = _stream(job.engine, loader, dest, hi - lo, job.cols, desc=split)
     seconds = time.perf_counter() - start
     who = f"rank {me.rank}/{me.world}, " if me.world > 1 else ""
     print(f"featurize {split}: {hi - lo} images in {seconds:.1f} s ({(hi - lo) / max(seconds, 1e-9):.1f} images/s, "
@@ -224,8 +181,9 @@ def _stream_slice(job: Pass, samples: list[dict[str, Any]], split: str, dest: Pa
 
 
 def _finish_split(path: Path, spec: dict[str, Any], split: str, bad: list[int], skip_corrupt: bool, cols: int,
-                  index: dict[str, Any]) -> None:
-    """Name the images that did not decode (or drop their rows), and record the split in the index."""
+                  broken_so_far: list[str]) -> SplitIndex:
+    """Name the images that did not decode (or drop their rows, adding them to `broken_so_far`); the split's
+    entry in the index."""
     samples = spec["splits"][split]
     broken = [samples[i]["path"] for i in bad]
     if broken and not skip_corrupt:
@@ -236,9 +194,9 @@ def _finish_split(path: Path, spec: dict[str, Any], split: str, bad: list[int], 
     if dropped:
         _drop_rows(path, dropped, len(samples), cols)
     kept = [s for i, s in enumerate(samples) if i not in dropped]
-    index["splits"][split] = {"paths": [s["path"] for s in kept], "labels": [s["label"] for s in kept],
-                              "at": [s.get("at") for s in kept]}  # where each lies in the zip: store.read_at
-    index["skipped_corrupt"] += broken
+    broken_so_far += broken
+    # where each lies in the zip: store.read_at
+    return SplitIndex([s["path"] for s in kept], [s["label"] for s in kept], [s.get("at") for s in kept])
 
 
 def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, unit: int, chunk: int = 4096) -> None:
@@ -253,18 +211,15 @@ def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, unit: int,
     writer.close()
 
 
-def _stream(body: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, dest: Path, rows: int,
-            cols: int, desc: str) -> list[int]:
+def _stream(engine: Engine, loader: torch.utils.data.DataLoader, dest: Path, rows: int, cols: int,
+            desc: str) -> list[int]:
     """Append each batch's features to `dest` as it comes; return the positions of images that did not decode."""
     writer = NpyWriter(dest, rows, cols)
     bad, seen = [], 0
-    batches = loader if loader.num_workers else prefetched(loader)
-    with torch.inference_mode():
-        for images, ok in tqdm(batches, desc=f"featurize {desc}", total=len(loader), unit="batch", leave=False):
-            feats = body(images.to(device, non_blocking=True, memory_format=torch.channels_last))
-            writer.write(feats.float().cpu().numpy())
-            bad += [seen + j for j in (~ok).nonzero().flatten().tolist()]
-            seen += len(ok)
+    for _, features, ok in image_features(loader, engine, f"featurize {desc}"):
+        writer.write(features)
+        bad += [seen + j for j in (~ok).nonzero().flatten().tolist()]
+        seen += len(ok)
     writer.close()
     return bad
 

@@ -12,12 +12,12 @@ The frozen features are the accuracy ceiling of the article's recipe; this lifts
 - on CUDA, autocast (bf16 where the GPU has it, else fp16 with a gradient scaler).
 
 Downstream, a fine-tuned checkpoint says so (`finetuned` in its metadata): `evaluate` and `export` then
-run its own backbone on the test images (`tuned.py`) instead of reading the pretrained backbone's stored features.
+run its own backbone on the test images (`backbone.checkpoint_body`) instead of reading the pretrained backbone's
+stored features.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -26,8 +26,10 @@ from tqdm import tqdm
 
 from foodvision.core.params import FinetuneParams, ParamsError
 from foodvision.data import augment_transform
+from foodvision.features import FeatureIndex
+from foodvision.loop import Cut, EpochHook, Keeper, image_loaders, record, run_epoch
 from foodvision.model import build_backbone, for_inference
-from foodvision.train import Cut, EpochHook, Keeper, image_loaders, record, run_epoch
+from foodvision.precision import autocast_dtype, training_precision
 
 
 def backbone_blocks(model: nn.Module, head: str) -> list[str]:
@@ -70,54 +72,12 @@ def unfreeze(model: nn.Module, head: str, blocks: int, model_name: str) -> list[
     return trained
 
 
-def _train_mode(model: nn.Module, trained: list[str]) -> None:
-    model.eval()
-    for name in trained:
-        model.get_submodule(name).train()
-    for module in model.modules():  # statistics frozen inside the trained blocks too
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA only: CPUs and MPS train in float32."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def _epoch(model: nn.Module, trained: list[str], loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-           scaler: torch.amp.GradScaler, device: torch.device, dtype: torch.dtype | None,
-           desc: str) -> tuple[float, float]:
-    _train_mode(model, trained)
-    loss_fn = nn.CrossEntropyLoss()
-    total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        images, labels = images.to(device, memory_format=torch.channels_last), labels.to(device)
-        with _autocast(device, dtype):
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        total_loss += loss.item() * labels.numel()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-        seen += labels.numel()
-    return total_loss / seen, correct / seen
-
-
-def finetune(model: nn.Module, head: str, trained: list[str], index: dict[str, Any], transform: dict[str, Any],
+def finetune(model: nn.Module, head: str, trained: list[str], index: FeatureIndex, transform: dict[str, Any],
              params: FinetuneParams, *, cut: Cut | None, keeper: Keeper | None, seed: int, device: torch.device,
              history: list[dict[str, Any]], on_epoch: EpochHook | None) -> None:
     """Train `model` (its head warm, `trained` blocks unfrozen by `unfreeze`); appends to `history`, keeps the best
     validation epoch when `keeper` is given (starting from the warm model's score)."""
-    model.to(device, memory_format=torch.channels_last)  # 1.7x faster steps than contiguous on a CPU (Lite0)
+    model.to(device, memory_format=torch.channels_last)  # faster steps than contiguous on a CPU (docs/scale.md)
     loader, held_out_loader = image_loaders(index, transform, augment_transform(transform), cut, params.batch_size,
                                             seed, device)
     groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(head + ".")],
@@ -126,16 +86,24 @@ def finetune(model: nn.Module, head: str, trained: list[str], index: dict[str, A
                "lr": params.backbone_lr}]
     optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * len(loader))
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(training_precision(device), device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
     if keeper is not None:
         keeper.rebase(model)
     split, first = ("val" if keeper is not None else "test"), len(history) + 1
     for epoch in tqdm(range(first, first + params.epochs), desc="fine-tune epochs", unit="epoch"):
-        scores = _epoch(model, trained, loader, optimizer, scheduler, scaler, device, dtype, f"fine-tune {epoch}")
-        with _autocast(device, dtype):  # BatchNorm folded, as featurize runs it: 1.7x faster than the model as is
-            held = run_epoch(for_inference(model), held_out_loader, nn.CrossEntropyLoss(), device,
-                             desc=f"{split} {epoch}")
+        scores = run_epoch(model, loader, device, step=step, trained=trained, dtype=dtype,
+                           memory_format=torch.channels_last, desc=f"fine-tune {epoch}")
+        # BatchNorm folded, as featurize runs it: faster than the model as is (docs/scale.md)
+        held = run_epoch(for_inference(model), held_out_loader, device, dtype=dtype, desc=f"{split} {epoch}")
         record(history, epoch, scores, held, split, on_epoch)
         if keeper is not None and keeper.stop_after(epoch, held[0], model):
             break

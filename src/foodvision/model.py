@@ -15,8 +15,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import get_model, get_model_weights, list_models
 
 from foodvision import lite0
-from foodvision.checkpoint import ModelError, read_checkpoint
-from foodvision.head import load_state_dict_file, new_head
+from foodvision.checkpoint import read_checkpoint
+from foodvision.core.errors import ModelError
+from foodvision.head import new_head
+from foodvision.statedict import load_state_dict_file
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ import numpy as np
 
 from foodvision.classifier import OnnxClassifier
 from foodvision.core.errors import FoodVisionError
-from foodvision.core.files import atomic_dir, read_json, write_json
+from foodvision.core.files import atomic_dir, write_json
 from foodvision.core.params import required_project_paths
+from foodvision.features import load_index
 from foodvision.fetch import fetch, local_path, redact, source_name
-from foodvision.store import ImageStore, member_location
+from foodvision.store import ImageStore
 
 MAX_IMAGE_MB = 200  # a photo, not a video
 
@@ -44,26 +45,26 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
             out_dir: Path, json_out: Path, photos_dir: Path) -> list[dict[str, Any]]:
     """Predict `num_samples` seeded test images plus every path/URL in `images`; one PNG each, and the test
     images themselves in `photos_dir` (read from the dataset zip: `foodvision-serve` offers them as examples)."""
-    index = read_json(Path(features_dir) / "index.json", "featurize")
+    index = load_index(features_dir)
     predictor = OnnxClassifier(model_path)
-    if predictor.classes != index["classes"]:
+    if predictor.classes != index.classes:
         raise FoodVisionError(f"{model_path} was trained on other classes than {features_dir}/index.json lists; "
                               "run `dvc repro` so train and predict see the same data")
-    test = index["splits"]["test"]
+    test = index.split("test")
     # the same picks as sampling the (path, label) pairs themselves: sample() draws positions only
-    picked = random.Random(seed).sample(range(len(test["paths"])), k=min(num_samples, len(test["paths"])))
+    picked = random.Random(seed).sample(range(len(test.paths)), k=min(num_samples, len(test.paths)))
     from foodvision.plots import prediction  # matplotlib is slow to import; the command does not need it
 
     results = []
     with (atomic_dir(out_dir) as tmp_out, atomic_dir(photos_dir) as tmp_photos,
           tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp_in):
-        store = ImageStore(Path(index["root"]))
+        store = ImageStore(Path(index.root))
         jobs = []
         for i, row in enumerate(picked):
-            rel = test["paths"][row]
+            rel = test.paths[row]
             photo = tmp_photos / f"test_{i}_{PurePosixPath(rel).name}"
-            photo.write_bytes(store.read_at(rel, member_location(index, "test", row)).read())
-            jobs.append((photo, rel, index["classes"][test["labels"][row]], f"test_{i}"))
+            photo.write_bytes(store.read_at(rel, test.location(row)).read())
+            jobs.append((photo, rel, index.classes[test.labels[row]], f"test_{i}"))
         store.close()
         for i, source in enumerate(images):
             path = _materialise(source, Path(tmp_in) / f"{i}_{source_name(source)}")

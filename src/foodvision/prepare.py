@@ -29,20 +29,20 @@ from foodvision.store import ImageStore, StoreError, Tree, join
 CHECK_CHUNK = 256  # files per header-check task
 
 
-def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None, test_fraction: float, seed: int,
+def prepare(dataset_zip: Path, spec_path: Path, *, classes: tuple[str, ...] | None, test_fraction: float, seed: int,
             skip_corrupt: bool) -> dict[str, Any]:
-    """Index the dataset zip `raw_dir` into the spec JSON at `spec_path`; return the spec.
+    """Index the dataset zip `dataset_zip` (`download`'s output) into the spec JSON at `spec_path`; return the spec.
 
     `classes` keeps a subset (in the given names' sorted order); `test_fraction` and `seed` only
     matter for plain class folders, which have no split of their own.
     """
-    raw_dir = Path(raw_dir)
-    store = ImageStore(raw_dir)
+    dataset_zip = Path(dataset_zip)
+    store = ImageStore(dataset_zip)
     tree = Tree(store.names())
     root = dataset_root(tree)
     layout, candidates = _find_samples(store, tree, root, test_fraction, seed)
     found = sorted({cls for split in SPLITS for _, cls in candidates[split]})
-    names = _select(found, classes, raw_dir)
+    names = _select(found, classes, dataset_zip)
     index = {c: i for i, c in enumerate(names)}
     images: dict[str, list[tuple[str, str]]] = {}
     ignored = 0
@@ -52,7 +52,7 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None, 
         ignored += len(kept) - len(images[split])
     unreadable = _unreadable(store, [rel for split in SPLITS for rel, _ in images[split]])
     if unreadable and not skip_corrupt:
-        raise DatasetError(f"{len(unreadable)} unreadable image(s) in {raw_dir}: {listed(unreadable)}; "
+        raise DatasetError(f"{len(unreadable)} unreadable image(s) in {dataset_zip}: {listed(unreadable)}; "
                            "replace them, or set data.skip_corrupt: true")
     bad = set(unreadable)
     where = store.locations()  # stages that read a few images (export, predict) read them at these
@@ -64,16 +64,16 @@ def prepare(raw_dir: Path, spec_path: Path, *, classes: tuple[str, ...] | None, 
             counts[split][names[sample["label"]]] += 1
     empty = [f"{split}/{c}" for split in SPLITS for c, n in counts[split].items() if n == 0]
     if empty:
-        raise DatasetError(f"no images for {empty[0]} in {raw_dir} ({layout} layout); every class needs images "
+        raise DatasetError(f"no images for {empty[0]} in {dataset_zip} ({layout} layout); every class needs images "
                            "in train and test (with plain class folders: at least 2 images per class)")
-    hidden = _hidden_folders(tree, root, layout)
-    spec = {"root": raw_dir.as_posix(), "layout": layout, "classes": names, "splits": splits, "counts": counts,
-            "ignored_files": ignored, "ignored_folders": hidden, "skipped_corrupt": unreadable}
+    hidden_dirs = _hidden_folders(tree, root, layout)
+    spec = {"root": dataset_zip.as_posix(), "layout": layout, "classes": names, "splits": splits, "counts": counts,
+            "ignored_files": ignored, "ignored_folders": hidden_dirs, "skipped_corrupt": unreadable}
     write_json(spec_path, spec)
     summary = ", ".join(f"{s}: {len(splits[s])}" for s in SPLITS)
     print(f"wrote {spec_path}: {layout} layout, {len(names)} classes ({listed(names)}), {summary}, "
           f"{ignored} non-image file(s) ignored, {len(unreadable)} unreadable image(s) skipped"
-          + (f", hidden folder(s) not taken as classes: {listed(hidden)}" if hidden else ""))
+          + (f", hidden folder(s) not taken as classes: {listed(hidden_dirs)}" if hidden_dirs else ""))
     return spec
 
 
@@ -136,17 +136,17 @@ def _split_folders(tree: Tree, root: str, dirs: list[str], test_fraction: float,
     return out
 
 
-def _select(found: list[str], wanted: tuple[str, ...] | None, raw_dir: Path) -> list[str]:
+def _select(found: list[str], wanted: tuple[str, ...] | None, dataset_zip: Path) -> list[str]:
     if wanted is None:
         names = found
     else:
         missing = sorted(set(wanted) - set(found))
         if missing:
-            raise DatasetError(f"data.classes names {listed(missing)}, not in {raw_dir}; "
+            raise DatasetError(f"data.classes names {listed(missing)}, not in {dataset_zip}; "
                                f"its classes are {listed(found)}")
         names = sorted(set(wanted))
     if len(names) < 2:
-        raise DatasetError(f"{raw_dir} has {len(names)} class(es) to train on; a classifier needs at least 2")
+        raise DatasetError(f"{dataset_zip} has {len(names)} class(es) to train on; a classifier needs at least 2")
     return names
 
 

@@ -14,17 +14,11 @@ from pathlib import Path
 import torch
 from torch.hub import HASH_REGEX
 
+from foodvision.core.errors import ModelError
 from foodvision.core.files import atomic_path, remove_stale, temp_prefix, write_json
 from foodvision.fetch import fetch, redact, source_name
-from foodvision.model import (
-    ModelError,
-    Weights,
-    build_backbone,
-    eval_transform,
-    load_pretrained,
-    load_state_dict_file,
-    resolve_weights,
-)
+from foodvision.model import Weights, build_backbone, eval_transform, load_pretrained, resolve_weights
+from foodvision.statedict import load_state_dict_file
 
 RANDOM_INIT_SEED = 0
 MAX_WEIGHTS_MB = 4096  # torchvision's largest classification weights (ViT-H/14) are about 2.5 GB

@@ -18,7 +18,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from foodvision.core.errors import FoodVisionError
 
@@ -105,12 +105,6 @@ class ImageStore:
         if self._zip is not None:
             self._zip.close()
             self._zip = None
-
-
-def member_location(index: dict[str, Any], split: str, row: int) -> Location | None:
-    """Where the split's `row` lies in the zip, as recorded (None for an index written before locations were)."""
-    at = index["splits"][split].get("at")
-    return None if not at or at[row] is None else (at[row][0], at[row][1], at[row][2])
 
 
 def write_store(target: Path, members: Iterable[tuple[str, Iterable[bytes]]]) -> None:

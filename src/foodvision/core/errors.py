@@ -17,6 +17,10 @@ class DatasetError(FoodVisionError):
     """The dataset or a file a stage wrote from it is missing, damaged or not what the params say."""
 
 
+class ModelError(FoodVisionError):
+    """A model, weights or ONNX file, or the precision and hardware to run it, is missing, damaged or does not fit."""
+
+
 def listed(names: list[str]) -> str:
     """The first MAX_LISTED names, and how many there are in all: an error stays one readable line."""
     return ", ".join(names[:MAX_LISTED]) + (f" … ({len(names)} in all)" if len(names) > MAX_LISTED else "")

@@ -1,0 +1,96 @@
+"""The frozen backbone without its head, and the one loop that turns decoded images into feature rows.
+
+Everything that computes features builds the body and runs it here: `featurize` (the pretrained backbone,
+every image), the backbone's ONNX check (torch against ONNX Runtime on the test images) and a fine-tuned
+checkpoint's own backbone in `evaluate` and `export`. One builder, so the features of the same weights
+are the same bytes whoever asks; one loop, so each engine (torch here, ONNX Runtime in the check) is a
+function from a batch of images to float32 rows, and the decoding, prefetching and progress are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from foodvision.core.device import decode_workers
+from foodvision.data import build_transform, make_loader, prefetched, split_images
+from foodvision.features import FeatureIndex
+from foodvision.model import for_inference, load_checkpoint, load_pretrained, replace_head
+from foodvision.precision import Autocast
+
+# a batch of decoded images (N x 3 x crop x crop, float32, on the CPU) -> its features (N x D, float32)
+Engine = Callable[[torch.Tensor], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Body:
+    """The pretrained backbone ready to run, and what the feature index records about it."""
+
+    module: nn.Module  # BatchNorm folded, channels-last, eval mode, on the CPU
+    head: str  # the name of the classifier head it was taken from
+    cols: int  # features per image
+    backbone_params: int
+
+
+def frozen_body(model: nn.Module, head: str) -> nn.Module:
+    """`model` without its head, each BatchNorm folded into its conv, channels-last (`model.for_inference`)."""
+    model.set_submodule(head, nn.Identity())
+    return for_inference(model)
+
+
+def pretrained_body(model_name: str, pretrained_path: Path, num_classes: int) -> Body:
+    """The pretrained backbone `featurize` runs, with the head's name, input width and the parameter count."""
+    model = load_pretrained(model_name, pretrained_path)
+    head = replace_head(model, num_classes, dropout=0.0)
+    cols = model.get_submodule(head)[1].in_features
+    backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head + "."))
+    return Body(frozen_body(model, head), head, cols, backbone_params)
+
+
+def checkpoint_body(model_path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A fine-tuned checkpoint's own backbone: the stored features are the pretrained one's, so they no longer apply."""
+    model, ckpt = load_checkpoint(model_path)
+    return frozen_body(model, ckpt["head"]), ckpt
+
+
+def torch_engine(body: nn.Module, device: torch.device, dtype: torch.dtype | None = None,
+                 memory_format: torch.memory_format = torch.channels_last) -> Engine:
+    """`body` on `device`, under autocast at `dtype` when given; rows come back as float32 on the CPU.
+
+    Images go in channels-last, as the folded body's weights are; the ONNX check runs the body as exported
+    (contiguous) on contiguous images instead."""
+    module = body.to(device)
+    if dtype is not None:
+        module = Autocast(module, device.type, dtype)
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        return module(images.to(device, non_blocking=True, memory_format=memory_format)).float().cpu().numpy()
+
+    return run
+
+
+def image_features(loader: DataLoader, engine: Engine, desc: str) -> Iterator[tuple[torch.Tensor, np.ndarray, Any]]:
+    """(images, features, the batch's second item) for each batch of `loader`, in its order.
+
+    Without DataLoader workers a thread decodes the next batch while this one runs (`data.prefetched`)."""
+    batches = loader if loader.num_workers else prefetched(loader)
+    with torch.inference_mode():
+        for images, extra in tqdm(batches, desc=desc, total=len(loader), unit="batch", leave=False):
+            yield images, engine(images), extra
+
+
+def split_features(body: nn.Module, index: FeatureIndex, split: str, transform: dict[str, Any],
+                   device: torch.device, batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(features, labels) of a split's images through `body`, in the index's order, a batch at a time."""
+    dataset = split_images(index, split, build_transform(transform), transform["resize_size"])
+    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, workers=decode_workers(device.type))
+    for _, features, labels in image_features(loader, torch_engine(body, device), f"{split} features"):
+        yield features, labels.numpy()
