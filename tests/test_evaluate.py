@@ -120,8 +120,7 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     """Seven classes: metrics gain top5_accuracy, computed from the head's logits on the stored features."""
 
     from foodvision.checkpoint import save_checkpoint
-    from foodvision.core.files import write_json
-    from foodvision.features import NpyWriter
+    from foodvision.features import FeatureIndex, NpyWriter, SplitIndex, write_index
     from foodvision.head import new_head
 
     classes = [f"c{i}" for i in range(7)]
@@ -133,8 +132,8 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     writer = NpyWriter(feats / "test.npy", len(rows), 7)
     writer.write(rows)
     writer.close()
-    write_json(feats / "index.json", {"model": "efficientnet_b0", "classes": classes, "root": ".",
-                                      "splits": {"test": {"paths": [f"{i}.jpg" for i in range(49)], "labels": labels}}})
+    test = SplitIndex([f"{i}.jpg" for i in range(49)], labels, [None] * 49)
+    write_index(feats, FeatureIndex("efficientnet_b0", "classifier", 7, 0, classes, ".", "fp32", {"test": test}, []))
     head = new_head(7, 7, 0.2)
     with torch.no_grad():
         head[1].weight.copy_(torch.eye(7))

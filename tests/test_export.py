@@ -124,6 +124,7 @@ def test_logits_are_held_to_their_scale_so_a_large_head_passes_and_a_wrong_featu
     through ONNX Runtime and torch (1e-5 apart, as measured) then give logits 5e-4 apart, which failed the
     experiment under an absolute 1e-4. Held to the size of their sum they pass; a feature off by 0.01 still fails."""
     from foodvision.export import MAX_REL_DIFF, check_rows, head_onnx
+    from foodvision.features import FeatureIndex, SplitIndex
 
     rng = np.random.default_rng(0)
     n, dim = 500, 1280
@@ -131,7 +132,8 @@ def test_logits_are_held_to_their_scale_so_a_large_head_passes_and_a_wrong_featu
     head = (rng.normal(0, 6, (3, dim)).astype(np.float32), rng.normal(0, 6, 3).astype(np.float32))
     session = ort.InferenceSession(head_onnx(head, 8).SerializeToString(), providers=["CPUExecutionProvider"])
     labels = (torchs @ head[0].T + head[1]).argmax(1).tolist()
-    index = {"splits": {"test": {"labels": labels, "paths": [f"{i}.jpg" for i in range(n)]}}}
+    test = SplitIndex([f"{i}.jpg" for i in range(n)], labels, [None] * n)
+    index = FeatureIndex("m", "classifier", dim, 0, ["a", "b", "c"], "x.zip", "fp32", {"test": test}, [])
 
     def rows_check(onnx_features: np.ndarray) -> dict:
         (tmp_path / "f").mkdir(exist_ok=True), (tmp_path / "c").mkdir(exist_ok=True)

@@ -37,6 +37,25 @@ def closure(script: Path) -> set[str]:
     return {"src/foodvision/core" if name.startswith("core/") else f"src/foodvision/{name}.py" for name in seen}
 
 
+def test_the_package_has_no_import_cycle():
+    """Each idea has one home on its layer: no module imports, even lazily, one that imports it back."""
+    graph = {str(m.relative_to(PACKAGE))[:-3]: foodvision_imports(m) for m in PACKAGE.rglob("*.py")
+             if m.name != "__init__.py"}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError(f"import cycle: {' -> '.join([*path[path.index(name):], name])}")
+        if name in done or name not in graph:
+            return
+        for child in sorted(graph[name]):
+            visit(child, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
 def test_the_core_package_imports_only_itself():
     """A stage lists src/foodvision/core as one dependency: that is exact only while core needs nothing else."""
     for module in sorted((PACKAGE / "core").glob("*.py")):
@@ -83,8 +102,9 @@ def test_no_code_restates_a_default_of_params_yaml():
 
     from foodvision.core import params
 
-    for cls in (params.Params, params.DataParams, params.ModelParams, params.FeaturizeParams, params.TrainParams,
-                params.PredictParams, params.PathsParams):
+    classes = [c for c in vars(params).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    assert params.FinetuneParams in classes and params.PathsParams in classes
+    for cls in classes:
         defaulted = [f.name for f in dataclasses.fields(cls)
                      if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
         assert not defaulted, f"{cls.__name__} restates defaults for {defaulted}"

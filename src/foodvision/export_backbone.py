@@ -83,8 +83,8 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
     """`module` on a dynamic batch of crop x crop images as ONNX; the same bytes for the same module.
 
     A copy with in-place activations made out of place is exported: the graph computes the same, but
-    torch.export takes each in-place ReLU6 through a slow reference decomposition (Lite0's export 5.7 s
-    against 3.5 s out of place; EfficientNet-B0's SiLU 5.1 against 4.7 s; docs/scale.md).
+    torch.export takes each in-place ReLU6 through a slow reference decomposition (docs/scale.md has the
+    figures).
 
     torch notes on every node the Python stack that made it, absolute paths included (the checkout, the
     virtual environment, a home folder); those notes are dropped, so the file is the same wherever the

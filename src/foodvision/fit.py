@@ -24,9 +24,9 @@ from foodvision.loop import Cut, EpochHook, Keeper, image_loaders, record, run_e
 
 class Adam:
     """torch.optim.Adam(fused=True) with its defaults, through torch's own functional `adam`, without the
-    Optimizer base class: its methods import torch._dynamo on first call, over a second of every train
-    process on a CPU. The same kernel, so the same bytes (a test checks against torch.optim.Adam). Fused: one
-    kernel per step instead of seven operations per tensor, 35 against 95 microseconds per head step on a CPU."""
+    Optimizer base class: its methods import torch._dynamo on first call, a cost in every train process.
+    The same kernel, so the same bytes (a test checks against torch.optim.Adam). Fused: one kernel per step
+    instead of seven operations per tensor (docs/scale.md has the figures)."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float) -> None:
         self.params = list(params)

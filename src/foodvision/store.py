@@ -1,8 +1,8 @@
 """The dataset as `download` keeps it: one uncompressed zip (paths.raw), read member by member.
 
 One file instead of a folder of images, because DVC checks a tracked folder file by file: at 30,000
-images every `dvc status`, `dvc exp run` and checkout walked them, about 10 s of every head-only
-experiment; one file is one lookup. Stored, not deflated (photos do not compress; a member is one seek),
+images every `dvc status`, `dvc exp run` and checkout walked them, seconds of every head-only
+experiment (docs/scale.md); one file is one lookup. Stored, not deflated (photos do not compress; a member is one seek),
 with fixed timestamps and modes, so the same archive gives the same bytes on any machine.
 Members are only ever read, by name or at the location `prepare` recorded, never extracted: no later stage
 writes a path the archive chose.
@@ -73,7 +73,7 @@ class ImageStore:
 
     def read_at(self, name: str, where: Location | None) -> IO[bytes]:
         """The member at its recorded location, without opening the zip: `zipfile` parses every entry of the
-        central directory first (167 ms at 30,000 images, in each process that reads a few test images).
+        central directory first, a cost that grows with the dataset in each process that reads a few images.
         Checked against its local header's name and its CRC-32; without a location, read by name."""
         if where is None:
             return io.BytesIO(self.read(name))

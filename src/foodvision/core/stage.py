@@ -30,7 +30,7 @@ def run(main: Callable[[], object]) -> NoReturn:
 
 def exit_now(code: int) -> NoReturn:
     """Exit without tearing the interpreter down. Freeing torch's and torchvision's modules and the model's
-    tensors, memory the OS takes back anyway, cost a stage process 0.4-1.5 s after its work was done
+    tensors, memory the OS takes back anyway, cost a stage process time after its work was done
     (docs/scale.md); mypy exits the same way. Exit handlers still run and both streams are flushed: every
     file a stage writes is closed and renamed before `main` returns, and its threads are joined or daemons."""
     atexit._run_exitfuncs()
