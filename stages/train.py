@@ -5,7 +5,7 @@ from pathlib import Path
 
 from foodvision.core.params import load_params
 from foodvision.core.stage import run
-from foodvision.train import train
+from foodvision.train import TrainOutputs, train
 
 
 def main() -> None:
@@ -13,8 +13,7 @@ def main() -> None:
     paths = params.paths
     train(Path(paths.features), Path(paths.pretrained), Path(paths.transform), params.model, params.train,
           params.finetune, seed=params.seed, val_fraction=params.data.val_fraction, device=params.device,
-          model_out=Path(paths.model),
-          metrics_out=Path(paths.train_metrics), history_out=Path(paths.history), curves_out=Path(paths.curves))
+          out=TrainOutputs(Path(paths.model), Path(paths.train_metrics), Path(paths.history), Path(paths.curves)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from foodvision.featurize import featurize
 from foodvision.model import build_backbone
 from foodvision.prepare import prepare
 from foodvision.pretrained import fetch_pretrained
-from foodvision.train import train
+from foodvision.train import TrainOutputs, train
 
 CLASSES = ("pizza", "steak", "sushi")
 COLOURS = {"pizza": (200, 60, 40), "steak": (90, 50, 30), "sushi": (240, 240, 230)}
@@ -199,8 +199,7 @@ def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 
               device="cpu", skip_corrupt=False, summary_out=t.summary, precision="fp32")
     p = project_params()
     train(t.features, t.pretrained, t.transform, p.model, dataclasses.replace(p.train, epochs=epochs, batch_size=4, lr=0.01),
-          p.finetune, seed=seed, val_fraction=0.0, device="cpu", model_out=t.model, metrics_out=t.metrics,
-          history_out=t.history, curves_out=t.curves)
+          p.finetune, seed=seed, val_fraction=0.0, device="cpu", out=TrainOutputs(t.model, t.metrics, t.history, t.curves))
     return t
 
 

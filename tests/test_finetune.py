@@ -27,7 +27,7 @@ from foodvision.finetune import backbone_blocks, unfreeze
 from foodvision.loop import Keeper, val_cut
 from foodvision.model import build_backbone, load_checkpoint, replace_head
 from foodvision.statedict import load_state_dict_file
-from foodvision.train import train
+from foodvision.train import TrainOutputs, train
 
 
 def run_train(trained, out: Path, *, features: Path | None = None, blocks: int = 0, val_fraction: float = 0.0,
@@ -38,8 +38,8 @@ def run_train(trained, out: Path, *, features: Path | None = None, blocks: int =
     train(features or trained.features, trained.pretrained, trained.transform, p.model,
           dataclasses.replace(p.train, epochs=epochs, batch_size=4, lr=lr, patience=patience),
           dataclasses.replace(p.finetune, blocks=blocks, epochs=1, batch_size=4), seed=seed,
-          val_fraction=val_fraction, device="cpu", model_out=out / "model.safetensors", metrics_out=out / "train.json",
-          history_out=out / "history.csv", curves_out=out / "curves.png")
+          val_fraction=val_fraction, device="cpu",
+          out=TrainOutputs(out / "model.safetensors", out / "train.json", out / "history.csv", out / "curves.png"))
     return json.loads((out / "train.json").read_text())
 
 

@@ -1,4 +1,6 @@
-"""Backbones from torchvision's registry, a new head for our classes, and a frozen feature extractor."""
+"""Backbones from torchvision's registry: weights, a new head for our classes, frozen parameters, BatchNorm folding.
+
+The frozen body built from them, and the loop that runs it over images, are `backbone.py`'s."""
 
 from __future__ import annotations
 

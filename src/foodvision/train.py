@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,19 @@ from foodvision.spec import load_transform
 from foodvision.statedict import load_state_dict_file
 
 
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where `train` writes (paths.model, paths.train_metrics, paths.history, paths.curves)."""
+
+    model: Path
+    metrics: Path  # rewritten after every epoch, as is the history
+    history: Path
+    curves: Path
+
+
 def train(features_dir: Path, pretrained_path: Path, transform_path: Path, model_params: ModelParams,
           train_params: TrainParams, finetune_params: FinetuneParams, *, seed: int, val_fraction: float, device: str,
-          model_out: Path, metrics_out: Path, history_out: Path, curves_out: Path) -> list[dict[str, Any]]:
+          out: TrainOutputs) -> list[dict[str, Any]]:
     """Train the head (then, with finetune.blocks, the last blocks too); write the checkpoint, metrics, history
     CSV (both after every epoch) and curves."""
     dev = pick_device(device)
@@ -46,7 +57,7 @@ def train(features_dir: Path, pretrained_path: Path, transform_path: Path, model
     keeper = Keeper(train_params.patience) if cut is not None else None
     split = "test" if cut is None else "val"
     head_params = index.feature_dim * len(index.classes) + len(index.classes)
-    progress = _Progress(history_out, metrics_out, split, {"seed": seed, "params_total": index.backbone_params +
+    progress = _Progress(out.history, out.metrics, split, {"seed": seed, "params_total": index.backbone_params +
                                                            head_params, "params_trainable": head_params})
     start = time.perf_counter()
     model: nn.Module | None = None
@@ -74,11 +85,11 @@ def train(features_dir: Path, pretrained_path: Path, transform_path: Path, model
         print(f"fine-tuned the head and {', '.join(finetuned)} {len(history) - head_epochs} epoch(s) on {dev} "
               f"in {time.perf_counter() - start:.1f} s")
     state = model.state_dict() if model is not None else _on_pretrained(pretrained_path, head, net)
-    save_checkpoint(model_out, state, name=model_params.name, head=head, dropout=model_params.dropout,
+    save_checkpoint(out.model, state, name=model_params.name, head=head, dropout=model_params.dropout,
                     class_names=index.classes, transform=transform, finetuned=finetuned)
     from foodvision.plots import loss_curves  # matplotlib: only once, at the end
 
-    loss_curves(history, curves_out, split, head_epochs + 1 if finetuned else 0)
+    loss_curves(history, out.curves, split, head_epochs + 1 if finetuned else 0)
     return history
 
 

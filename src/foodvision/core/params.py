@@ -202,7 +202,7 @@ class PathsParams:
 @dataclass(frozen=True)
 class Params:
     seed: int
-    device: str  # featurize's and train's torch device
+    device: str  # the torch device of featurize, train and (a fine-tuned model's backbone) evaluate
     data: DataParams
     model: ModelParams
     featurize: FeaturizeParams
