@@ -28,6 +28,7 @@ def main() -> None:
                       model_name=params.model.name, batch_size=params.featurize.batch_size,
                       device=params.device, skip_corrupt=params.data.skip_corrupt,
                       summary_out=Path(paths.summary), precision=params.featurize.precision,
+                      engine=params.featurize.engine,
                       onnx_out=Path(paths.backbone_onnx), check_dir=Path(paths.onnx_check))
 
 

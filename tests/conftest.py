@@ -196,7 +196,7 @@ def train_tiny(root: Path, archive_url: str, weights_url: str, *, epochs: int = 
     fetch_pretrained("efficientnet_b0", "DEFAULT", weights_url, t.pretrained, transform_out=t.transform, sha256=None)
     prepare_spec(t.raw, t.spec, seed=seed)
     featurize(t.spec, t.pretrained, t.transform, t.features, model_name="efficientnet_b0", batch_size=4,
-              device="cpu", skip_corrupt=False, summary_out=t.summary, precision="fp32")
+              device="cpu", skip_corrupt=False, summary_out=t.summary, precision="fp32", engine="auto")
     p = project_params()
     train(t.features, t.pretrained, t.transform, p.model, dataclasses.replace(p.train, epochs=epochs, batch_size=4, lr=0.01),
           p.finetune, seed=seed, val_fraction=0.0, device="cpu", out=TrainOutputs(t.model, t.metrics, t.history, t.curves))

@@ -133,7 +133,8 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     writer.write(rows)
     writer.close()
     test = SplitIndex([f"{i}.jpg" for i in range(49)], labels, [None] * 49)
-    write_index(feats, FeatureIndex("efficientnet_b0", "classifier", 7, 0, classes, ".", "fp32", {"test": test}, []))
+    write_index(feats, FeatureIndex("efficientnet_b0", "classifier", 7, 0, classes, ".", "fp32", "torch", {"test": test},
+                                    []))
     head = new_head(7, 7, 0.2)
     with torch.no_grad():
         head[1].weight.copy_(torch.eye(7))

@@ -133,7 +133,7 @@ def test_logits_are_held_to_their_scale_so_a_large_head_passes_and_a_wrong_featu
     session = ort.InferenceSession(head_onnx(head, 8).SerializeToString(), providers=["CPUExecutionProvider"])
     labels = (torchs @ head[0].T + head[1]).argmax(1).tolist()
     test = SplitIndex([f"{i}.jpg" for i in range(n)], labels, [None] * n)
-    index = FeatureIndex("m", "classifier", dim, 0, ["a", "b", "c"], "x.zip", "fp32", {"test": test}, [])
+    index = FeatureIndex("m", "classifier", dim, 0, ["a", "b", "c"], "x.zip", "fp32", "torch", {"test": test}, [])
 
     def rows_check(onnx_features: np.ndarray) -> dict:
         (tmp_path / "f").mkdir(exist_ok=True), (tmp_path / "c").mkdir(exist_ok=True)

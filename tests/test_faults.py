@@ -124,7 +124,7 @@ def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path, backbone_file):
     assert spec["counts"]["train"]["sushi"] == 4 and spec["counts"]["test"]["steak"] == 3
     assert all(s["path"] != "train/sushi/cut.jpg" for s in spec["splits"]["train"])
 
-    kwargs = dict(model_name="efficientnet_b0", batch_size=4, device="cpu", summary_out=tmp_path / "s.txt", precision="fp32")
+    kwargs = dict(model_name="efficientnet_b0", batch_size=4, device="cpu", summary_out=tmp_path / "s.txt", precision="fp32", engine="auto")
     with pytest.raises(DatasetError, match=r"1 image\(s\) in .* do not decode: test/steak/short.jpg; .*skip_corrupt"):
         featurize(tmp_path / "spec.json", backbone_file, tmp_path / "t.json", tmp_path / "features",
                   skip_corrupt=False, **kwargs)
@@ -151,7 +151,7 @@ def test_featurize_refuses_an_unknown_backbone_before_any_work(tmp_path):
     with pytest.raises(ModelError, match="model.name 'efficientnet_b9'.*accepted"):
         featurize(tmp_path / "missing-spec.json", tmp_path / "missing.pth", tmp_path / "t.json", tmp_path / "f",
                   model_name="efficientnet_b9", batch_size=4, device="cpu", skip_corrupt=False,
-                  summary_out=tmp_path / "s.txt", precision="fp32")
+                  summary_out=tmp_path / "s.txt", precision="fp32", engine="auto")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,8 +114,44 @@ def test_bf16_features_stay_close_to_fp32_where_the_cpu_has_bf16(trained, tmp_pa
     if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         pytest.skip("this CPU has no bf16 arithmetic (the stage refuses bf16 here, tested above)")
     featurize(trained.spec, trained.pretrained, trained.transform, tmp_path / "bf16", model_name="efficientnet_b0",
-              batch_size=4, device="cpu", skip_corrupt=False, summary_out=tmp_path / "s.txt", precision="bf16")
+              batch_size=4, device="cpu", skip_corrupt=False, summary_out=tmp_path / "s.txt", precision="bf16",
+              engine="auto")
     fp32, bf16 = np.load(trained.features / "test.npy"), np.load(tmp_path / "bf16" / "test.npy")
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
     assert not np.array_equal(bf16, fp32)
     assert np.abs(bf16 - fp32).max() <= 0.1 * np.abs(fp32).max()
+
+
+def test_the_engine_rule_is_fixed_per_device_and_precision():
+    """`auto` never races timings: ONNX Runtime on a CPU in fp32, torch for autocast and on GPUs; a pinned engine
+    that cannot run there is one line naming the key."""
+    from foodvision.backbone import pick_engine
+    from foodvision.core.errors import ModelError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pick_engine("auto", "fp32", cpu) == "onnxruntime"
+    assert pick_engine("auto", "bf16", cpu) == "torch"
+    assert pick_engine("auto", "fp32", cuda) == "torch" and pick_engine("torch", "fp32", cpu) == "torch"
+    with pytest.raises(ModelError, match=r"^featurize.engine onnxruntime runs fp32 on the CPU only, not bf16 on cpu"):
+        pick_engine("onnxruntime", "bf16", cpu)
+
+
+def test_onnx_runtime_features_are_the_exported_graphs_whatever_the_batch(trained, tmp_path):
+    """The fixture's features came from ONNX Runtime (auto on a CPU): the graph model.onnx serves. Another batch
+    size gives the same bytes (an image's features do not depend on its batch); torch's differ at float rounding."""
+    from foodvision.featurize import featurize
+
+    def run(name: str, engine: str, batch_size: int) -> Path:
+        featurize(trained.spec, trained.pretrained, trained.transform, tmp_path / name, model_name="efficientnet_b0",
+                  batch_size=batch_size, device="cpu", skip_corrupt=False, summary_out=tmp_path / "s.txt",
+                  precision="fp32", engine=engine)
+        return tmp_path / name
+
+    assert load_index(trained.features).engine == "onnxruntime"
+    by_five = run("five", "onnxruntime", 5)
+    for split in ("train", "test"):
+        assert (by_five / f"{split}.npy").read_bytes() == (trained.features / f"{split}.npy").read_bytes(), split
+    by_torch = run("torch", "torch", 4)
+    assert load_index(by_torch).engine == "torch"
+    ours, torchs = np.load(trained.features / "test.npy"), np.load(by_torch / "test.npy")
+    assert np.abs(ours - torchs).max() <= 1e-4 and np.abs(torchs).max() > 0

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from foodvision.core.device import decode_workers
+from foodvision.core.errors import ModelError
 from foodvision.data import build_transform, make_loader, prefetched, split_images
 from foodvision.features import FeatureIndex
 from foodvision.model import for_inference, load_checkpoint, load_pretrained, replace_head
@@ -75,6 +76,31 @@ def torch_engine(body: nn.Module, device: torch.device, dtype: torch.dtype | Non
         return module(images.to(device, non_blocking=True, memory_format=memory_format)).float().cpu().numpy()
 
     return run
+
+
+def pick_engine(engine: str, precision: str, device: torch.device) -> str:
+    """What runs the frozen body for `featurize.engine`: `auto` is a fixed rule, never a timing race, so the
+    same params give the same bytes on the same kind of machine. ONNX Runtime on a CPU in fp32 (it ran the
+    exported graph 2.2x faster than torch there, and it is the graph `model.onnx` serves: docs/scale.md);
+    torch for bf16/fp16 autocast and on GPUs."""
+    if engine == "auto":
+        return "onnxruntime" if device.type == "cpu" and precision == "fp32" else "torch"
+    if engine == "onnxruntime" and (device.type != "cpu" or precision != "fp32"):
+        raise ModelError(f"featurize.engine onnxruntime runs fp32 on the CPU only, not {precision} on "
+                         f"{device.type}; use featurize.engine: auto or torch")
+    return engine
+
+
+def onnx_engine(graph: bytes, threads: int) -> Engine:
+    """ONNX Runtime's CPU provider on the exported body (`export_backbone.onnx_bytes`). An image's features
+    do not depend on the batch it is in nor on the thread count (a test checks), so N processes write
+    the same bytes as one."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(["features"], {"images": images.numpy()})[0]
 
 
 def image_features(loader: DataLoader, engine: Engine, desc: str) -> Iterator[tuple[torch.Tensor, np.ndarray, Any]]:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from foodvision.backbone import Engine, image_features, pretrained_body, torch_engine
-from foodvision.core.device import decode_workers
+from foodvision.backbone import Engine, image_features, onnx_engine, pretrained_body, torch_engine
+from foodvision.core.device import cpu_count, decode_workers
 from foodvision.core.errors import ModelError
 from foodvision.core.files import atomic_dir, atomic_path, write_json
 from foodvision.data import build_transform, make_loader, split_images
@@ -37,38 +37,43 @@ STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata torch's exporter wri
 
 
 def export_backbone(pretrained_path: Path, transform_path: Path, features_dir: Path, *, model_name: str,
-                    onnx_out: Path, check_dir: Path, body: nn.Module | None = None) -> dict[str, Any]:
+                    onnx_out: Path, check_dir: Path, body: nn.Module | None = None,
+                    graph: bytes | None = None) -> dict[str, Any]:
     """Write the backbone's ONNX file and the check folder; return the check's figures.
 
     `body` is `backbone.pretrained_body`'s module when the caller already has it on the CPU (`featurize` in
-    float32), so the weights are not loaded twice."""
+    float32), so the weights are not loaded twice; `graph`, its export when the caller made it already (the
+    graph ONNX Runtime ran for the features)."""
     index = load_index(features_dir)
     if index.model != model_name:
         raise ModelError(f"{features_dir} holds features of {index.model!r}, but model.name is "
                          f"{model_name!r}; run `dvc repro featurize`")
     if body is None:
         body = pretrained_body(model_name, pretrained_path, len(index.classes)).module
-    fp32 = index.precision == "fp32"
+    by_onnx = index.engine == "onnxruntime"
+    torch_side = ("float32 backbone (features stored by ONNX Runtime)" if by_onnx
+                  else "float32 backbone (features stored in lower precision)")
     return write_checked(body, load_transform(transform_path), features_dir, index, onnx_out=onnx_out,
-                         check_dir=check_dir, run_torch=not fp32,
-                         torch_side="float32 backbone (features stored in lower precision)")
+                         check_dir=check_dir, run_torch=by_onnx or index.precision != "fp32", torch_side=torch_side,
+                         graph=graph, stored_by_onnx=by_onnx)
 
 
 def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path, index: FeatureIndex, *,
-                  onnx_out: Path, check_dir: Path, run_torch: bool, torch_side: str) -> dict[str, Any]:
-    """`body` as ONNX plus its check folder, written only when ONNX Runtime agrees with torch on every test image.
+                  onnx_out: Path, check_dir: Path, run_torch: bool, torch_side: str, graph: bytes | None = None,
+                  stored_by_onnx: bool = False) -> dict[str, Any]:
+    """`body` as ONNX (`graph` when already exported) plus its check folder, written only when ONNX Runtime
+    agrees with torch on every test image.
 
-    torch's side is the stored features, or with `run_torch` the body itself on the same decoded batches
-    (after a bf16/fp16 featurize; a fine-tuned backbone), whose features are kept as `reference.npy`."""
-    import onnxruntime as ort
-
-    start = time.perf_counter()
-    data = onnx_bytes(body.to(memory_format=torch.contiguous_format), transform["crop_size"], "features")
-    print(f"exported the {index.model} backbone with torch.onnx.export in {time.perf_counter() - start:.1f} s")
+    ONNX Runtime's side is the graph on the decoded test batches, or with `stored_by_onnx` the stored features,
+    which it computed. torch's side is the stored features, or with `run_torch` the body itself on the same
+    batches (features stored by ONNX Runtime or in lower precision; a fine-tuned backbone), kept as
+    `reference.npy`."""
+    body = body.to(memory_format=torch.contiguous_format)  # as exported
+    data = graph if graph is not None else export_timed(body, transform["crop_size"], index.model)
     with atomic_path(onnx_out) as tmp_onnx, atomic_dir(check_dir) as tmp_check:
         tmp_onnx.write_bytes(data)
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        figures = _compare(body if run_torch else None, features_dir, session, index, transform, tmp_check,
+        ort_side = None if stored_by_onnx else onnx_engine(data, cpu_count())
+        figures = _compare(body if run_torch else None, features_dir, ort_side, index, transform, tmp_check,
                            torch_side)
         figures.update(opset=OPSET, onnx_mb=round(len(data) / 2**20, 2))
         if figures["backbone_max_abs_diff"] > MAX_ABS_DIFF:
@@ -77,6 +82,14 @@ def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path
                              "written. Report it with your torch and onnxruntime versions")
         write_json(tmp_check / FIGURES, figures)
     return figures
+
+
+def export_timed(body: nn.Module, crop: int, name: str) -> bytes:
+    """`onnx_bytes` of a frozen body, saying how long torch's exporter took."""
+    start = time.perf_counter()
+    data = onnx_bytes(body, crop, "features")
+    print(f"exported the {name} backbone with torch.onnx.export in {time.perf_counter() - start:.1f} s")
+    return data
 
 
 def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
@@ -104,31 +117,35 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: FeatureIndex,
+def _compare(body: nn.Module | None, features_dir: Path, ort_side: Engine | None, index: FeatureIndex,
              transform: dict[str, Any], check_dir: Path, torch_side: str) -> dict[str, Any]:
-    """ONNX Runtime on the decoded test batches against torch (the stored features, or `body` on the same
-    batches); ONNX Runtime's features (and torch's, with `body`) are written to `check_dir`."""
+    """ONNX Runtime (`ort_side` on the decoded test batches, or None: the stored rows, its own) against torch
+    (`body` on the same batches, or None: the stored rows, its own); ONNX Runtime's features (and torch's,
+    with `body`) are written to `check_dir`."""
     test = index.split("test")
     if not test.paths:
         raise ModelError("the test split is empty: nothing to check the ONNX export on")
+    if body is None and ort_side is None:
+        raise ValueError("the check needs torch or ONNX Runtime to run on the images")
     dataset = split_images(index, "test", build_transform(transform), transform["resize_size"])
     # ONNX Runtime and torch run on the CPU here
     loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=decode_workers("cpu"))
     rows, cols = len(test.paths), index.feature_dim
-    stored = open_split(features_dir, index, "test") if body is None else None
+    stored = open_split(features_dir, index, "test") if body is None or ort_side is None else None
+    stored_rows = stored.batches(BATCH) if stored is not None else None
     ort_out = NpyWriter(check_dir / ORT_FEATURES, rows, cols)
     reference = NpyWriter(check_dir / REFERENCE, rows, cols) if body is not None else None
-    engine = _timed(_ort_engine(session))
-    expected_rows = stored.batches(BATCH) if stored is not None else None
     # the body as exported (contiguous), on the images as ONNX Runtime gets them
     run_torch = (torch_engine(body, torch.device("cpu"), memory_format=torch.contiguous_format)
                  if body is not None else None)
+    engine = _timed(ort_side if ort_side is not None else run_torch)  # the one that runs on the images first
     worst, seen = 0.0, 0
-    for images, got, _ in image_features(loader, engine, "backbone check"):
-        if run_torch is None:
-            expected = next(expected_rows)[0]
+    for images, out, _ in image_features(loader, engine, "backbone check"):
+        if ort_side is None:  # stored rows are ONNX Runtime's
+            got, expected = next(stored_rows)[0], out
         else:
-            expected = run_torch(images)
+            got, expected = out, (next(stored_rows)[0] if run_torch is None else run_torch(images))
+        if reference is not None:
             reference.write(expected)
         ort_out.write(got)
         worst = max(worst, float(np.abs(got - expected).max()))
@@ -139,19 +156,15 @@ def _compare(body: nn.Module | None, features_dir: Path, session: Any, index: Fe
         if writer is not None:
             writer.close()
     torch_side = "stored features" if body is None else torch_side
-    print(f"backbone check: {seen} test images, max |feature difference| {worst:.3g}; ONNX Runtime "
+    timed = "ONNX Runtime" if ort_side is not None else "torch"
+    print(f"backbone check: {seen} test images, max |feature difference| {worst:.3g}; {timed} "
           f"{seen / max(engine.seconds, 1e-9):.1f} images/s (batch {BATCH}); torch: the {torch_side}")
     return {"images": seen, "backbone_max_abs_diff": float(f"{worst:.3g}"), "torch_reference": torch_side,
             "backbone": index.model}
 
 
-def _ort_engine(session: Any) -> Engine:
-    """ONNX Runtime on the exported graph: a batch of decoded images to feature rows."""
-    return lambda images: session.run(["features"], {"images": images.numpy()})[0]
-
-
 class _timed:
-    """An engine that adds up the seconds it runs (the check reports ONNX Runtime's speed alone)."""
+    """An engine that adds up the seconds it runs (the check reports the speed of the engine it times)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine, self.seconds = engine, 0.0

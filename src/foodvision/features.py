@@ -54,6 +54,7 @@ class FeatureIndex:
     classes: list[str]
     root: str  # the dataset zip the paths are members of
     precision: str | None  # featurize.precision; None in an index older than the param
+    engine: str  # what ran the backbone (`backbone.pick_engine`); torch in an index older than the param
     splits: dict[str, SplitIndex]
     skipped_corrupt: list[str]
 
@@ -73,7 +74,8 @@ def load_index(features_dir: Path) -> FeatureIndex:
         splits = {name: SplitIndex(list(s["paths"]), list(s["labels"]), list(s.get("at") or [None] * len(s["paths"])))
                   for name, s in raw["splits"].items()}
         return FeatureIndex(raw["model"], raw["head"], raw["feature_dim"], raw["backbone_params"], raw["classes"],
-                            raw["root"], raw.get("precision"), splits, raw.get("skipped_corrupt", []))
+                            raw["root"], raw.get("precision"), raw.get("engine", "torch"), splits,
+                            raw.get("skipped_corrupt", []))
     except (KeyError, TypeError, AttributeError) as exc:
         raise DatasetError(f"{path} lacks {exc} or is not a feature index; run `dvc repro featurize`") from None
 

@@ -21,12 +21,12 @@ import torch.distributed
 from PIL import Image
 
 from foodvision import distributed
-from foodvision.backbone import Engine, image_features, pretrained_body, torch_engine
+from foodvision.backbone import Engine, image_features, onnx_engine, pick_engine, pretrained_body, torch_engine
 from foodvision.core.device import cpu_count, decode_workers, pick_device
 from foodvision.core.errors import DatasetError, listed
 from foodvision.core.files import atomic_dir, write_text
 from foodvision.data import ImageSamples, build_transform, make_loader
-from foodvision.export_backbone import export_backbone
+from foodvision.export_backbone import export_backbone, export_timed
 from foodvision.features import FeatureFile, FeatureIndex, NpyWriter, SplitIndex, write_index
 from foodvision.images import open_rgb
 from foodvision.model import build_backbone, freeze_all_but, replace_head, resolve_weights
@@ -62,28 +62,37 @@ class Pass:
 
 
 def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_dir: Path, *, model_name: str,
-              batch_size: int, device: str, skip_corrupt: bool, summary_out: Path, precision: str,
+              batch_size: int, device: str, skip_corrupt: bool, summary_out: Path, precision: str, engine: str,
               onnx_out: Path | None = None, check_dir: Path | None = None) -> FeatureIndex:
     """Write `out_dir/{train,test}.npy` and `out_dir/index.json`; return the index.
 
     Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`,
     and with `onnx_out` and `check_dir` the backbone as ONNX, checked on every test image (`export_backbone`).
-    That export changes exactly when the features do, and in this process it costs no second import of torch
-    and torchvision (docs/scale.md has the figures).
+    On ONNX Runtime (`featurize.engine`, `backbone.pick_engine`) the body is exported first and every image
+    runs through that very graph, the one `model.onnx` serves; the check then holds torch against it. The
+    export changes exactly when the features do, and in this process it costs no second import of torch and
+    torchvision (docs/scale.md has the figures).
     """
     resolve_weights(model_name, None)  # a bad name fails before any work
     spec, transform = load_spec(spec_path), load_transform(transform_path)
     me = distributed.current()
     dev, dtype = _setup(device, precision, me)
+    runner = pick_engine(engine, precision, dev)
+    graph = None
     try:
         if me.leader:
             write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size,
                                                   transform["crop_size"]))
         body = pretrained_body(model_name, pretrained_path, len(spec["classes"]))
-        job = Pass(torch_engine(body.module, dev, dtype), dev, body.cols, Path(spec["root"]), transform, batch_size, me)
+        if runner == "onnxruntime":
+            graph = _shared_graph(body.module, transform["crop_size"], model_name, me)
+            run = onnx_engine(graph, max(1, cpu_count() // me.local_world))
+        else:
+            run = torch_engine(body.module, dev, dtype)
+        job = Pass(run, dev, body.cols, Path(spec["root"]), transform, batch_size, me)
         # the splits and the images that did not decode are filled in once every row is written
         header = FeatureIndex(model_name, body.head, body.cols, body.backbone_params, spec["classes"], spec["root"],
-                              precision, splits={}, skipped_corrupt=[])
+                              precision, runner, splits={}, skipped_corrupt=[])
         write = _write_alone if me.world == 1 else _write_ranked
         index = write(job, spec, out_dir, skip_corrupt, header)
     finally:
@@ -92,8 +101,16 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
     if onnx_out is not None and check_dir is not None and me.leader:
         reuse = dev.type == "cpu" and dtype is None  # the same BN-folded module, still on the CPU
         export_backbone(pretrained_path, transform_path, out_dir, model_name=model_name, onnx_out=onnx_out,
-                        check_dir=check_dir, body=body.module if reuse else None)
+                        check_dir=check_dir, body=body.module if reuse else None, graph=graph)
     return index
+
+
+def _shared_graph(body: torch.nn.Module, crop: int, name: str, me: distributed.Rank) -> bytes:
+    """The body's ONNX graph for ONNX Runtime: exported once, by rank 0, and handed to every rank."""
+    graph = [export_timed(body, crop, name) if me.leader else None]
+    if me.world > 1:
+        torch.distributed.broadcast_object_list(graph, src=0)
+    return graph[0]
 
 
 def _setup(device: str, precision: str, me: distributed.Rank) -> tuple[torch.device, torch.dtype | None]:

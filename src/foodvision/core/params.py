@@ -20,6 +20,7 @@ import yaml
 
 from foodvision.core.errors import FoodVisionError, shown
 
+ENGINES = ("auto", "torch", "onnxruntime")  # featurize.engine
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of these, plus auto
 MOVED = {"train.device": "device"}  # keys of older params.yaml files, and where they went
@@ -94,10 +95,13 @@ class FeaturizeParams:
     batch_size: int
     processes: int  # > 1: torchrun, one rank each (byte-identical outputs, so not a DVC param dep)
     precision: str
+    engine: str  # what runs the frozen body: `auto` picks by a fixed rule per device and precision
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ParamsError(f"featurize.precision must be fp32, bf16 or fp16, got {shown(self.precision)}")
+        if self.engine not in ENGINES:
+            raise ParamsError(f"featurize.engine must be one of {', '.join(ENGINES)}, got {shown(self.engine)}")
         _check_count(self.batch_size, "featurize.batch_size", MAX_IMAGE_BATCH, "images per forward pass")
         _check_count(self.processes, "featurize.processes", MAX_PROCESSES, "ranks on this machine")
 
