@@ -38,7 +38,7 @@ def copied_features(trained, tmp_path: Path) -> Path:
     return features
 
 
-def test_every_check_agrees_and_the_metrics_say_so(exported):
+def test_every_check_agrees_and_the_metrics_say_so(exported, trained):
     out, figures = exported
     written = json.loads((out / "export.json").read_text())
     assert written == figures
@@ -48,14 +48,29 @@ def test_every_check_agrees_and_the_metrics_say_so(exported):
     assert written["sample_max_abs_diff"] <= 1e-4 and written["backbone_max_abs_diff"] <= 1e-4
     assert written["max_rel_diff"] <= 1e-4
     assert written["opset"] == 18 and written["onnx_mb"] > 1
-    assert written["torch_reference"] == "stored features"
-    assert not (out / "check" / "reference.npy").exists(), "fp32 features are their own reference"
+    # the features came from ONNX Runtime (featurize.engine auto on a CPU): torch runs on the images beside them
+    assert written["torch_reference"] == "float32 backbone (features stored by ONNX Runtime)"
+    torchs, stored = np.load(out / "check" / "reference.npy"), np.load(trained.features / "test.npy")
+    assert torchs.shape == stored.shape == (6, 1280) and np.abs(torchs - stored).max() <= 1e-4
 
 
 def test_the_backbone_check_keeps_onnx_runtimes_features_of_every_test_image(exported, trained):
     out, _ = exported
     ours, theirs = np.load(out / "check" / "test.npy"), np.load(trained.features / "test.npy")
-    assert ours.shape == theirs.shape == (6, 1280) and np.abs(ours - theirs).max() <= 1e-4
+    assert ours.shape == theirs.shape == (6, 1280) and np.array_equal(ours, theirs), "the stored rows are its own"
+
+
+def test_after_a_torch_featurize_the_stored_features_are_torchs_side(trained, tmp_path):
+    """featurize.engine torch in fp32: ONNX Runtime runs on the decoded test images against the stored rows."""
+    features = copied_features(trained, tmp_path)
+    index = json.loads((features / "index.json").read_text())
+    index["engine"] = "torch"
+    (features / "index.json").write_text(json.dumps(index))
+    figures = export_both(trained, features, tmp_path)
+    assert figures["torch_reference"] == "stored features"
+    assert not (tmp_path / "check" / "reference.npy").exists(), "fp32 torch features are their own reference"
+    ours = np.load(tmp_path / "check" / "test.npy")
+    assert np.abs(ours - np.load(features / "test.npy")).max() <= 1e-4 and figures["argmax_agreement"] == 1.0
 
 
 def test_the_sample_is_fixed_and_spread_over_the_split():
@@ -68,7 +83,7 @@ def test_the_sample_is_fixed_and_spread_over_the_split():
 def test_after_a_lower_precision_featurize_a_float32_backbone_is_the_reference(trained, tmp_path):
     features = copied_features(trained, tmp_path)
     index = json.loads((features / "index.json").read_text())
-    index["precision"] = "bf16"  # the stored features are no longer what the backbone computes in float32
+    index["precision"], index["engine"] = "bf16", "torch"  # no longer what the backbone computes in float32
     (features / "index.json").write_text(json.dumps(index))
     figures = export_both(trained, features, tmp_path)
     assert figures["torch_reference"].startswith("float32 backbone")
