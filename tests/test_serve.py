@@ -265,8 +265,10 @@ def test_a_chunked_upload_is_cut_off_at_the_limit_not_stored(server):
         answer = requests.post(f"{server}/api/predict", data=body(), timeout=60,
                                headers={"Content-Type": "multipart/form-data; boundary=b"})
         assert answer.status_code == 413 and "over 20 MB" in answer.json()["error"]
-    except requests.ConnectionError:
-        pass  # the server answered 413 and closed while the client was still sending: as good
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+        # the server answered 413 and closed while the client was still sending: as good. The close can reset
+        # the connection before the client has read all of the answer (a loaded machine): the same outcome
+        pass
     assert len(sent) < 100, "the server read far past its limit"
     assert post(server, jpeg("pizza", 1)).status_code == 200, "still serving"
 

@@ -1,0 +1,150 @@
+"""Engines benchmark: what runs the frozen backbone fastest here, and whether `featurize` keeps up with it.
+
+    python benchmarks/engines.py [--n 3000] [--model efficientnet_lite0] [--rounds 5]
+
+In one run, on this machine: each engine's bare forward of the backbone (the same random batch of 32,
+alternated rounds, medians): torch fp32 (the BN-folded channels-last body), ONNX Runtime fp32 on the
+exported graph, and torch bf16 autocast where the CPU has AVX-512-BF16 or AMX; decoding (Pillow with
+JPEG draft, then the eval transform) in images/s on one core; then the `featurize` stage as its own
+process on N real photos (as `scale.py` makes them) with `featurize.engine` torch and onnxruntime: the
+feature pass's images/s against the fastest bare forward, the whole stage's seconds and peak RSS, the
+largest difference between the two engines' features, and the test accuracy the head reaches on each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import ENV, cpu_name, make_dataset, make_project, peak_of, photo_pool  # noqa: E402
+
+FORWARD = """
+import json, statistics, sys, time, torch
+from foodvision.backbone import onnx_engine, pretrained_body, torch_engine
+from foodvision.core.device import cpu_count, cpu_flags
+from foodvision.export_backbone import onnx_bytes
+body = pretrained_body(sys.argv[1], sys.argv[2], 3).module
+rounds, cpu = int(sys.argv[3]), torch.device("cpu")
+torch.manual_seed(0)
+x = torch.randn(32, 3, 224, 224)
+engines = {"torch fp32": torch_engine(body, cpu),
+           "onnxruntime fp32": onnx_engine(onnx_bytes(body.to(memory_format=torch.contiguous_format), 224,
+                                                     "features"), cpu_count())}
+body.to(memory_format=torch.channels_last)
+if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    engines["torch bf16"] = torch_engine(body, cpu, torch.bfloat16)
+times = {name: [] for name in engines}
+with torch.inference_mode():
+    for run in engines.values():
+        run(x)  # warm up
+    for _ in range(rounds):
+        for name, run in engines.items():
+            start = time.perf_counter()
+            run(x)
+            times[name].append(time.perf_counter() - start)
+print(json.dumps({name: 32 / statistics.median(t) for name, t in times.items()}))
+"""
+
+DECODE = """
+import json, sys, time, torch
+from foodvision.data import build_transform
+from foodvision.images import open_rgb
+torch.set_num_threads(1)
+transform = json.loads(open(sys.argv[1]).read())
+paths = sys.argv[2:]
+tf = build_transform(transform)
+start = time.perf_counter()
+for p in paths:
+    tf(open_rgb(open(p, "rb"), transform["resize_size"]))
+print(len(paths) / (time.perf_counter() - start))
+"""
+
+
+def bare_forwards(model: str, pretrained: Path, rounds: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", FORWARD, model, str(pretrained), str(rounds)], env=ENV,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def decode_per_core(transform: Path, photos: list[Path]) -> float:
+    out = subprocess.run([sys.executable, "-c", DECODE, str(transform), *map(str, photos)], env=ENV,
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def set_engine(project: Path, engine: str) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["featurize"]["engine"] = engine
+    params["train"]["epochs"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def featurize_run(project: Path, n: int) -> dict[str, float]:
+    """The featurize stage as its own process, then train and evaluate: its figures and the head's accuracy."""
+    seconds, peak, out = peak_of([sys.executable, "stages/featurize.py"], project)
+    found = re.findall(r"^featurize \w+: (\d+) images in ([\d.]+) s", out, re.M)
+    pass_s = sum(float(s) for _, s in found)
+    for stage in ("train", "evaluate"):
+        peak_of([sys.executable, f"stages/{stage}.py"], project)
+    accuracy = json.loads((project / "metrics/eval.json").read_text())["accuracy"]
+    return {"pass_images_s": n / pass_s, "stage_s": seconds, "stage_images_s": n / seconds, "peak_mb": peak,
+            "accuracy": accuracy}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; backbone {args.model}; {args.n} photos", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pool = photo_pool(work)
+        first = make_project(work / "pretrained", args.model, None)
+        subprocess.run([sys.executable, "stages/pretrained.py"], cwd=first, env=ENV, check=True, capture_output=True)
+        pretrained = first / "models" / "pretrained"
+        bare = bare_forwards(args.model, pretrained / "backbone.pth", args.rounds)
+        for name, speed in bare.items():
+            print(f"bare forward, {name}: {speed:.1f} images/s (batch 32, median of {args.rounds})", flush=True)
+        photos = [p for ps in pool.values() for p in ps][:300]
+        decode = decode_per_core(pretrained / "transform.json", photos)
+        print(f"decode + eval transform: {decode:.1f} images/s on one core ({len(photos)} photos)", flush=True)
+        archive = make_dataset(work / "raw.zip", args.n, pool)
+        runs, features = {}, {}
+        for engine in ("torch", "onnxruntime"):
+            project = make_project(work / engine, args.model, archive)
+            shutil.copytree(pretrained, project / "models" / "pretrained")
+            set_engine(project, engine)
+            peak_of([sys.executable, "stages/prepare.py"], project)
+            runs[engine] = featurize_run(project, args.n)
+            features[engine] = {s: np.load(project / "data/features" / f"{s}.npy") for s in ("train", "test")}
+            r = runs[engine]
+            print(f"featurize, engine {engine}: pass {r['pass_images_s']:.1f} images/s; stage {r['stage_s']:.1f} s "
+                  f"({r['stage_images_s']:.1f} images/s, export and check included), peak {r['peak_mb']:.0f} MB; "
+                  f"test accuracy {r['accuracy']:.4f}", flush=True)
+    fastest = max(bare.values())
+    ours = runs["onnxruntime"]
+    diff = max(float(np.abs(features["torch"][s] - features["onnxruntime"][s]).max()) for s in ("train", "test"))
+    scale = max(float(np.abs(features["torch"][s]).max()) for s in ("train", "test"))
+    print(f"\nfeature pass on onnxruntime: {ours['pass_images_s'] / fastest:.2f}x the fastest bare forward "
+          f"({fastest:.1f} images/s); {ours['pass_images_s'] / runs['torch']['pass_images_s']:.2f}x torch's pass; "
+          f"whole stage {runs['torch']['stage_s'] / ours['stage_s']:.2f}x faster than on torch")
+    print(f"features, onnxruntime against torch: max |difference| {diff:.3g} (largest |feature| {scale:.3g}); "
+          f"test accuracy {ours['accuracy']:.4f} against {runs['torch']['accuracy']:.4f}")
+    print(f"decoding at the pass's speed takes {ours['pass_images_s'] / decode:.2f} of one core")
+
+
+if __name__ == "__main__":
+    main()
