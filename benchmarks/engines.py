@@ -39,9 +39,7 @@ rounds, cpu = int(sys.argv[3]), torch.device("cpu")
 torch.manual_seed(0)
 x = torch.randn(32, 3, 224, 224)
 engines = {"torch fp32": torch_engine(body, cpu),
-           "onnxruntime fp32": onnx_engine(onnx_bytes(body.to(memory_format=torch.contiguous_format), 224,
-                                                     "features"), cpu_count())}
-body.to(memory_format=torch.channels_last)
+           "onnxruntime fp32": onnx_engine(onnx_bytes(body, 224, "features"), cpu_count())}
 if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
     engines["torch bf16"] = torch_engine(body, cpu, torch.bfloat16)
 times = {name: [] for name in engines}

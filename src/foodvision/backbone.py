@@ -62,18 +62,15 @@ def checkpoint_body(model_path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return frozen_body(model, ckpt["head"]), ckpt
 
 
-def torch_engine(body: nn.Module, device: torch.device, dtype: torch.dtype | None = None,
-                 memory_format: torch.memory_format = torch.channels_last) -> Engine:
-    """`body` on `device`, under autocast at `dtype` when given; rows come back as float32 on the CPU.
-
-    Images go in channels-last, as the folded body's weights are; the ONNX check runs the body as exported
-    (contiguous) on contiguous images instead."""
+def torch_engine(body: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> Engine:
+    """`body` on `device`, under autocast at `dtype` when given; rows come back as float32 on the CPU. Images go
+    in channels-last, as the folded body's weights are (contiguous ones ran it several times slower)."""
     module = body.to(device)
     if dtype is not None:
         module = Autocast(module, device.type, dtype)
 
     def run(images: torch.Tensor) -> np.ndarray:
-        return module(images.to(device, non_blocking=True, memory_format=memory_format)).float().cpu().numpy()
+        return module(images.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu().numpy()
 
     return run
 
@@ -99,6 +96,8 @@ def onnx_engine(graph: bytes, threads: int) -> Engine:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # no spinning: idle ONNX Runtime threads would busy-wait on the cores the decoding thread needs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     return lambda images: session.run(["features"], {"images": images.numpy()})[0]
 

@@ -68,7 +68,6 @@ def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path
     which it computed. torch's side is the stored features, or with `run_torch` the body itself on the same
     batches (features stored by ONNX Runtime or in lower precision; a fine-tuned backbone), kept as
     `reference.npy`."""
-    body = body.to(memory_format=torch.contiguous_format)  # as exported
     data = graph if graph is not None else export_timed(body, transform["crop_size"], index.model)
     with atomic_path(onnx_out) as tmp_onnx, atomic_dir(check_dir) as tmp_check:
         tmp_onnx.write_bytes(data)
@@ -102,7 +101,7 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
     torch notes on every node the Python stack that made it, absolute paths included (the checkout, the
     virtual environment, a home folder); those notes are dropped, so the file is the same wherever the
     project lies and tells nobody where that is. The rest of the node metadata (module names) stays."""
-    module = copy.deepcopy(module).eval()
+    module = copy.deepcopy(module).eval().to(memory_format=torch.contiguous_format)
     for layer in module.modules():
         if isinstance(getattr(layer, "inplace", None), bool):
             layer.inplace = False
@@ -135,9 +134,7 @@ def _compare(body: nn.Module | None, features_dir: Path, ort_side: Engine | None
     stored_rows = stored.batches(BATCH) if stored is not None else None
     ort_out = NpyWriter(check_dir / ORT_FEATURES, rows, cols)
     reference = NpyWriter(check_dir / REFERENCE, rows, cols) if body is not None else None
-    # the body as exported (contiguous), on the images as ONNX Runtime gets them
-    run_torch = (torch_engine(body, torch.device("cpu"), memory_format=torch.contiguous_format)
-                 if body is not None else None)
+    run_torch = torch_engine(body, torch.device("cpu")) if body is not None else None
     engine = _timed(ort_side if ort_side is not None else run_torch)  # the one that runs on the images first
     worst, seen = 0.0, 0
     for images, out, _ in image_features(loader, engine, "backbone check"):

@@ -95,6 +95,7 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
                               precision, runner, splits={}, skipped_corrupt=[])
         write = _write_alone if me.world == 1 else _write_ranked
         index = write(job, spec, out_dir, skip_corrupt, header)
+        del job, run  # ONNX Runtime's session and its memory go before the check loads torch's side
     finally:
         if me.world > 1:
             torch.distributed.destroy_process_group()
