@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -115,11 +116,16 @@ def test_bf16_features_stay_close_to_fp32_where_the_cpu_has_bf16(trained, tmp_pa
         pytest.skip("this CPU has no bf16 arithmetic (the stage refuses bf16 here, tested above)")
     featurize(trained.spec, trained.pretrained, trained.transform, tmp_path / "bf16", model_name="efficientnet_b0",
               batch_size=4, device="cpu", skip_corrupt=False, summary_out=tmp_path / "s.txt", precision="bf16",
-              engine="auto")
+              engine="auto", onnx_out=tmp_path / "backbone.onnx", check_dir=tmp_path / "check")
+    assert load_index(tmp_path / "bf16").engine == "openvino"
     fp32, bf16 = np.load(trained.features / "test.npy"), np.load(tmp_path / "bf16" / "test.npy")
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
     assert not np.array_equal(bf16, fp32)
     assert np.abs(bf16 - fp32).max() <= 0.1 * np.abs(fp32).max()
+    # the exported graph is still held to torch in float32 on every test image, whatever stored the features
+    check = json.loads((tmp_path / "check" / "check.json").read_text())
+    assert check["torch_reference"] == "float32 backbone (features stored by OpenVINO in bf16)"
+    assert check["backbone_max_abs_diff"] <= 1e-4 and (tmp_path / "check" / "reference.npy").exists()
 
 
 def test_the_engine_rule_is_fixed_per_device_and_precision():
@@ -130,10 +136,13 @@ def test_the_engine_rule_is_fixed_per_device_and_precision():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert pick_engine("auto", "fp32", cpu) == "onnxruntime"
-    assert pick_engine("auto", "bf16", cpu) == "torch"
-    assert pick_engine("auto", "fp32", cuda) == "torch" and pick_engine("torch", "fp32", cpu) == "torch"
+    assert pick_engine("auto", "bf16", cpu) == "openvino"
+    assert pick_engine("auto", "fp32", cuda) == pick_engine("auto", "bf16", cuda) == "torch"
+    assert pick_engine("torch", "fp32", cpu) == "torch" and pick_engine("openvino", "fp32", cpu) == "openvino"
     with pytest.raises(ModelError, match=r"^featurize.engine onnxruntime runs fp32 on the CPU only, not bf16 on cpu"):
         pick_engine("onnxruntime", "bf16", cpu)
+    with pytest.raises(ModelError, match=r"^featurize.engine openvino runs on the CPU only, not cuda"):
+        pick_engine("openvino", "fp32", cuda)
 
 
 def test_onnx_runtime_features_are_the_exported_graphs_whatever_the_batch(trained, tmp_path):
@@ -155,3 +164,19 @@ def test_onnx_runtime_features_are_the_exported_graphs_whatever_the_batch(traine
     assert load_index(by_torch).engine == "torch"
     ours, torchs = np.load(trained.features / "test.npy"), np.load(by_torch / "test.npy")
     assert np.abs(ours - torchs).max() <= 1e-4 and np.abs(torchs).max() > 0
+
+
+def test_openvino_features_do_not_depend_on_the_batch_and_stay_close_to_onnx_runtimes(trained, tmp_path):
+    from foodvision.featurize import featurize
+
+    pytest.importorskip("openvino", reason="OpenVINO installs on x86 machines only")
+    runs = []
+    for batch_size in (4, 5):
+        featurize(trained.spec, trained.pretrained, trained.transform, tmp_path / str(batch_size),
+                  model_name="efficientnet_b0", batch_size=batch_size, device="cpu", skip_corrupt=False,
+                  summary_out=tmp_path / "s.txt", precision="fp32", engine="openvino")
+        runs.append({s: (tmp_path / str(batch_size) / f"{s}.npy").read_bytes() for s in ("train", "test")})
+    assert runs[0] == runs[1], "another batch size, the same bytes"
+    assert load_index(tmp_path / "4").engine == "openvino"
+    ours, ort = np.load(tmp_path / "4" / "test.npy"), np.load(trained.features / "test.npy")
+    assert np.abs(ours - ort).max() <= 1e-4

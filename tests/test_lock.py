@@ -83,6 +83,8 @@ def test_the_lock_pins_every_dependency_with_hashes():
         assert not twice, f"{platform}, Python {python}: two pins of {twice} apply at once"
         version = {pin.name: pin.version for pin in chosen}
         for requirement in wanted:
+            if requirement.marker and not requirement.marker.evaluate(environment(PLATFORMS[platform], python)):
+                continue  # pyproject.toml asks for it elsewhere only (openvino: x86 machines)
             name = canonicalize_name(requirement.name)
             assert name in version, f"{name} is not pinned for {platform}, Python {python} in requirements.lock"
             assert requirement.specifier.contains(version[name], prereleases=True), (

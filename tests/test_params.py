@@ -47,7 +47,7 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
         (lambda p: p["featurize"].update(processes=0), "featurize.processes must be a positive integer"),
         (lambda p: p["featurize"].update(precision="int8"), "featurize.precision must be fp32, bf16 or fp16, got 'int8'"),
         (lambda p: p["featurize"].update(engine="onnx"),
-         "featurize.engine must be one of auto, torch, onnxruntime, got 'onnx'"),
+         "featurize.engine must be one of auto, torch, onnxruntime, openvino, got 'onnx'"),
         (lambda p: p["model"].update(dropout=1.0), "model.dropout must be in [0, 1)"),
         (lambda p: p["data"].update(sha256="abc"), "data.sha256 must be 64 hex digits"),
         (lambda p: p["data"].pop("url"), "missing key data.url"),

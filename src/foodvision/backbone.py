@@ -77,14 +77,20 @@ def torch_engine(body: nn.Module, device: torch.device, dtype: torch.dtype | Non
 
 def pick_engine(engine: str, precision: str, device: torch.device) -> str:
     """What runs the frozen body for `featurize.engine`: `auto` is a fixed rule, never a timing race, so the
-    same params give the same bytes on the same kind of machine. ONNX Runtime on a CPU in fp32 (it ran the
-    exported graph 2.2x faster than torch there, and it is the graph `model.onnx` serves: docs/scale.md);
-    torch for bf16/fp16 autocast and on GPUs."""
+    same params give the same bytes on the same kind of machine. On a CPU, ONNX Runtime in fp32 (2.6x torch
+    there, and the very graph `model.onnx` serves) and OpenVINO in bf16 (1.7x ONNX Runtime's fp32; torch's
+    autocast was slower than that): docs/scale.md. torch on GPUs. bf16 on a CPU is refused before this where
+    the CPU lacks AVX-512-BF16 and AMX (`precision.autocast_dtype`), so it only ever asks for x86 OpenVINO."""
     if engine == "auto":
-        return "onnxruntime" if device.type == "cpu" and precision == "fp32" else "torch"
+        if device.type != "cpu":
+            return "torch"
+        return "onnxruntime" if precision == "fp32" else "openvino"
     if engine == "onnxruntime" and (device.type != "cpu" or precision != "fp32"):
         raise ModelError(f"featurize.engine onnxruntime runs fp32 on the CPU only, not {precision} on "
                          f"{device.type}; use featurize.engine: auto or torch")
+    if engine == "openvino" and device.type != "cpu":
+        raise ModelError(f"featurize.engine openvino runs on the CPU only, not {device.type}; use featurize.engine: "
+                         "auto or torch")
     return engine
 
 
@@ -100,6 +106,21 @@ def onnx_engine(graph: bytes, threads: int) -> Engine:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     return lambda images: session.run(["features"], {"images": images.numpy()})[0]
+
+
+def openvino_engine(graph: bytes, threads: int, precision: str) -> Engine:
+    """OpenVINO's CPU plugin on the exported body, in f32 or bf16 (`INFERENCE_PRECISION_HINT`); like ONNX
+    Runtime, an image's features depend neither on its batch nor on the thread count (a test checks)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ModelError("featurize.engine openvino: OpenVINO is not installed (the lock installs it on x86 "
+                         "machines); use featurize.engine: torch") from None
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(graph), "CPU", {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    return lambda images: request.infer({0: images.numpy()})[0].copy()  # the request reuses its output buffer
 
 
 def image_features(loader: DataLoader, engine: Engine, desc: str) -> Iterator[tuple[torch.Tensor, np.ndarray, Any]]:

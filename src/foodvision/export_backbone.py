@@ -51,11 +51,12 @@ def export_backbone(pretrained_path: Path, transform_path: Path, features_dir: P
     if body is None:
         body = pretrained_body(model_name, pretrained_path, len(index.classes)).module
     by_onnx = index.engine == "onnxruntime"
-    torch_side = ("float32 backbone (features stored by ONNX Runtime)" if by_onnx
-                  else "float32 backbone (features stored in lower precision)")
+    stored = {"onnxruntime": "by ONNX Runtime", "openvino": f"by OpenVINO in {index.precision}"}.get(
+        index.engine, "in lower precision")
     return write_checked(body, load_transform(transform_path), features_dir, index, onnx_out=onnx_out,
-                         check_dir=check_dir, run_torch=by_onnx or index.precision != "fp32", torch_side=torch_side,
-                         graph=graph, stored_by_onnx=by_onnx)
+                         check_dir=check_dir, run_torch=index.engine != "torch" or index.precision != "fp32",
+                         torch_side=f"float32 backbone (features stored {stored})", graph=graph,
+                         stored_by_onnx=by_onnx)
 
 
 def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path, index: FeatureIndex, *,

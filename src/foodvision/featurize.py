@@ -21,7 +21,15 @@ import torch.distributed
 from PIL import Image
 
 from foodvision import distributed
-from foodvision.backbone import Engine, image_features, onnx_engine, pick_engine, pretrained_body, torch_engine
+from foodvision.backbone import (
+    Engine,
+    image_features,
+    onnx_engine,
+    openvino_engine,
+    pick_engine,
+    pretrained_body,
+    torch_engine,
+)
 from foodvision.core.device import cpu_count, decode_workers, pick_device
 from foodvision.core.errors import DatasetError, listed
 from foodvision.core.files import atomic_dir, write_text
@@ -84,18 +92,20 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
             write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size,
                                                   transform["crop_size"]))
         body = pretrained_body(model_name, pretrained_path, len(spec["classes"]))
-        if runner == "onnxruntime":
-            graph = _shared_graph(body.module, transform["crop_size"], model_name, me)
-            run = onnx_engine(graph, max(1, cpu_count() // me.local_world))
-        else:
+        if runner == "torch":
             run = torch_engine(body.module, dev, dtype)
+        else:
+            graph = _shared_graph(body.module, transform["crop_size"], model_name, me)
+            threads = max(1, cpu_count() // me.local_world)
+            run = (onnx_engine(graph, threads) if runner == "onnxruntime"
+                   else openvino_engine(graph, threads, precision))
         job = Pass(run, dev, body.cols, Path(spec["root"]), transform, batch_size, me)
         # the splits and the images that did not decode are filled in once every row is written
         header = FeatureIndex(model_name, body.head, body.cols, body.backbone_params, spec["classes"], spec["root"],
                               precision, runner, splits={}, skipped_corrupt=[])
         write = _write_alone if me.world == 1 else _write_ranked
         index = write(job, spec, out_dir, skip_corrupt, header)
-        del job, run  # ONNX Runtime's session and its memory go before the check loads torch's side
+        del job, run  # the engine and its memory go before the check loads torch's side
     finally:
         if me.world > 1:
             torch.distributed.destroy_process_group()

@@ -20,7 +20,7 @@ import yaml
 
 from foodvision.core.errors import FoodVisionError, shown
 
-ENGINES = ("auto", "torch", "onnxruntime")  # featurize.engine
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")  # featurize.engine
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of these, plus auto
 MOVED = {"train.device": "device"}  # keys of older params.yaml files, and where they went
