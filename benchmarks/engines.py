@@ -3,12 +3,13 @@
     python benchmarks/engines.py [--n 3000] [--model efficientnet_lite0] [--rounds 5]
 
 In one run, on this machine: each engine's bare forward of the backbone (the same random batch of 32,
-alternated rounds, medians): torch fp32 (the BN-folded channels-last body), ONNX Runtime fp32 on the
-exported graph, and torch bf16 autocast where the CPU has AVX-512-BF16 or AMX; decoding (Pillow with
-JPEG draft, then the eval transform) in images/s on one core; then the `featurize` stage as its own
-process on N real photos (as `scale.py` makes them) with `featurize.engine` torch and onnxruntime: the
-feature pass's images/s against the fastest bare forward, the whole stage's seconds and peak RSS, the
-largest difference between the two engines' features, and the test accuracy the head reaches on each.
+alternated rounds, medians): torch fp32 (the BN-folded channels-last body), ONNX Runtime and OpenVINO
+fp32 on the exported graph, and torch autocast and OpenVINO in bf16 where the CPU has AVX-512-BF16 or
+AMX; decoding (Pillow with JPEG draft, then the eval transform) in images/s on one core; then the
+`featurize` stage as its own process on N real photos (as `scale.py` makes them) for each engine and
+precision: the feature pass's images/s against the fastest bare forward in that precision, the whole
+stage's seconds and peak RSS, the largest difference from torch fp32's features, and the test accuracy
+the head reaches on each.
 """
 
 from __future__ import annotations
@@ -31,17 +32,19 @@ from scale import ENV, cpu_name, make_dataset, make_project, peak_of, photo_pool
 
 FORWARD = """
 import json, statistics, sys, time, torch
-from foodvision.backbone import onnx_engine, pretrained_body, torch_engine
+from foodvision.backbone import onnx_engine, openvino_engine, pretrained_body, torch_engine
 from foodvision.core.device import cpu_count, cpu_flags
 from foodvision.export_backbone import onnx_bytes
 body = pretrained_body(sys.argv[1], sys.argv[2], 3).module
 rounds, cpu = int(sys.argv[3]), torch.device("cpu")
 torch.manual_seed(0)
 x = torch.randn(32, 3, 224, 224)
-engines = {"torch fp32": torch_engine(body, cpu),
-           "onnxruntime fp32": onnx_engine(onnx_bytes(body, 224, "features"), cpu_count())}
+graph = onnx_bytes(body, 224, "features")
+engines = {"torch fp32": torch_engine(body, cpu), "onnxruntime fp32": onnx_engine(graph, cpu_count()),
+           "openvino fp32": openvino_engine(graph, cpu_count(), "fp32")}
 if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
     engines["torch bf16"] = torch_engine(body, cpu, torch.bfloat16)
+    engines["openvino bf16"] = openvino_engine(graph, cpu_count(), "bf16")
 times = {name: [] for name in engines}
 with torch.inference_mode():
     for run in engines.values():
@@ -81,9 +84,9 @@ def decode_per_core(transform: Path, photos: list[Path]) -> float:
     return float(out.stdout.split()[-1])
 
 
-def set_engine(project: Path, engine: str) -> None:
+def set_engine(project: Path, engine: str, precision: str) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["featurize"]["engine"] = engine
+    params["featurize"]["engine"], params["featurize"]["precision"] = engine, precision
     params["train"]["epochs"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -121,28 +124,36 @@ def main() -> None:
         print(f"decode + eval transform: {decode:.1f} images/s on one core ({len(photos)} photos)", flush=True)
         archive = make_dataset(work / "raw.zip", args.n, pool)
         runs, features = {}, {}
-        for engine in ("torch", "onnxruntime"):
-            project = make_project(work / engine, args.model, archive)
+        configs = [("torch", "fp32"), ("onnxruntime", "fp32")]
+        if "openvino bf16" in bare:
+            configs += [("torch", "bf16"), ("openvino", "bf16")]
+        for engine, precision in configs:
+            name = f"{engine} {precision}"
+            project = make_project(work / name.replace(" ", "-"), args.model, archive)
             shutil.copytree(pretrained, project / "models" / "pretrained")
-            set_engine(project, engine)
+            set_engine(project, engine, precision)
             peak_of([sys.executable, "stages/prepare.py"], project)
-            runs[engine] = featurize_run(project, args.n)
-            features[engine] = {s: np.load(project / "data/features" / f"{s}.npy") for s in ("train", "test")}
-            r = runs[engine]
-            print(f"featurize, engine {engine}: pass {r['pass_images_s']:.1f} images/s; stage {r['stage_s']:.1f} s "
+            runs[name] = featurize_run(project, args.n)
+            features[name] = {s: np.load(project / "data/features" / f"{s}.npy") for s in ("train", "test")}
+            shutil.rmtree(project)
+            r = runs[name]
+            print(f"featurize, {name}: pass {r['pass_images_s']:.1f} images/s; stage {r['stage_s']:.1f} s "
                   f"({r['stage_images_s']:.1f} images/s, export and check included), peak {r['peak_mb']:.0f} MB; "
                   f"test accuracy {r['accuracy']:.4f}", flush=True)
-    fastest = max(bare.values())
-    ours = runs["onnxruntime"]
-    diff = max(float(np.abs(features["torch"][s] - features["onnxruntime"][s]).max()) for s in ("train", "test"))
-    scale = max(float(np.abs(features["torch"][s]).max()) for s in ("train", "test"))
-    print(f"\nfeature pass on onnxruntime: {ours['pass_images_s'] / fastest:.2f}x the fastest bare forward "
-          f"({fastest:.1f} images/s); {ours['pass_images_s'] / runs['torch']['pass_images_s']:.2f}x torch's pass; "
-          f"whole stage {runs['torch']['stage_s'] / ours['stage_s']:.2f}x faster than on torch")
-    print(f"features, onnxruntime against torch: max |difference| {diff:.3g} (largest |feature| {scale:.3g}); "
-          f"test accuracy {ours['accuracy']:.4f} against {runs['torch']['accuracy']:.4f}")
-    print(f"decoding at the pass's speed takes {ours['pass_images_s'] / decode:.2f} of one core")
-
+    fp32 = {k: v for k, v in bare.items() if k.endswith("fp32")}
+    for name, r in runs.items():
+        same = {k: v for k, v in bare.items() if k.endswith(name.split()[1])}
+        best = max(same, key=same.get)
+        diff = max(float(np.abs(features[name][s] - features["torch fp32"][s]).max()) for s in ("train", "test"))
+        print(f"{name}: pass {r['pass_images_s'] / same[best]:.2f}x the fastest bare forward in its precision "
+              f"({best}); "
+              f"{r['pass_images_s'] / runs['torch fp32']['pass_images_s']:.2f}x torch fp32's pass, whole stage "
+              f"{runs['torch fp32']['stage_s'] / r['stage_s']:.2f}x faster; features against torch fp32's: max "
+              f"|difference| {diff:.3g}; test accuracy {r['accuracy']:.4f}")
+    scale = max(float(np.abs(features["torch fp32"][s]).max()) for s in ("train", "test"))
+    print(f"(largest |feature| {scale:.3g}; fastest fp32 bare forward {max(fp32.values()):.1f} images/s)")
+    ours = runs["onnxruntime fp32"]
+    print(f"decoding at onnxruntime fp32's pass speed takes {ours['pass_images_s'] / decode:.2f} of one core")
 
 if __name__ == "__main__":
     main()
