@@ -5,9 +5,9 @@
 In one run, on this machine: each engine's bare forward of the backbone (the same random batch of 32,
 alternated rounds, medians): torch fp32 (the BN-folded channels-last body), ONNX Runtime and OpenVINO
 fp32 on the exported graph, and torch autocast and OpenVINO in bf16 where the CPU has AVX-512-BF16 or
-AMX; decoding (Pillow with JPEG draft, then the eval transform) in images/s on one core; then the
-`featurize` stage as its own process on N real photos (as `scale.py` makes them) for each engine and
-precision: the feature pass's images/s against the fastest bare forward in that precision, the whole
+AMX; decoding (Pillow with JPEG draft) and the eval transform (torchvision's preset and ours, the same
+bytes) in ms per photo on one core; then the `featurize` stage as its own process on N real photos (as
+`scale.py` makes them) for each engine and precision: the feature pass's images/s against the fastest bare forward in that precision, the whole
 stage's seconds and peak RSS, the largest difference from torch fp32's features, and the test accuracy
 the head reaches on each.
 """
@@ -58,17 +58,26 @@ print(json.dumps({name: 32 / statistics.median(t) for name, t in times.items()})
 """
 
 DECODE = """
-import json, sys, time, torch
-from foodvision.data import build_transform
+import json, statistics, sys, time, torch
+from foodvision.data import EvalTransform, build_transform
 from foodvision.images import open_rgb
 torch.set_num_threads(1)
 transform = json.loads(open(sys.argv[1]).read())
 paths = sys.argv[2:]
-tf = build_transform(transform)
-start = time.perf_counter()
-for p in paths:
-    tf(open_rgb(open(p, "rb"), transform["resize_size"]))
-print(len(paths) / (time.perf_counter() - start))
+blobs = [open(p, "rb").read() for p in paths]
+import io
+images = [open_rgb(io.BytesIO(b), transform["resize_size"]) for b in blobs]
+steps = {"decode": lambda i: open_rgb(io.BytesIO(blobs[i]), transform["resize_size"]),
+         "torchvision": lambda i: build_transform(transform)(images[i]),
+         "EvalTransform": lambda i: EvalTransform(transform)(images[i])}
+times = {name: [] for name in steps}
+for _ in range(3):
+    for name, step in steps.items():
+        start = time.perf_counter()
+        for i in range(len(blobs)):
+            step(i)
+        times[name].append((time.perf_counter() - start) / len(blobs) * 1e3)
+print(json.dumps({name: statistics.median(t) for name, t in times.items()}))
 """
 
 
@@ -78,10 +87,11 @@ def bare_forwards(model: str, pretrained: Path, rounds: int) -> dict[str, float]
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def decode_per_core(transform: Path, photos: list[Path]) -> float:
+def decode_per_core(transform: Path, photos: list[Path]) -> dict[str, float]:
+    """Milliseconds per photo on one core: decoding, then each eval transform on the decoded image."""
     out = subprocess.run([sys.executable, "-c", DECODE, str(transform), *map(str, photos)], env=ENV,
                          capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def set_engine(project: Path, engine: str, precision: str) -> None:
@@ -120,8 +130,11 @@ def main() -> None:
         for name, speed in bare.items():
             print(f"bare forward, {name}: {speed:.1f} images/s (batch 32, median of {args.rounds})", flush=True)
         photos = [p for ps in pool.values() for p in ps][:300]
-        decode = decode_per_core(pretrained / "transform.json", photos)
-        print(f"decode + eval transform: {decode:.1f} images/s on one core ({len(photos)} photos)", flush=True)
+        ms = decode_per_core(pretrained / "transform.json", photos)
+        decode = 1e3 / (ms["decode"] + ms["EvalTransform"])
+        print(f"on one core, per photo ({len(photos)} photos, medians of 3): decode {ms['decode']:.2f} ms, "
+              f"torchvision's eval preset {ms['torchvision']:.2f} ms, EvalTransform (the same bytes) "
+              f"{ms['EvalTransform']:.2f} ms: {decode:.1f} images/s decoded per core", flush=True)
         archive = make_dataset(work / "raw.zip", args.n, pool)
         runs, features = {}, {}
         configs = [("torch", "fp32"), ("onnxruntime", "fp32")]

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from foodvision.core.device import decode_workers
-from foodvision.data import prefetched
+from foodvision.data import EvalTransform, build_transform, make_loader, prefetched, threaded
 from foodvision.features import FeatureFile, NpyWriter, load_index
+from foodvision.images import open_rgb
 
 
 def test_feature_files_are_plain_npy_in_the_specs_order(trained):
@@ -71,6 +75,52 @@ def test_the_decode_thread_hands_on_errors_and_stops_with_its_consumer():
     assert next(endless) == 0
     endless.close()  # the consumer stops early: the producer thread ends too
     assert not [t for t in threading.enumerate() if t.name == "featurize-decode"]
+
+
+LITE0 = {"resize_size": 256, "crop_size": 224, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+         "antialias": True}
+IMAGENET = {"resize_size": 232, "crop_size": 224, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225], "antialias": True}
+
+
+@pytest.mark.parametrize("transform", [LITE0, IMAGENET], ids=["lite0", "imagenet"])
+def test_the_eval_transform_gives_torchvisions_bytes(transform):
+    rng = np.random.default_rng(0)
+    for size in [(512, 384), (384, 512), (300, 300), (641, 257), (225, 900)]:
+        smooth = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(smooth).resize(size, Image.Resampling.BILINEAR)
+        noisy = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        for im in (image, noisy):
+            ours, theirs = EvalTransform(transform)(im), build_transform(transform)(im)
+            assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), size
+
+
+def test_the_eval_transform_gives_torchvisions_bytes_on_real_photos(shared_data):
+    with zipfile.ZipFile(shared_data / "pizza_steak_sushi.zip") as z:
+        names = [n for n in sorted(z.namelist()) if n.endswith(".jpg")][::5]
+        for name in names:
+            im = open_rgb(io.BytesIO(z.read(name)), LITE0["resize_size"])
+            for transform in (LITE0, IMAGENET):
+                assert torch.equal(EvalTransform(transform)(im), build_transform(transform)(im)), name
+
+
+def test_threaded_decoding_keeps_the_loaders_order_and_its_errors():
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, i):
+            if i == 47:
+                raise OSError("member 47 unreadable")
+            return torch.full((2,), float(i)), i
+
+    loader = make_loader(Slow(), 8, shuffle=False, seed=0)
+    got = []
+    with pytest.raises(OSError, match="member 47"):
+        for images, labels in threaded(loader, 3):
+            got.append(labels.tolist())
+            assert images[:, 0].tolist() == labels.tolist()
+    assert [i for batch in got for i in batch] == list(range(40)), "in order, then the error"
 
 
 def test_decode_workers_fit_the_machine():

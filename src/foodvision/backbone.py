@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from foodvision.core.device import decode_workers
+from foodvision.core.device import cpu_count, decode_workers
 from foodvision.core.errors import ModelError
-from foodvision.data import build_transform, make_loader, prefetched, split_images
+from foodvision.data import EvalTransform, make_loader, prefetched, split_images, threaded
 from foodvision.features import FeatureIndex
 from foodvision.model import for_inference, load_checkpoint, load_pretrained, replace_head
 from foodvision.precision import Autocast
@@ -123,11 +123,13 @@ def openvino_engine(graph: bytes, threads: int, precision: str) -> Engine:
     return lambda images: request.infer({0: images.numpy()})[0].copy()  # the request reuses its output buffer
 
 
-def image_features(loader: DataLoader, engine: Engine, desc: str) -> Iterator[tuple[torch.Tensor, np.ndarray, Any]]:
+def image_features(loader: DataLoader, engine: Engine, desc: str,
+                   threads: int | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray, Any]]:
     """(images, features, the batch's second item) for each batch of `loader`, in its order.
 
-    Without DataLoader workers a thread decodes the next batch while this one runs (`data.prefetched`)."""
-    batches = loader if loader.num_workers else prefetched(loader)
+    Without DataLoader workers, each batch is decoded on `threads` threads (all the cores by default),
+    one batch ahead of the engine (`data.threaded`, `data.prefetched`)."""
+    batches = loader if loader.num_workers else prefetched(threaded(loader, threads or cpu_count()))
     with torch.inference_mode():
         for images, extra in tqdm(batches, desc=desc, total=len(loader), unit="batch", leave=False):
             yield images, engine(images), extra
@@ -136,7 +138,7 @@ def image_features(loader: DataLoader, engine: Engine, desc: str) -> Iterator[tu
 def split_features(body: nn.Module, index: FeatureIndex, split: str, transform: dict[str, Any],
                    device: torch.device, batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(features, labels) of a split's images through `body`, in the index's order, a batch at a time."""
-    dataset = split_images(index, split, build_transform(transform), transform["resize_size"])
+    dataset = split_images(index, split, EvalTransform(transform), transform["resize_size"])
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, workers=decode_workers(device.type))
     for _, features, labels in image_features(loader, torch_engine(body, device), f"{split} features"):
         yield features, labels.numpy()

@@ -27,7 +27,7 @@ from foodvision.backbone import Engine, image_features, onnx_engine, pretrained_
 from foodvision.core.device import cpu_count, decode_workers
 from foodvision.core.errors import ModelError
 from foodvision.core.files import atomic_dir, atomic_path, write_json
-from foodvision.data import build_transform, make_loader, split_images
+from foodvision.data import EvalTransform, make_loader, split_images
 from foodvision.features import FeatureIndex, NpyWriter, load_index, open_split
 from foodvision.onnx_check import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE
 from foodvision.spec import load_transform
@@ -127,7 +127,7 @@ def _compare(body: nn.Module | None, features_dir: Path, ort_side: Engine | None
         raise ModelError("the test split is empty: nothing to check the ONNX export on")
     if body is None and ort_side is None:
         raise ValueError("the check needs torch or ONNX Runtime to run on the images")
-    dataset = split_images(index, "test", build_transform(transform), transform["resize_size"])
+    dataset = split_images(index, "test", EvalTransform(transform), transform["resize_size"])
     # ONNX Runtime and torch run on the CPU here
     loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=decode_workers("cpu"))
     rows, cols = len(test.paths), index.feature_dim

@@ -3,8 +3,9 @@
 The backbone is frozen and in eval mode and the eval transform is deterministic, so an image's features
 never change while its head trains: computing them once here lets every head-only experiment (lr, epochs,
 dropout) and `evaluate` skip decoding and the backbone entirely. Batches are decoded (in DataLoader
-workers where there are spare cores), pushed through the BN-folded channels-last backbone and appended
-to the output file, so memory stays flat whatever the number of images.
+workers where there are spare cores, else on every core, a batch ahead), run through the frozen backbone
+on the engine `featurize.engine` picks and appended to the output file, so memory stays flat whatever
+the number of images.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from foodvision.backbone import (
 from foodvision.core.device import cpu_count, decode_workers, pick_device
 from foodvision.core.errors import DatasetError, listed
 from foodvision.core.files import atomic_dir, write_text
-from foodvision.data import ImageSamples, build_transform, make_loader
+from foodvision.data import EvalTransform, ImageSamples, make_loader
 from foodvision.export_backbone import export_backbone, export_timed
 from foodvision.features import FeatureFile, FeatureIndex, NpyWriter, SplitIndex, write_index
 from foodvision.images import open_rgb
@@ -52,7 +53,7 @@ class _Decoded(ImageSamples):
         try:
             return self.transform(open_rgb(self.store.open(rel), self.min_size)), True
         except DECODE_ERRORS:
-            crop = self.transform.crop_size[0]
+            crop = self.transform.crop_size
             return torch.zeros(3, crop, crop), False
 
 
@@ -196,15 +197,16 @@ def _stream_slice(job: Pass, samples: list[dict[str, Any]], split: str, dest: Pa
     """Featurise this rank's contiguous slice of `samples` into `dest`; return bad positions in `samples`."""
     me = job.me
     lo, hi = me.slice(len(samples), job.batch_size)
-    dataset = _Decoded(job.root, samples[lo:hi], build_transform(job.transform), job.transform["resize_size"])
+    dataset = _Decoded(job.root, samples[lo:hi], EvalTransform(job.transform), job.transform["resize_size"])
     workers = decode_workers(job.device.type, ranks_here=me.local_world)
+    threads = max(1, cpu_count() // me.local_world)
     loader = make_loader(dataset, job.batch_size, shuffle=False, seed=0, workers=workers)
     start = time.perf_counter()
-    bad = _stream(job.engine, loader, dest, hi - lo, job.cols, desc=split)
+    bad = _stream(job.engine, loader, dest, hi - lo, job.cols, desc=split, threads=threads)
     seconds = time.perf_counter() - start
     who = f"rank {me.rank}/{me.world}, " if me.world > 1 else ""
     print(f"featurize {split}: {hi - lo} images in {seconds:.1f} s ({(hi - lo) / max(seconds, 1e-9):.1f} images/s, "
-          f"{who}{workers} decode worker(s), {job.device})")
+          f"{who}{f'{workers} decode worker(s)' if workers else f'decoding on {threads} thread(s)'}, {job.device})")
     return [lo + i for i in bad]
 
 
@@ -240,11 +242,11 @@ def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, unit: int,
 
 
 def _stream(engine: Engine, loader: torch.utils.data.DataLoader, dest: Path, rows: int, cols: int,
-            desc: str) -> list[int]:
+            desc: str, threads: int) -> list[int]:
     """Append each batch's features to `dest` as it comes; return the positions of images that did not decode."""
     writer = NpyWriter(dest, rows, cols)
     bad, seen = [], 0
-    for _, features, ok in image_features(loader, engine, f"featurize {desc}"):
+    for _, features, ok in image_features(loader, engine, f"featurize {desc}", threads):
         writer.write(features)
         bad += [seen + j for j in (~ok).nonzero().flatten().tolist()]
         seen += len(ok)

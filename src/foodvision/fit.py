@@ -124,8 +124,8 @@ def fit_images(model: nn.Module, head: str, index: FeatureIndex, transform: dict
     Needed with `train.augment` (random crops change every epoch); without it, it is the reference
     that `fit_features` must match. `cut`: (train rows, validation rows) of the train split, with its `keeper`.
     """
-    from foodvision.data import augment_transform, build_transform
+    from foodvision.data import EvalTransform, augment_transform
 
-    train_tf = augment_transform(transform) if params.augment else build_transform(transform)
+    train_tf = augment_transform(transform) if params.augment else EvalTransform(transform)
     train_loader, held_out_loader = image_loaders(index, transform, train_tf, cut, params.batch_size, seed, device)
     return head_epochs(model, head, lambda: train_loader, lambda: held_out_loader, params, device, on_epoch, keeper)

@@ -142,14 +142,14 @@ def image_loaders(index: FeatureIndex, transform: dict[str, Any], train_tf: Call
     """The loops on images (`train.augment`, a fine-tune): the train images, less a validation cut, through
     `train_tf` in a seeded shuffle, and the held-out ones (the cut, else test) through the eval transform."""
     from foodvision.core.device import loader_workers
-    from foodvision.data import build_transform, make_loader, split_images
+    from foodvision.data import EvalTransform, make_loader, split_images
 
     workers = loader_workers(device.type)
     size = transform["resize_size"]
     train_rows, val_rows = cut if cut is not None else (None, None)
     train_images = split_images(index, "train", train_tf, size, train_rows)
-    held_out = (split_images(index, "test", build_transform(transform), size) if cut is None
-                else split_images(index, "train", build_transform(transform), size, val_rows))
+    held_out = (split_images(index, "test", EvalTransform(transform), size) if cut is None
+                else split_images(index, "train", EvalTransform(transform), size, val_rows))
     train_loader = make_loader(train_images, batch_size, shuffle=True, seed=seed, workers=workers)
     held_out_loader = make_loader(held_out, batch_size, shuffle=False, seed=seed, workers=workers)
     return train_loader, held_out_loader

@@ -79,9 +79,9 @@ def decode_workers(device_type: str, cpus: int | None = None, ranks_here: int = 
     """DataLoader worker processes that decode while the backbone runs.
 
     On a GPU the CPU only decodes: use the cores (up to 8 per process). On a CPU the backbone already
-    uses every core; one worker process pays once there are 4 cores or more to share. Below that, a
-    thread decodes the next batch instead (`data.prefetched`), which measured faster than a worker process
-    on 2 cores (docs/scale.md). `ranks_here` processes on this node share its cores.
+    uses every core; one worker process pays once there are 4 cores or more to share. Below that, the
+    next batch is decoded on threads instead (`data.threaded`), which measured faster than a worker
+    process on 2 cores (docs/scale.md). `ranks_here` processes on this node share its cores.
     """
     cpus = max(1, (cpus or cpu_count()) // ranks_here)
     if device_type != "cpu":
