@@ -212,12 +212,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, server_url: str, dataset_z
 @pytest.fixture(scope="session")
 def exported(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The trained fixture's model exported in two parts, as the stages do: a folder with backbone.onnx and the
-    check folder (export_backbone), model.onnx and export.json (export); returns it and export's figures."""
+    check folder (featurize.check_backbone), model.onnx and export.json (export); returns it and export's figures."""
     from foodvision.export import export
-    from foodvision.export_backbone import export_backbone
+    from foodvision.featurize import check_backbone
 
     out = tmp_path_factory.mktemp("export")
-    export_backbone(trained.pretrained, trained.transform, trained.features, model_name="efficientnet_b0",
+    check_backbone(trained.pretrained, trained.transform, trained.features, model_name="efficientnet_b0",
                     onnx_out=out / "backbone.onnx", check_dir=out / "check")
     return out, export(trained.model, trained.features, out / "backbone.onnx", out / "check",
                        onnx_out=out / "model.onnx", metrics_out=out / "export.json")

@@ -19,15 +19,15 @@ import torch
 from foodvision.core.errors import FoodVisionError, ModelError
 from foodvision.data import build_transform
 from foodvision.export import export, sample_rows
-from foodvision.export_backbone import export_backbone
+from foodvision.featurize import check_backbone
 from foodvision.images import open_rgb
 from foodvision.model import load_checkpoint
 from foodvision.store import ImageStore
 
 
 def export_both(trained, features: Path, out: Path, model: Path | None = None) -> dict:
-    export_backbone(trained.pretrained, trained.transform, features, model_name="efficientnet_b0",
-                    onnx_out=out / "backbone.onnx", check_dir=out / "check")
+    check_backbone(trained.pretrained, trained.transform, features, model_name="efficientnet_b0",
+                   onnx_out=out / "backbone.onnx", check_dir=out / "check")
     return export(model or trained.model, features, out / "backbone.onnx", out / "check", onnx_out=out / "model.onnx",
                   metrics_out=out / "export.json")
 
@@ -186,7 +186,7 @@ def test_a_disagreeing_backbone_export_fails_and_writes_nothing(trained, tmp_pat
     features = copied_features(trained, tmp_path)
     np.save(features / "test.npy", np.load(features / "test.npy") + np.float32(0.01))  # torch's side now differs
     with pytest.raises(ModelError, match=r"backbone disagrees with torch .*max \|feature difference\| .*not written"):
-        export_backbone(trained.pretrained, trained.transform, features, model_name="efficientnet_b0",
+        check_backbone(trained.pretrained, trained.transform, features, model_name="efficientnet_b0",
                         onnx_out=tmp_path / "backbone.onnx", check_dir=tmp_path / "check")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features"], "nothing written, no temporary left"
 

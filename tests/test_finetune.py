@@ -21,8 +21,8 @@ from foodvision.core.errors import DatasetError
 from foodvision.core.params import ParamsError
 from foodvision.evaluate import cross_entropy_sum, evaluate
 from foodvision.export import export
-from foodvision.export_backbone import export_backbone
 from foodvision.features import NpyWriter, load_index, open_split
+from foodvision.featurize import check_backbone
 from foodvision.finetune import backbone_blocks, unfreeze
 from foodvision.loop import Keeper, val_cut
 from foodvision.model import build_backbone, load_checkpoint, replace_head
@@ -191,7 +191,7 @@ def test_evaluate_scores_the_fine_tuned_backbone_on_the_test_images(trained, tun
 
 
 def test_export_follows_the_fine_tuned_backbone_and_checks_it(trained, tuned, tmp_path):
-    export_backbone(trained.pretrained, trained.transform, trained.features, model_name="efficientnet_b0",
+    check_backbone(trained.pretrained, trained.transform, trained.features, model_name="efficientnet_b0",
                     onnx_out=tmp_path / "backbone.onnx", check_dir=tmp_path / "check")
     pretrained_check = (tmp_path / "check" / "test.npy").read_bytes()
     figures = export(tuned / "model.safetensors", trained.features, tmp_path / "backbone.onnx", tmp_path / "check",
@@ -199,7 +199,7 @@ def test_export_follows_the_fine_tuned_backbone_and_checks_it(trained, tuned, tm
     assert figures["torch_reference"].startswith("fine-tuned float32 backbone (features.8)")
     assert figures["argmax_agreement"] == figures["sample_argmax_agreement"] == 1.0
     assert max(figures["max_abs_diff"], figures["sample_max_abs_diff"], figures["backbone_max_abs_diff"]) <= 1e-4
-    assert (tmp_path / "check" / "test.npy").read_bytes() == pretrained_check, "export_backbone's output untouched"
+    assert (tmp_path / "check" / "test.npy").read_bytes() == pretrained_check, "featurize's check folder untouched"
     logits, _ = torch_logits_on_test_images(trained, tuned / "model.safetensors")
     from foodvision.data import build_transform
     from foodvision.images import open_rgb

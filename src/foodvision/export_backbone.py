@@ -1,15 +1,11 @@
-"""The frozen backbone as ONNX (images -> features), checked on every test image: the end of the `featurize` stage.
+"""A backbone as ONNX (images -> features), and the check that holds ONNX Runtime to torch on every test image.
 
-The backbone changes only when the features do (another model.name, pretrained file or dataset), so its
-slow part, `torch.onnx.export` and a pass of ONNX Runtime over the decoded test split, runs once per
-featurize, in that stage's process (no second import of torch and torchvision), never in an experiment.
-ONNX Runtime's features of the test split are kept (`check/test.npy`): the per-experiment `export` stage
-puts the trained head on top of them and so checks the whole file's logits on every test image with a
-matrix product, decoding nothing.
-
-The torch side is the stored fp32 features (what `featurize` computed with the same fused backbone).
-After a bf16/fp16 `featurize` the backbone runs in float32 on the same batches instead, and its
-features are kept as `check/reference.npy` for `export`.
+`featurize` exports its pretrained backbone here (once per backbone: the graph is kept in its cache) and
+checks it on rows from the cache (`featurize.check_backbone`). A fine-tuned checkpoint's own backbone is
+exported and checked here by `export` (`write_checked`), decoding the test images: its features are in no
+cache. Either way ONNX Runtime's features of the test split are kept (`check/test.npy`): the per-experiment
+`export` stage puts the trained head on top of them and so checks the whole file's logits on every test
+image with a matrix product, decoding nothing.
 """
 
 from __future__ import annotations
@@ -23,40 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from foodvision.backbone import Engine, image_features, onnx_engine, pretrained_body, torch_engine
+from foodvision.backbone import Engine, image_features, onnx_engine, torch_engine
 from foodvision.core.device import cpu_count, decode_workers
 from foodvision.core.errors import ModelError
 from foodvision.core.files import atomic_dir, atomic_path, write_json
 from foodvision.data import EvalTransform, make_loader, split_images
-from foodvision.features import FeatureIndex, NpyWriter, load_index, open_split
+from foodvision.features import FeatureIndex, NpyWriter, open_split
 from foodvision.onnx_check import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE
-from foodvision.spec import load_transform
 
 BATCH = 32
 STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata torch's exporter writes: source paths
-
-
-def export_backbone(pretrained_path: Path, transform_path: Path, features_dir: Path, *, model_name: str,
-                    onnx_out: Path, check_dir: Path, body: nn.Module | None = None,
-                    graph: bytes | None = None) -> dict[str, Any]:
-    """Write the backbone's ONNX file and the check folder; return the check's figures.
-
-    `body` is `backbone.pretrained_body`'s module when the caller already has it on the CPU (`featurize` in
-    float32), so the weights are not loaded twice; `graph`, its export when the caller made it already (the
-    graph ONNX Runtime ran for the features)."""
-    index = load_index(features_dir)
-    if index.model != model_name:
-        raise ModelError(f"{features_dir} holds features of {index.model!r}, but model.name is "
-                         f"{model_name!r}; run `dvc repro featurize`")
-    if body is None:
-        body = pretrained_body(model_name, pretrained_path, len(index.classes)).module
-    by_onnx = index.engine == "onnxruntime"
-    stored = {"onnxruntime": "by ONNX Runtime", "openvino": f"by OpenVINO in {index.precision}"}.get(
-        index.engine, "in lower precision")
-    return write_checked(body, load_transform(transform_path), features_dir, index, onnx_out=onnx_out,
-                         check_dir=check_dir, run_torch=index.engine != "torch" or index.precision != "fp32",
-                         torch_side=f"float32 backbone (features stored {stored})", graph=graph,
-                         stored_by_onnx=by_onnx)
 
 
 def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path, index: FeatureIndex, *,
@@ -102,7 +74,7 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
     torch notes on every node the Python stack that made it, absolute paths included (the checkout, the
     virtual environment, a home folder); those notes are dropped, so the file is the same wherever the
     project lies and tells nobody where that is. The rest of the node metadata (module names) stays."""
-    module = copy.deepcopy(module).eval().to(memory_format=torch.contiguous_format)
+    module = copy.deepcopy(module).eval().to("cpu", memory_format=torch.contiguous_format)
     for layer in module.modules():
         if isinstance(getattr(layer, "inplace", None), bool):
             layer.inplace = False

@@ -2,127 +2,320 @@
 
 The backbone is frozen and in eval mode and the eval transform is deterministic, so an image's features
 never change while its head trains: computing them once here lets every head-only experiment (lr, epochs,
-dropout) and `evaluate` skip decoding and the backbone entirely. Batches are decoded (in DataLoader
-workers where there are spare cores, else on every core, a batch ahead), run through the frozen backbone
-on the engine `featurize.engine` picks and appended to the output file, so memory stays flat whatever
-the number of images.
+dropout) and `evaluate` skip decoding and the backbone entirely. And since a row depends only on the image's
+bytes and the backbone, rows are kept by content (`feature_cache`): a changed dataset (photos added,
+labels moved, another split or class subset) computes only the images the cache lacks (`rows`). Batches
+are decoded (in DataLoader workers where there are spare cores, else on every core, a batch ahead), run
+through the frozen backbone on the engine `featurize.engine` picks and appended to a file, so memory stays
+flat whatever the number of images.
+
+The stage ends with the backbone as ONNX (the graph ONNX Runtime runs, exported once per backbone and kept
+in the cache) and its check: torch's and ONNX Runtime's rows of every test image, each from the cache
+where it has them, must agree (`onnx_check`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import shutil
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import PIL
 import torch
 import torch.distributed
-from PIL import Image
 
 from foodvision import distributed
-from foodvision.backbone import (
-    Engine,
-    image_features,
-    onnx_engine,
-    openvino_engine,
-    pick_engine,
-    pretrained_body,
-    torch_engine,
-)
-from foodvision.core.device import cpu_count, decode_workers, pick_device
-from foodvision.core.errors import DatasetError, listed
-from foodvision.core.files import atomic_dir, write_text
-from foodvision.data import EvalTransform, ImageSamples, make_loader
-from foodvision.export_backbone import export_backbone, export_timed
-from foodvision.features import FeatureFile, FeatureIndex, NpyWriter, SplitIndex, write_index
-from foodvision.images import open_rgb
+from foodvision.backbone import Body, Engine, onnx_engine, openvino_engine, pick_engine, pretrained_body, torch_engine
+from foodvision.core.device import cpu_count, cpu_flags, pick_device
+from foodvision.core.errors import DatasetError, ModelError, listed
+from foodvision.core.files import atomic_dir, atomic_path, file_sha256, write_json, write_text
+from foodvision.export_backbone import export_timed
+from foodvision.feature_cache import FeatureCache, evict, read_graph, recipe_digest, store_graph
+from foodvision.features import FeatureFile, FeatureIndex, NpyWriter, SplitIndex, load_index, write_index
 from foodvision.model import build_backbone, freeze_all_but, replace_head, resolve_weights
+from foodvision.onnx_check import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE, read_figures
 from foodvision.precision import autocast_dtype
+from foodvision.rows import Made, Source, image_keys, make_rows
 from foodvision.spec import SPLITS, load_spec, load_transform
 
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class _Decoded(ImageSamples):
-    """(image tensor, ok): an image whose pixel data will not decode yields zeros and ok=False."""
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        rel, _ = self.samples[i]
-        try:
-            return self.transform(open_rgb(self.store.open(rel), self.min_size)), True
-        except DECODE_ERRORS:
-            crop = self.transform.crop_size
-            return torch.zeros(3, crop, crop), False
+CHECK_BATCH = 32  # the check's torch side runs at this batch size, whatever featurize.batch_size is
+ISA = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+       "amx_int8", "amx_tile"}  # what decides which kernels an engine runs on a CPU, so which bytes
 
 
 @dataclass(frozen=True)
-class Pass:
-    """What one pass over a split needs: the frozen backbone ready to run, where, and on which rank."""
+class Cache:
+    """Where rows are kept by content, and its bound (`featurize.cache_dir`, `featurize.cache_gb`)."""
 
-    engine: Engine
-    device: torch.device
-    cols: int  # features per image
     root: Path
-    transform: dict[str, Any]
-    batch_size: int
-    me: distributed.Rank
+    max_bytes: int
 
 
 def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_dir: Path, *, model_name: str,
               batch_size: int, device: str, skip_corrupt: bool, summary_out: Path, precision: str, engine: str,
-              onnx_out: Path | None = None, check_dir: Path | None = None) -> FeatureIndex:
+              onnx_out: Path | None = None, check_dir: Path | None = None, cache: Cache | None = None,
+              rows_out: Path | None = None) -> FeatureIndex:
     """Write `out_dir/{train,test}.npy` and `out_dir/index.json`; return the index.
 
-    Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`,
-    and with `onnx_out` and `check_dir` the backbone as ONNX, checked on every test image (`export_backbone`).
-    On ONNX Runtime (`featurize.engine`, `backbone.pick_engine`) the body is exported first and every image
-    runs through that very graph, the one `model.onnx` serves; the check then holds torch against it. The
-    export changes exactly when the features do, and in this process it costs no second import of torch and
-    torchvision (docs/scale.md has the figures).
+    Also writes the article's torchinfo table of the classifier (frozen backbone + new head) to `summary_out`;
+    with `onnx_out` and `check_dir`, the backbone as ONNX, checked on every test image; with `cache`, rows
+    come from it where it has them and new ones go into it; `rows_out` says how many of each file's rows
+    were cached and how many computed (the feature files are the same bytes either way).
     """
     resolve_weights(model_name, None)  # a bad name fails before any work
     spec, transform = load_spec(spec_path), load_transform(transform_path)
     me = distributed.current()
     dev, dtype = _setup(device, precision, me)
     runner = pick_engine(engine, precision, dev)
-    graph = None
     try:
         if me.leader:
             write_text(summary_out, model_summary(model_name, len(spec["classes"]), batch_size,
                                                   transform["crop_size"]))
         body = pretrained_body(model_name, pretrained_path, len(spec["classes"]))
-        if runner == "torch":
-            run = torch_engine(body.module, dev, dtype)
-        else:
-            graph = _shared_graph(body.module, transform["crop_size"], model_name, me)
-            threads = max(1, cpu_count() // me.local_world)
-            run = (onnx_engine(graph, threads) if runner == "onnxruntime"
-                   else openvino_engine(graph, threads, precision))
-        job = Pass(run, dev, body.cols, Path(spec["root"]), transform, batch_size, me)
+        backbone = Backbone(body, model_name, file_sha256(pretrained_path), transform, cache, me)
+        source = backbone.source(runner, dev, precision, dtype, batch_size)
         # the splits and the images that did not decode are filled in once every row is written
         header = FeatureIndex(model_name, body.head, body.cols, body.backbone_params, spec["classes"], spec["root"],
                               precision, runner, splits={}, skipped_corrupt=[])
-        write = _write_alone if me.world == 1 else _write_ranked
-        index = write(job, spec, out_dir, skip_corrupt, header)
-        del job, run  # the engine and its memory go before the check loads torch's side
+        index, made, test_keys = _write(source, spec, out_dir, skip_corrupt, header, transform, batch_size, me)
     finally:
         if me.world > 1:
             torch.distributed.destroy_process_group()
-    if onnx_out is not None and check_dir is not None and me.leader:
-        reuse = dev.type == "cpu" and dtype is None  # the same BN-folded module, still on the CPU
-        export_backbone(pretrained_path, transform_path, out_dir, model_name=model_name, onnx_out=onnx_out,
-                        check_dir=check_dir, body=body.module if reuse else None, graph=graph)
+    if me.leader:
+        if onnx_out is not None and check_dir is not None:
+            made |= _check(backbone, index, test_keys, out_dir, onnx_out, check_dir)
+        if cache is not None:
+            evict(cache.root, cache.max_bytes)
+        print("featurize rows: " + "; ".join(f"{name} {m.cached:,} from the cache, {m.computed:,} computed"
+                                             for name, m in made.items()))
+        if rows_out is not None:
+            write_json(rows_out, {name: {"cached": m.cached, "computed": m.computed} for name, m in made.items()})
     return index
 
 
-def _shared_graph(body: torch.nn.Module, crop: int, name: str, me: distributed.Rank) -> bytes:
-    """The body's ONNX graph for ONNX Runtime: exported once, by rank 0, and handed to every rank."""
-    graph = [export_timed(body, crop, name) if me.leader else None]
+class Backbone:
+    """The pretrained body, its ONNX graph and the sources of rows on each engine, each made on first use."""
+
+    def __init__(self, body: Body, name: str, weights_sha256: str, transform: dict[str, Any], cache: Cache | None,
+                 me: distributed.Rank) -> None:
+        self.body, self.name, self.weights, self.transform, self.cache, self.me = body, name, weights_sha256, \
+            transform, cache, me
+        self._graph: bytes | None = None
+
+    def graph(self) -> bytes:
+        """The body's ONNX graph: from the cache, else exported (and kept there). Under torchrun, while the
+        process group lives, every rank calls this at once: rank 0 makes it and hands it on."""
+        if self._graph is None:
+            if self.me.world > 1 and torch.distributed.is_initialized():
+                shared = [self._make_graph() if self.me.leader else None]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                self._graph = shared[0]
+            else:
+                self._graph = self._make_graph()
+        return self._graph
+
+    def _make_graph(self) -> bytes:
+        crop = self.transform["crop_size"]
+        key = recipe_digest({"graph": 1, "model": self.name, "weights": self.weights, "crop": crop,
+                             "torch": torch.__version__, "opset": OPSET})
+        if self.cache is not None:
+            found, problem = read_graph(self.cache.root, key)
+            if problem:
+                print(f"featurize cache: {problem}; exporting again")
+            if found is not None:
+                print(f"the {self.name} backbone's ONNX graph from the cache ({self.cache.root})")
+                return found
+        data = export_timed(self.body.module, crop, self.name)
+        if self.cache is not None:
+            try:
+                store_graph(self.cache.root, key, data)
+            except OSError as exc:
+                print(f"featurize cache: could not keep the graph in {self.cache.root} ({exc}); continuing")
+        return data
+
+    def source(self, runner: str, dev: torch.device, precision: str, dtype: torch.dtype | None,
+               batch: int) -> Source:
+        """Rows by `runner` on `dev`: the cache of exactly that recipe, and the engine for the rest."""
+        parts: dict[str, object] = {
+            "rows": 1, "model": self.name, "weights": self.weights, "precision": precision, "engine": runner,
+            "transform": json.dumps(self.transform, sort_keys=True), "pillow": PIL.__version__,
+            "numpy": np.__version__, "torch": torch.__version__, "device": _device_kind(dev)}
+        if runner == "torch":
+            parts |= {"batch": batch, "threads": torch.get_num_threads() if dev.type == "cpu" else None}
+        else:  # the very graph, whose bytes the check holds against torch
+            parts |= {"graph": _sha256(self.graph()), runner: _engine_version(runner)}
+        cache = (FeatureCache(self.cache.root, recipe_digest(parts), self.body.cols)
+                 if self.cache is not None else None)
+
+        def engine() -> Engine:
+            if runner == "torch":
+                return torch_engine(self.body.module, dev, dtype, batch)
+            threads = max(1, cpu_count() // self.me.local_world)
+            if runner == "onnxruntime":
+                return onnx_engine(self.graph(), threads)
+            return openvino_engine(self.graph(), threads, precision)
+
+        return Source(cache, engine, dev)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _engine_version(runner: str) -> str:
+    if runner == "onnxruntime":
+        import onnxruntime
+
+        return onnxruntime.__version__
+    import openvino
+
+    return openvino.get_version()
+
+
+def _device_kind(dev: torch.device) -> str:
+    """What an engine's bytes depend on besides the software: the GPU model, or the CPU and its vector units."""
+    if dev.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(dev)} cudnn {torch.backends.cudnn.version()}"
+    if dev.type == "cpu":
+        return f"cpu {platform.machine()} {_cpu_model()} {' '.join(sorted(cpu_flags() & ISA))}"
+    return dev.type
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+
+
+def _write(source: Source, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool, header: FeatureIndex,
+           transform: dict[str, Any], batch_size: int,
+           me: distributed.Rank) -> tuple[FeatureIndex, dict[str, Made], list[bytes]]:
+    """Each split's rows (every rank computes its share), then rank 0 swaps the folder in; returns the index
+    (the other ranks: `header`), how each split's rows were made and the kept test images' keys."""
+    root = Path(spec["root"])
+    work = _work_dir(out_dir, me)
+    made, keys = {}, {}
+    try:
+        for split in SPLITS:
+            samples = spec["splits"][split]
+            keys[split] = image_keys(root, samples)
+            made[split] = make_rows(source, root, samples, keys[split], work / f"{split}.npy", transform=transform,
+                                    batch_size=batch_size, cols=header.feature_dim, desc=f"featurize {split}",
+                                    work=work, me=me)
+            if me.leader and made[split].computed:
+                m = made[split]
+                print(f"featurize {split}: {m.computed} images in {m.seconds:.1f} s "
+                      f"({m.computed / max(m.seconds, 1e-9):.1f} images/s, {source.device}); "
+                      f"{m.cached} from the cache")
+        index, test_keys = header, []
+        if me.leader:
+            splits, broken = {}, []
+            with atomic_dir(out_dir) as tmp:
+                for split in SPLITS:
+                    os.replace(work / f"{split}.npy", tmp / f"{split}.npy")
+                    splits[split] = _finish_split(tmp / f"{split}.npy", spec, split, made[split].bad, skip_corrupt,
+                                                  header.feature_dim, broken)
+                index = replace(header, splits=splits, skipped_corrupt=broken)
+                write_index(tmp, index)
+            dropped = set(made["test"].bad)
+            test_keys = [k for i, k in enumerate(keys["test"]) if i not in dropped]
+        if me.world > 1:
+            torch.distributed.barrier()  # no rank leaves before the files exist
+    finally:
+        if me.leader:
+            shutil.rmtree(work, ignore_errors=True)
+    return index, made, test_keys
+
+
+def _work_dir(out_dir: Path, me: distributed.Rank) -> Path:
+    """A folder beside the output that every rank sees, named after rank 0's torchrun agent (or this process),
+    so cleanup spares it while that lives; every node must see it: a shared filesystem across machines."""
+    name = [f".{out_dir.name}.{os.getppid() if me.world > 1 else os.getpid()}.parts.tmp"]
     if me.world > 1:
-        torch.distributed.broadcast_object_list(graph, src=0)
-    return graph[0]
+        torch.distributed.broadcast_object_list(name, src=0)
+    work = out_dir.parent / name[0]
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def check_backbone(pretrained_path: Path, transform_path: Path, features_dir: Path, *, model_name: str,
+                   onnx_out: Path, check_dir: Path, cache: Cache | None = None) -> dict[str, Any]:
+    """The backbone's ONNX file and check folder for features written without them; return the check's figures."""
+    index = load_index(features_dir)
+    if index.model != model_name:
+        raise ModelError(f"{features_dir} holds features of {index.model!r}, but model.name is "
+                         f"{model_name!r}; run `dvc repro featurize`")
+    body = pretrained_body(model_name, pretrained_path, len(index.classes))
+    backbone = Backbone(body, model_name, file_sha256(pretrained_path), load_transform(transform_path), cache,
+                        distributed.Rank())
+    keys = image_keys(Path(index.root), index.split("test").samples())
+    _check(backbone, index, keys, features_dir, onnx_out, check_dir)
+    return read_figures(check_dir)
+
+
+def _check(backbone: Backbone, index: FeatureIndex, keys: list[bytes], out_dir: Path, onnx_out: Path,
+           check_dir: Path) -> dict[str, Made]:
+    """The backbone's ONNX file and its check folder, written only when ONNX Runtime's rows of every test image
+    agree with torch's float32 ones. Each side is the stored rows when they are its own, else rows from the
+    cache or computed (only the test images the cache lacks are decoded)."""
+    test = index.split("test")
+    if not test.paths:
+        raise ModelError("the test split is empty: nothing to check the ONNX export on")
+    cpu, made, runner, transform = torch.device("cpu"), {}, index.engine, backbone.transform
+    samples = [{"path": p, "label": label, "sha256": k.hex()} for p, label, k in zip(test.paths, test.labels, keys,
+                                                                                      strict=True)]
+    stored = out_dir / "test.npy"
+    graph = backbone.graph()
+    with atomic_path(onnx_out) as tmp_onnx, atomic_dir(check_dir) as tmp_check:
+        tmp_onnx.write_bytes(graph)
+        ort = tmp_check / ORT_FEATURES
+        common = {"transform": transform, "batch_size": CHECK_BATCH, "cols": index.feature_dim, "work": tmp_check}
+        if runner == "onnxruntime":
+            shutil.copyfile(stored, ort)
+        else:
+            made["check onnxruntime"] = make_rows(backbone.source("onnxruntime", cpu, "fp32", None, CHECK_BATCH),
+                                                  Path(index.root), samples, keys, ort, desc="backbone check",
+                                                  **common)
+        if runner == "torch" and index.precision == "fp32":
+            reference, torch_side = stored, "stored features"
+        else:
+            reference = tmp_check / REFERENCE
+            made["check torch"] = make_rows(backbone.source("torch", cpu, "fp32", None, CHECK_BATCH),
+                                            Path(index.root), samples, keys, reference, desc="backbone check",
+                                            **common)
+            stored_by = {"onnxruntime": "by ONNX Runtime", "openvino": f"by OpenVINO in {index.precision}"}.get(
+                runner, "in lower precision")
+            torch_side = f"float32 backbone (features stored {stored_by})"
+        worst = _max_abs_diff(ort, reference, test.labels)
+        print(f"backbone check: {len(test.paths)} test images, max |feature difference| {worst:.3g}; "
+              f"torch: the {torch_side}")
+        if worst > MAX_ABS_DIFF:
+            raise ModelError(f"the ONNX export of the {index.model} backbone disagrees with torch on the test "
+                             f"images (max |feature difference| {worst:.3g}); not written. Report it with your "
+                             "torch and onnxruntime versions")
+        write_json(tmp_check / FIGURES, {"images": len(test.paths), "backbone_max_abs_diff": float(f"{worst:.3g}"),
+                                         "torch_reference": torch_side, "backbone": index.model, "opset": OPSET,
+                                         "onnx_mb": round(len(graph) / 2**20, 2)})
+    return made
+
+
+def _max_abs_diff(a: Path, b: Path, labels: list[int]) -> float:
+    left, right = FeatureFile(a, labels), FeatureFile(b, labels)
+    worst = 0.0
+    for (x, _), (y, _) in zip(left.batches(4096), right.batches(4096), strict=True):
+        worst = max(worst, float(np.abs(x - y).max()))
+    left.close()
+    right.close()
+    return worst
 
 
 def _setup(device: str, precision: str, me: distributed.Rank) -> tuple[torch.device, torch.dtype | None]:
@@ -146,70 +339,6 @@ def _setup(device: str, precision: str, me: distributed.Rank) -> tuple[torch.dev
     return dev, dtype
 
 
-def _write_alone(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool,
-                 header: FeatureIndex) -> FeatureIndex:
-    """One process: each split streamed straight into the output folder's temporary."""
-    splits, broken = {}, []
-    with atomic_dir(out_dir) as tmp:
-        for split in SPLITS:
-            bad = _stream_slice(job, spec["splits"][split], split, tmp / f"{split}.npy")
-            splits[split] = _finish_split(tmp / f"{split}.npy", spec, split, bad, skip_corrupt, job.cols, broken)
-        index = replace(header, splits=splits, skipped_corrupt=broken)
-        write_index(tmp, index)
-    return index
-
-
-def _write_ranked(job: Pass, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool,
-                  header: FeatureIndex) -> FeatureIndex:
-    """Under torchrun: each rank writes its slice as a part file; rank 0 joins them in rank order (the other
-    ranks return `header`, without splits)."""
-    me = job.me
-    # named after rank 0's torchrun agent, whose node assembles the files (cleanup spares it while the
-    # agent lives); every node must see this folder: a shared filesystem across machines (docs/scale.md)
-    parts_name = [f".{out_dir.name}.{os.getppid()}.parts.tmp"]
-    torch.distributed.broadcast_object_list(parts_name, src=0)
-    parts = out_dir.parent / parts_name[0]
-    parts.mkdir(parents=True, exist_ok=True)
-    bad_by_split = {}
-    for split in SPLITS:
-        bad = _stream_slice(job, spec["splits"][split], split, parts / f"{split}.{me.rank}.npy")
-        gathered: list[list[int]] = [[] for _ in range(me.world)]
-        torch.distributed.all_gather_object(gathered, bad)
-        bad_by_split[split] = sorted(i for rank_bad in gathered for i in rank_bad)
-    torch.distributed.barrier()  # every part is complete
-    index = header
-    if me.leader:
-        splits, broken = {}, []
-        with atomic_dir(out_dir) as tmp:
-            for split in SPLITS:
-                _concatenate([parts / f"{split}.{r}.npy" for r in range(me.world)], tmp / f"{split}.npy",
-                             len(spec["splits"][split]), job.cols, job.batch_size)
-                splits[split] = _finish_split(tmp / f"{split}.npy", spec, split, bad_by_split[split], skip_corrupt,
-                                              job.cols, broken)
-            index = replace(header, splits=splits, skipped_corrupt=broken)
-            write_index(tmp, index)
-        shutil.rmtree(parts, ignore_errors=True)
-    torch.distributed.barrier()  # no rank leaves before the files exist
-    return index
-
-
-def _stream_slice(job: Pass, samples: list[dict[str, Any]], split: str, dest: Path) -> list[int]:
-    """Featurise this rank's contiguous slice of `samples` into `dest`; return bad positions in `samples`."""
-    me = job.me
-    lo, hi = me.slice(len(samples), job.batch_size)
-    dataset = _Decoded(job.root, samples[lo:hi], EvalTransform(job.transform), job.transform["resize_size"])
-    workers = decode_workers(job.device.type, ranks_here=me.local_world)
-    threads = max(1, cpu_count() // me.local_world)
-    loader = make_loader(dataset, job.batch_size, shuffle=False, seed=0, workers=workers)
-    start = time.perf_counter()
-    bad = _stream(job.engine, loader, dest, hi - lo, job.cols, desc=split, threads=threads)
-    seconds = time.perf_counter() - start
-    who = f"rank {me.rank}/{me.world}, " if me.world > 1 else ""
-    print(f"featurize {split}: {hi - lo} images in {seconds:.1f} s ({(hi - lo) / max(seconds, 1e-9):.1f} images/s, "
-          f"{who}{f'{workers} decode worker(s)' if workers else f'decoding on {threads} thread(s)'}, {job.device})")
-    return [lo + i for i in bad]
-
-
 def _finish_split(path: Path, spec: dict[str, Any], split: str, bad: list[int], skip_corrupt: bool, cols: int,
                   broken_so_far: list[str]) -> SplitIndex:
     """Name the images that did not decode (or drop their rows, adding them to `broken_so_far`); the split's
@@ -227,31 +356,6 @@ def _finish_split(path: Path, spec: dict[str, Any], split: str, bad: list[int], 
     broken_so_far += broken
     # where each lies in the zip: store.read_at
     return SplitIndex([s["path"] for s in kept], [s["label"] for s in kept], [s.get("at") for s in kept])
-
-
-def _concatenate(parts: list[Path], dest: Path, rows: int, cols: int, unit: int, chunk: int = 4096) -> None:
-    """The ranks' part files, in rank order, into one .npy: streamed, never whole in memory."""
-    writer = NpyWriter(dest, rows, cols)
-    for rank, part in enumerate(parts):
-        lo, hi = distributed.Rank(rank, len(parts)).slice(rows, unit)
-        source = FeatureFile(part, [0] * (hi - lo))
-        for feats, _ in source.batches(chunk):
-            writer.write(feats)
-        source.close()
-    writer.close()
-
-
-def _stream(engine: Engine, loader: torch.utils.data.DataLoader, dest: Path, rows: int, cols: int,
-            desc: str, threads: int) -> list[int]:
-    """Append each batch's features to `dest` as it comes; return the positions of images that did not decode."""
-    writer = NpyWriter(dest, rows, cols)
-    bad, seen = [], 0
-    for _, features, ok in image_features(loader, engine, f"featurize {desc}", threads):
-        writer.write(features)
-        bad += [seen + j for j in (~ok).nonzero().flatten().tolist()]
-        seen += len(ok)
-    writer.close()
-    return bad
 
 
 def _drop_rows(path: Path, bad: set[int], rows: int, cols: int) -> None:

@@ -56,8 +56,9 @@ def prepare(dataset_zip: Path, spec_path: Path, *, classes: tuple[str, ...] | No
                            "replace them, or set data.skip_corrupt: true")
     bad = set(unreadable)
     where = store.locations()  # stages that read a few images (export, predict) read them at these
-    splits = {split: [{"path": rel, "label": index[c], "at": list(where[rel])} for rel, c in images.pop(split)
-                      if rel not in bad] for split in SPLITS}
+    sha256 = store.sha256s()  # featurize's cache finds rows by them
+    splits = {split: [{"path": rel, "label": index[c], "at": list(where[rel]), "sha256": sha256.get(rel)}
+                      for rel, c in images.pop(split) if rel not in bad] for split in SPLITS}
     counts = {split: {c: 0 for c in names} for split in SPLITS}
     for split in SPLITS:
         for sample in splits[split]:

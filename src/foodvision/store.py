@@ -11,8 +11,10 @@ writes a path the archive chose.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -22,6 +24,7 @@ from typing import IO
 
 from foodvision.core.errors import FoodVisionError
 
+SHA256_HEX = re.compile(rb"[0-9a-f]{64}")
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no member carries the time it was written
 # where a member lies, as the central directory says: its local header's offset, its size and its CRC-32
 Location = tuple[int, int, int]
@@ -71,6 +74,11 @@ class ImageStore:
         """Every file's location, for `read_at`."""
         return {i.filename: (i.header_offset, i.file_size, i.CRC) for i in self._file().infolist() if not i.is_dir()}
 
+    def sha256s(self) -> dict[str, str]:
+        """Every file's sha256 as `write_store` recorded it (files of a store written before it did: none)."""
+        return {i.filename: i.comment.decode("ascii") for i in self._file().infolist()
+                if not i.is_dir() and SHA256_HEX.fullmatch(i.comment)}
+
     def read_at(self, name: str, where: Location | None) -> IO[bytes]:
         """The member at its recorded location, without opening the zip: `zipfile` parses every entry of the
         central directory first, a cost that grows with the dataset in each process that reads a few images.
@@ -107,16 +115,24 @@ class ImageStore:
             self._zip = None
 
 
-def write_store(target: Path, members: Iterable[tuple[str, Iterable[bytes]]]) -> None:
-    """Write (name, chunks) pairs as a stored zip at `target` whose bytes depend only on names, order and content."""
+def write_store(target: Path, members: Iterable[tuple[str, Iterable[bytes]]]) -> dict[str, str]:
+    """Write (name, chunks) pairs as a stored zip at `target` whose bytes depend only on names, order and content;
+    return each member's sha256, hashed while copying and kept as its entry's comment (`sha256s`): the
+    feature cache finds an image's row by it, and nothing reads the images again to hash them."""
+    hashes: dict[str, str] = {}
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, chunks in members:
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.external_attr = 0o644 << 16
             info.create_system = 3  # Unix, whatever system writes it: the same bytes everywhere
+            h = hashlib.sha256()
             with zf.open(info, "w", force_zip64=True) as dst:
                 for chunk in chunks:
+                    h.update(chunk)
                     dst.write(chunk)
+            hashes[name] = h.hexdigest()
+            info.comment = hashes[name].encode("ascii")  # the central directory is written at close
+    return hashes
 
 
 class Tree:

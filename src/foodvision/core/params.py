@@ -42,6 +42,7 @@ def check_sha256(value: str | None, key: str) -> None:
 MAX_IMAGE_BATCH = 1024  # images per forward pass (featurize; train with train.augment): ~0.6 MB each at 224 px
 MAX_ROW_BATCH = 65536  # stored feature rows per training step (5 KB each for B0)
 MAX_PROCESSES = 64  # featurize ranks on one machine
+MAX_CACHE_GB = 100_000  # featurize.cache_gb: a number that fits a disk, not 1e300
 
 
 def _check_count(value: int, key: str, upper: int, what: str) -> None:
@@ -96,8 +97,16 @@ class FeaturizeParams:
     processes: int  # > 1: torchrun, one rank each (byte-identical outputs, so not a DVC param dep)
     precision: str
     engine: str  # what runs the frozen body: `auto` picks by a fixed rule per device and precision
+    cache_dir: str | None  # where rows are kept by image content; null = the user's cache folder
+    cache_gb: float  # its bound (0 = no cache); like processes, not a DVC param dep: the outputs do not depend on it
 
     def __post_init__(self) -> None:
+        if not (0 <= self.cache_gb <= MAX_CACHE_GB and math.isfinite(self.cache_gb)):
+            raise ParamsError(f"featurize.cache_gb must be between 0 (no cache) and {MAX_CACHE_GB:,}, got "
+                              f"{shown(self.cache_gb)}")
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            raise ParamsError("featurize.cache_dir must be a folder, or null for the user's cache folder; "
+                              "to turn the cache off set featurize.cache_gb: 0")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ParamsError(f"featurize.precision must be fp32, bf16 or fp16, got {shown(self.precision)}")
         if self.engine not in ENGINES:
@@ -171,6 +180,7 @@ class PathsParams:
     pretrained: str
     transform: str
     features: str
+    feature_rows: str
     summary: str
     model: str
     train_metrics: str
