@@ -126,6 +126,14 @@ def save_with_hash_name(state: dict, folder: Path, stem: str) -> Path:
     return tmp.rename(folder / f"{stem}-{digest[:8]}.pth")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """featurize's default cache folder, for every test and the stages they run: never the user's own."""
+    home = tmp_path_factory.mktemp("cache-home")
+    os.environ["XDG_CACHE_HOME"] = str(home)
+    return home
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder the loopback server serves; tests drop files in it."""

@@ -20,7 +20,7 @@ FEATURES = ("data/features/train.npy", "data/features/test.npy", "data/features/
 def project(folder: Path, spec: Path, trained, processes: int = 1) -> Path:
     """A folder with params.yaml pointing at `spec` and the trained fixture's pretrained backbone."""
     params = yaml.safe_load(default_params_text())
-    params["featurize"].update(batch_size=4, processes=processes)
+    params["featurize"].update(batch_size=4, processes=processes, cache_dir=str(folder / "cache"))  # its own, cold
     params["device"] = "cpu"
     folder.mkdir(parents=True, exist_ok=True)
     for key, source in (("spec", spec), ("pretrained", trained.pretrained), ("transform", trained.transform)):
@@ -98,7 +98,7 @@ def test_a_killed_rank_leaves_nothing_train_would_accept_and_a_rerun_recovers(tr
     folder = project(tmp_path / "two", bigger_spec, trained, processes=2)
     stage = featurize_in(folder)
     deadline = time.monotonic() + 120
-    while not list(folder.glob("data/.features.*.parts.tmp/train.1.npy")):  # rank 1 is writing its part
+    while not list(folder.glob("data/.features.*.parts.tmp/train.computed.1.npy")):  # rank 1 is writing its part
         assert stage.poll() is None and time.monotonic() < deadline, "rank 1 never started writing"
         time.sleep(0.02)
     pid = rank_pid(folder, 1)
@@ -173,7 +173,7 @@ def test_ctrl_c_with_two_processes_is_one_line_and_exit_130(trained, bigger_spec
     folder = project(tmp_path / "two", bigger_spec, trained, processes=2)
     stage = featurize_in(folder, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 120
-    while not list(folder.glob("data/.features.*.parts.tmp/train.1.npy")):  # both ranks at work
+    while not list(folder.glob("data/.features.*.parts.tmp/train.computed.1.npy")):  # both ranks at work
         assert stage.poll() is None and time.monotonic() < deadline, "rank 1 never started writing"
         time.sleep(0.02)
     os.killpg(stage.pid, signal.SIGINT)

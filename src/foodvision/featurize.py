@@ -211,11 +211,6 @@ def _write(source: Source, spec: dict[str, Any], out_dir: Path, skip_corrupt: bo
             made[split] = make_rows(source, root, samples, keys[split], work / f"{split}.npy", transform=transform,
                                     batch_size=batch_size, cols=header.feature_dim, desc=f"featurize {split}",
                                     work=work, me=me)
-            if me.leader and made[split].computed:
-                m = made[split]
-                print(f"featurize {split}: {m.computed} images in {m.seconds:.1f} s "
-                      f"({m.computed / max(m.seconds, 1e-9):.1f} images/s, {source.device}); "
-                      f"{m.cached} from the cache")
         index, test_keys = header, []
         if me.leader:
             splits, broken = {}, []

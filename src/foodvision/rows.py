@@ -64,7 +64,6 @@ class Made:
 
     cached: int = 0
     computed: int = 0
-    seconds: float = 0.0  # computing them
     bad: list[int] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
 
@@ -90,11 +89,9 @@ def make_rows(source: Source, root: Path, samples: list[dict[str, Any]], keys: l
     where = _plan(source.cache, keys, me)
     todo, first = _to_compute(where, keys)
     made = Made(cached=sum(w is not None for w in where), computed=len(todo))
-    computed = work / f"{dest.name}.computed"
-    start = time.perf_counter()
+    computed = work / f"{dest.stem}.computed.npy"
     bad_todo = _compute(source, root, [samples[i] for i in todo], [keys[i] for i in todo], computed, transform,
                         batch_size, cols, desc, me) if todo else []
-    made.seconds = time.perf_counter() - start
     if me.leader:
         bad_keys = {keys[todo[j]] for j in bad_todo}
         made.bad = [i for i, k in enumerate(keys) if where[i] is None and k in bad_keys]
@@ -132,14 +129,14 @@ def _compute(source: Source, root: Path, samples: list[dict[str, Any]], keys: li
     each rank adds the rows that decoded to the cache. Returns the positions (in `samples`) that did not decode."""
     engine = source.engine()
     lo, hi = me.slice(len(samples), batch_size)
-    part = dest if me.world == 1 else dest.with_name(f"{dest.name}.{me.rank}")
+    part = dest if me.world == 1 else _part(dest, me.rank)
     threads = max(1, cpu_count() // me.local_world)
     dataset = _Decoded(root, samples[lo:hi], EvalTransform(transform), transform["resize_size"])
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0,
                          workers=decode_workers(source.device.type, ranks_here=me.local_world))
     writer = NpyWriter(part, hi - lo, cols)
     keep = source.cache.writer() if source.cache is not None else None
-    bad, seen = [], 0
+    bad, seen, start = [], 0, time.perf_counter()
     for _, features, ok in image_features(loader, engine, desc, threads):
         writer.write(features)
         good = ok.numpy()
@@ -148,6 +145,11 @@ def _compute(source: Source, root: Path, samples: list[dict[str, Any]], keys: li
             keep.add([keys[lo + seen + j] for j in np.flatnonzero(good)], features[good])
         seen += len(ok)
     writer.close()
+    seconds = time.perf_counter() - start
+    who = f"rank {me.rank}/{me.world}, " if me.world > 1 else ""
+    how = f"{loader.num_workers} decode worker(s)" if loader.num_workers else f"decoding on {threads} thread(s)"
+    print(f"{desc}: {hi - lo} images in {seconds:.1f} s ({(hi - lo) / max(seconds, 1e-9):.1f} images/s, {who}{how}, "
+          f"{source.device})")
     if keep is not None:
         try:
             keep.close()
@@ -159,9 +161,12 @@ def _compute(source: Source, root: Path, samples: list[dict[str, Any]], keys: li
         bad = sorted(i for rank_bad in gathered for i in rank_bad)
         torch.distributed.barrier()  # every part is complete
         if me.leader:
-            _concatenate([dest.with_name(f"{dest.name}.{r}") for r in range(me.world)], dest, len(samples), cols,
-                         batch_size)
+            _concatenate([_part(dest, r) for r in range(me.world)], dest, len(samples), cols, batch_size)
     return bad
+
+
+def _part(dest: Path, rank: int) -> Path:
+    return dest.with_name(f"{dest.stem}.{rank}.npy")
 
 
 def _assemble(dest: Path, where: list[Location | None], keys: list[bytes], first: dict[bytes, int],
