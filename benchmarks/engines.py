@@ -7,9 +7,10 @@ alternated rounds, medians): torch fp32 (the BN-folded channels-last body), ONNX
 fp32 on the exported graph, and torch autocast and OpenVINO in bf16 where the CPU has AVX-512-BF16 or
 AMX; decoding (Pillow with JPEG draft) and the eval transform (torchvision's preset and ours, the same
 bytes) in ms per photo on one core; then the `featurize` stage as its own process on N real photos (as
-`scale.py` makes them) for each engine and precision: the feature pass's images/s against the fastest bare forward in that precision, the whole
-stage's seconds and peak RSS, the largest difference from torch fp32's features, and the test accuracy
-the head reaches on each.
+`scale.py` makes them, each file different) for each engine and precision, each with its own empty
+feature cache (a cold run): the feature pass's images/s against the fastest bare forward in that
+precision, the whole stage's seconds and peak RSS, the largest difference from torch fp32's features,
+and the test accuracy the head reaches on each.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def decode_per_core(transform: Path, photos: list[Path]) -> dict[str, float]:
 def set_engine(project: Path, engine: str, precision: str) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["featurize"]["engine"], params["featurize"]["precision"] = engine, precision
+    params["featurize"]["cache_dir"] = str(project / "cache")  # its own, empty: a cold run
     params["train"]["epochs"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

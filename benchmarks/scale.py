@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -72,15 +73,24 @@ def photo_pool(work: Path) -> dict[str, list[Path]]:
 
 
 def make_dataset(archive: Path, n: int, pool: dict[str, list[Path]]) -> Path:
-    """A zip of train/<class>/ and test/<class>/ with n images in all, the pool's photos (what a user downloads)."""
-    per_class = n // len(CLASSES)
+    """A zip of train/<class>/ and test/<class>/ with n images in all, the pool's photos (what a user downloads).
+
+    Each copy of a photo gets its own bytes (its number after the JPEG's end, which decoders ignore): the
+    same pixels, but not the same file, or featurize would compute each photo once (it keys rows by content)."""
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
-        for cls in CLASSES:
-            photos = itertools.cycle(pool[cls])
-            for i in range(per_class):
-                split = "test" if i % 4 == 3 else "train"
-                zf.write(next(photos), f"{split}/{cls}/{i:06d}.jpg")
+        for name, data in dataset_members(n, pool):
+            zf.writestr(name, data)
     return archive
+
+
+def dataset_members(n: int, pool: dict[str, list[Path]], first: int = 0) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of n images, numbered from `first`, every one different (see `make_dataset`)."""
+    per_class = n // len(CLASSES)
+    for cls in CLASSES:
+        photos = itertools.cycle([p.read_bytes() for p in pool[cls]])
+        for i in range(first, first + per_class):
+            split = "test" if i % 4 == 3 else "train"
+            yield f"{split}/{cls}/{i:06d}.jpg", next(photos) + i.to_bytes(8, "little")
 
 
 def make_project(dest: Path, model: str, archive: Path | None, epochs: int = 1) -> Path:
