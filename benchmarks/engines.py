@@ -98,7 +98,7 @@ def decode_per_core(transform: Path, photos: list[Path]) -> dict[str, float]:
 def set_engine(project: Path, engine: str, precision: str) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["featurize"]["engine"], params["featurize"]["precision"] = engine, precision
-    params["featurize"]["cache_dir"] = str(project / "cache")  # its own, empty: a cold run
+    params["featurize"].update(cache_dir=str(project / "cache"), cache_gb=20)  # its own, empty: a cold run
     params["train"]["epochs"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

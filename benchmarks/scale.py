@@ -107,6 +107,7 @@ def make_project(dest: Path, model: str, archive: Path | None, epochs: int = 1) 
     params["train"]["epochs"] = epochs
     params["device"] = "cpu"
     params["predict"]["images"] = []
+    params["featurize"]["cache_gb"] = 0  # every run computes what it times (cache.py measures the cache)
     if archive is not None:
         params["data"].update(url=str(archive), content_sha256=None)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
