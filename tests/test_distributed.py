@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -54,6 +55,13 @@ def test_two_torchrun_processes_write_the_same_bytes_as_one(trained, tmp_path):
     assert "rank 1/2" in out2 + err2, "two ranks really ran"
     same_outputs(tmp_path / "one", tmp_path / "two")
     assert not list((tmp_path / "two").rglob("*.tmp")), "no part files left"
+    # the ranks filled the cache: a rerun on two ranks computes nothing and writes the same bytes
+    (tmp_path / "two" / "data" / "features" / "train.npy").unlink()
+    code3, out3, err3 = finish(featurize_in(tmp_path / "two"))
+    assert code3 == 0, err3[-2000:]
+    rows = json.loads((tmp_path / "two" / "data" / "feature_rows.json").read_text())
+    assert [r["computed"] for r in rows.values()] == [0] * len(rows), out3
+    same_outputs(tmp_path / "one", tmp_path / "two")
 
 
 def test_a_failing_rank_is_one_line_naming_it(trained, tmp_path):
