@@ -125,7 +125,7 @@ def test_param_changes_rerun_only_what_reads_them(project):
     original = (project / "params.yaml").read_text()
     try:
         set_params(project, predict__num_samples=1)
-        assert stages_to_run(project) == {"predict"}
+        assert stages_to_run(project) == {"params", "predict"}  # `params` checks the whole file whenever it changes
         set_params(project, model__dropout=0.3)
         assert "train" in stages_to_run(project) and not stages_to_run(project) & {"prepare", "featurize"}
         diff = json.loads(sh(project, "dvc", "params", "diff", "--json").stdout)["params.yaml"]
@@ -133,10 +133,10 @@ def test_param_changes_rerun_only_what_reads_them(project):
         assert (diff["predict.num_samples"]["old"], diff["predict.num_samples"]["new"]) == (2, 1)
         (project / "params.yaml").write_text(original)
         set_params(project, train__batch_size=2)  # the spec no longer holds the batch size: nothing is rescanned
-        assert stages_to_run(project) == {"train"}
+        assert stages_to_run(project) == {"params", "train"}
         (project / "params.yaml").write_text(original)
         set_params(project, featurize__batch_size=2)
-        assert stages_to_run(project) == {"featurize"}
+        assert stages_to_run(project) == {"params", "featurize"}
     finally:
         (project / "params.yaml").write_text(original)
 
@@ -149,7 +149,7 @@ def test_a_head_only_experiment_reuses_the_stored_features(project, tmp_path):
     set_params(copy, train__lr=0.05, train__epochs=1)
     out = sh(copy, "dvc", "repro").stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "export", "predict"}, out
+    assert ran == {"params", "train", "evaluate", "export", "predict"}, out
     assert (copy / "data/features/train.npy").read_bytes() == features
     assert json.loads((copy / "metrics/train.json").read_text())["epoch"] == 1
 
@@ -180,8 +180,28 @@ def test_bad_params_fail_the_stage_with_one_line(project, tmp_path):
     result = sh(clone, sys.executable, "stages/train.py", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: unknown key train.epoch; accepted keys here: train.epochs, train.batch_size, train.lr, train.augment, "
-        "train.patience"]
+        "error: unknown key train.epoch; did you mean train.epochs? accepted keys here: train.epochs, "
+        "train.batch_size, train.lr, train.augment, train.patience"]
+
+
+def test_a_misspelled_key_fails_the_run_where_no_stage_would_rerun(project, tmp_path):
+    """`epoch: 10` beside `epochs:` changes no stage's params: the `params` stage still fails `dvc repro` and
+    `dvc exp run` in one line naming the key, and the key it probably meant."""
+    clone = tmp_path / "clone"  # a copy of the repository and its DVC cache: the shared project stays as it is
+    shutil.copytree(project, clone, symlinks=True)
+    text = (clone / "params.yaml").read_text()
+    (clone / "params.yaml").write_text(text.replace("  epochs: 2\n", "  epochs: 2\n  epoch: 10\n", 1))
+    assert "epoch: 10" in (clone / "params.yaml").read_text()
+    for command in (["dvc", "repro"], ["dvc", "exp", "run"]):
+        result = sh(clone, *command, check=False)
+        assert result.returncode != 0, result.stdout
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: unknown")]
+        assert errors == ["error: unknown key train.epoch; did you mean train.epochs? accepted keys here: "
+                          "train.epochs, train.batch_size, train.lr, train.augment, train.patience"], result.stdout
+        assert "Running stage 'train'" not in result.stdout
+    (clone / "params.yaml").write_text(text)
+    result = sh(clone, "dvc", "exp", "run", "-S", "+train.epoch=3", check=False)  # DVC's own advice for a new key
+    assert result.returncode != 0 and "did you mean train.epochs?" in result.stdout + result.stderr
 
 
 def test_rerun_from_scratch_is_byte_identical(project):

@@ -8,6 +8,7 @@ range-checked, and every error names the dotted key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -270,8 +271,10 @@ def parse(cls: type, raw: Any, prefix: str) -> Any:
     if moved in MOVED:
         raise ParamsError(f"{moved} moved to the top-level key {MOVED[moved]}: move the line there")
     if unknown:
+        meant = difflib.get_close_matches(str(unknown[0]), fields, n=1, cutoff=0.6)
+        hint = f"did you mean {prefix}{meant[0]}? " if meant else ""
         raise ParamsError(
-            f"unknown key {prefix}{shown(unknown[0], quote=False)}; "
+            f"unknown key {prefix}{shown(unknown[0], quote=False)}; {hint}"
             f"accepted keys here: {', '.join(prefix + k for k in fields)}"
         )
     hints = typing.get_type_hints(cls)
