@@ -230,3 +230,14 @@ def test_credentials_never_appear_in_messages(flaky_url, tmp_path):
     assert "s3cret" not in message and "abc123" not in message
     assert "alice:***@" in message and "token=***&x=***" in message
     assert redact("https://h/p.zip") == "https://h/p.zip" and redact("/data/a.zip") == "/data/a.zip"
+
+
+def test_a_refused_connection_is_one_short_reason_not_a_chain_of_reprs(tmp_path):
+    from conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/weights.pth"  # nothing listens there
+    with pytest.raises(FetchError) as caught:
+        fetch(url, tmp_path / "w.pth", retries=0)
+    message = str(caught.value)
+    assert "after 1 attempts (ConnectionError: connection refused); check the network" in message
+    assert "HTTPConnectionPool" not in message and len(message) < 300

@@ -31,9 +31,28 @@ def test_hash_in_name_must_match(backbone_file, tmp_path):
 
 def test_weights_of_another_architecture_are_refused(served, server_url, tmp_path):
     other = save_with_hash_name(build_backbone("resnet18").state_dict(), served, "resnet18_test")
-    with pytest.raises(ModelError, match="does not fit model.name 'efficientnet_b0'"):
+    with pytest.raises(ModelError, match="does not fit model.name 'efficientnet_b0'") as caught:
         fetch_pretrained("efficientnet_b0", "DEFAULT", f"{server_url}/{other.name}", tmp_path / "b.pth", sha256=None)
+    assert str(caught.value).startswith(f"{server_url}/{other.name} does not fit"), "the user's file, by its URL"
+    assert ".tmp" not in str(caught.value), "never our temporary copy"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_default_source_names_the_backbone_that_needs_no_download(tmp_path, monkeypatch):
+    """Offline, a torchvision backbone's own URL fails: the one line says which backbone works without it.
+    (Its URL is pointed at a local port nothing listens on; the download itself is real.)"""
+    import dataclasses
+
+    from conftest import free_port
+
+    import foodvision.pretrained
+
+    closed = dataclasses.replace(resolve_weights("efficientnet_b0", "DEFAULT"),
+                                 url=f"http://127.0.0.1:{free_port()}/efficientnet_b0_rwightman-7f5810bc.pth")
+    monkeypatch.setattr(foodvision.pretrained, "resolve_weights", lambda name, weights: closed)
+    with pytest.raises(FetchError, match=r"connection refused.*; or, offline, use model.name: efficientnet_lite0, "
+                                         r"whose weights come with the setup$"):
+        fetch_pretrained("efficientnet_b0", "DEFAULT", None, tmp_path / "b.pth", sha256=None)
 
 
 def test_null_weights_write_a_reproducible_random_init(tmp_path):

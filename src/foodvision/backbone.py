@@ -140,7 +140,7 @@ def image_features(loader: DataLoader, engine: Engine, desc: str,
     one batch ahead of the engine (`data.threaded`, `data.prefetched`)."""
     batches = loader if loader.num_workers else prefetched(threaded(loader, threads or cpu_count()))
     with torch.inference_mode():
-        for images, extra in tqdm(batches, desc=desc, total=len(loader), unit="batch", leave=False):
+        for images, extra in tqdm(batches, desc=desc, total=len(loader), unit="batch", leave=False, disable=None):
             yield images, engine(images), extra
 
 

@@ -148,6 +148,25 @@ def fetch(
     return digest
 
 
+# what a failed connection's long chain of wrapped exceptions comes down to, in the words a user can act on
+CONNECTION_CAUSES = (("NameResolutionError", "the host name did not resolve: offline, or no DNS?"),
+                     ("Name or service not known", "the host name did not resolve: offline, or no DNS?"),
+                     ("Connection refused", "connection refused"), ("Network is unreachable", "network unreachable"),
+                     ("timed out", "timed out"), ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate did not verify"))
+
+
+def why_not_connected(exc: Exception) -> str:
+    """One short reason for a connection error, not requests' 300 characters of nested reprs."""
+    text = f"{type(exc).__name__}: {redact(str(exc))}"
+    reason = next((says for pattern, says in CONNECTION_CAUSES if pattern in text), None)
+    return f"{type(exc).__name__}: {reason}" if reason else clipped(text.splitlines()[0])
+
+
+def clipped(text: str, limit: int = 200) -> str:
+    """`text` cut at a word, never mid-word, with an ellipsis where it was cut."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def _download(url: str, dest: Path, *, timeout: float, retries: int, max_bytes: int | None, limit_name: str,
               what: str) -> None:
     """Stream `url` into `dest`: retries with backoff (or Retry-After), resuming where the server allows."""
@@ -163,7 +182,7 @@ def _download(url: str, dest: Path, *, timeout: float, retries: int, max_bytes: 
             wait = retry.wait
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as exc:
-            last = f"{type(exc).__name__}: {redact(str(exc))}".splitlines()[0][:200]
+            last = why_not_connected(exc)
             wait = None
         except (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError) as exc:
             raise FetchError(f"cannot download {what} {shown}: the server's compressed body is corrupt "
@@ -173,7 +192,7 @@ def _download(url: str, dest: Path, *, timeout: float, retries: int, max_bytes: 
                              "fix the URL") from None
         except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
                 requests.exceptions.MissingSchema, requests.exceptions.URLRequired, ValueError) as exc:
-            reason = redact(str(exc)).splitlines()[0][:200]
+            reason = clipped(redact(str(exc)).splitlines()[0])
             raise FetchError(f"cannot download {what} {shown}: {reason}; fix the URL in params.yaml") from None
         if attempt < retries:
             time.sleep(wait if wait is not None else min(2.0 ** (attempt + 1), 30.0) / 4)
@@ -224,7 +243,8 @@ def _stream(resp: requests.Response, dest: Path, *, append: bool, have: int, tot
     written = have
     window_start, window_bytes = time.monotonic(), 0
     with open(dest, "ab" if append else "wb") as f, tqdm(
-        total=total, initial=have, unit="B", unit_scale=True, desc=f"download {source_name(url)}", leave=False
+        total=total, initial=have, unit="B", unit_scale=True, desc=f"download {source_name(url)}", leave=False,
+        disable=None,  # bars on a terminal only: in `dvc queue` logs they were escape codes
     ) as bar:
         while chunk := resp.raw.read1(CHUNK, decode_content=True):
             written += len(chunk)

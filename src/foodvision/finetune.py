@@ -99,7 +99,7 @@ def finetune(model: nn.Module, head: str, trained: list[str], index: FeatureInde
     if keeper is not None:
         keeper.rebase(model)
     split, first = ("val" if keeper is not None else "test"), len(history) + 1
-    for epoch in tqdm(range(first, first + params.epochs), desc="fine-tune epochs", unit="epoch"):
+    for epoch in tqdm(range(first, first + params.epochs), desc="fine-tune epochs", unit="epoch", disable=None):
         scores = run_epoch(model, loader, device, step=step, trained=trained, dtype=dtype,
                            memory_format=torch.channels_last, desc=f"fine-tune {epoch}")
         # BatchNorm folded, as featurize runs it: faster than the model as is (docs/scale.md)

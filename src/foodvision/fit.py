@@ -63,7 +63,7 @@ def head_epochs(net: nn.Module, trainable: str, train_batches: Callable[[], Iter
 
     split = "test" if keeper is None else "val"
     history: list[dict[str, Any]] = []
-    for epoch in tqdm(range(1, params.epochs + 1), desc="epochs", unit="epoch"):
+    for epoch in tqdm(range(1, params.epochs + 1), desc="epochs", unit="epoch", disable=None):
         train = run_epoch(net, train_batches(), device, step=step, trained=(trainable,), desc=f"train {epoch}")
         scores = run_epoch(net, held_out(), device, desc=f"{split} {epoch}")
         record(history, epoch, train, scores, split, on_epoch)

@@ -66,7 +66,7 @@ def run_epoch(model: nn.Module, batches: Iterable, device: torch.device, *, step
     loss_fn = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
-        for inputs, labels in tqdm(batches, desc=desc, leave=False, unit="batch"):
+        for inputs, labels in tqdm(batches, desc=desc, leave=False, unit="batch", disable=None):
             inputs, labels = inputs.to(device, memory_format=memory_format), labels.to(device)
             with autocast(device, dtype):
                 logits = model(inputs)

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from torch.hub import HASH_REGEX
 
+from foodvision import lite0
 from foodvision.core.errors import ModelError
 from foodvision.core.files import atomic_path, remove_stale, temp_prefix, write_json
-from foodvision.fetch import fetch, redact, source_name
+from foodvision.fetch import FetchError, fetch, redact, source_name
 from foodvision.model import Weights, build_backbone, eval_transform, load_pretrained, resolve_weights
 from foodvision.statedict import load_state_dict_file
 
@@ -58,17 +59,26 @@ def _fetch(name: str, source: Weights, url: str, dest: Path, sha256: str | None)
     remove_stale(dest)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=temp_prefix(dest, "fetch."), suffix=".tmp") as tmp:
         staged = Path(tmp) / "weights.pth"
-        digest = fetch(url, staged, sha256=sha256, sha256_prefix=prefix, what=f"pretrained weights for {name}",
-                       max_bytes=MAX_WEIGHTS_MB * 2**20, limit_name=f"{MAX_WEIGHTS_MB} MB")
-        state = load_state_dict_file(staged)
-        if source.convert is not None:  # a foreign layout: store it with torchvision's keys
-            try:
-                state = source.convert(state)
-            except KeyError as exc:
-                raise ModelError(f"{redact(url)} has an unexpected tensor {exc}; "
-                                 "it is not a weights file for this backbone") from None
-            torch.save(state, staged)
-        load_pretrained(name, staged, state)  # strict: refuse a file for another architecture
+        try:
+            digest = fetch(url, staged, sha256=sha256, sha256_prefix=prefix, what=f"pretrained weights for {name}",
+                           max_bytes=MAX_WEIGHTS_MB * 2**20, limit_name=f"{MAX_WEIGHTS_MB} MB")
+        except FetchError as exc:
+            if url != source.url or name == lite0.NAME:
+                raise
+            raise FetchError(f"{exc}; or, offline, use model.name: {lite0.NAME}, whose weights come with the "
+                             "setup") from None
+        try:
+            state = load_state_dict_file(staged)
+            if source.convert is not None:  # a foreign layout: store it with torchvision's keys
+                try:
+                    state = source.convert(state)
+                except KeyError as exc:
+                    raise ModelError(f"{redact(url)} has an unexpected tensor {exc}; "
+                                     "it is not a weights file for this backbone") from None
+                torch.save(state, staged)
+            load_pretrained(name, staged, state)  # strict: refuse a file for another architecture
+        except ModelError as exc:  # name the user's file, not our temporary copy of it
+            raise ModelError(str(exc).replace(str(staged), redact(url))) from None
         staged.replace(dest)
     check = f"matches its name's prefix {prefix}" if prefix else "no hash in its file name to check"
     print(f"fetched {source.label} from {redact(url)} to {dest} (sha256 {digest[:12]}…, {check})")
