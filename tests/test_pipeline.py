@@ -121,6 +121,12 @@ def test_plots_show_renders_every_plot(project):
         assert name in html, name
 
 
+def test_the_confusion_plot_puts_predicted_across_and_actual_down_as_the_png_does(project):
+    shown = json.loads(sh(project, "dvc", "plots", "show", "--json").stdout)["data"]
+    encoding = shown["Confusion matrix"][0]["content"]["spec"]["encoding"]
+    assert (encoding["x"]["field"], encoding["y"]["field"]) == ("predicted", "actual"), encoding
+
+
 def test_param_changes_rerun_only_what_reads_them(project):
     original = (project / "params.yaml").read_text()
     try:
