@@ -10,7 +10,7 @@ from foodvision.export import export
 def main() -> None:
     paths = load_params().paths
     export(Path(paths.model), Path(paths.features), Path(paths.backbone_onnx), Path(paths.onnx_check),
-           onnx_out=Path(paths.onnx), metrics_out=Path(paths.export_metrics))
+           onnx_out=Path(paths.onnx), metrics_out=Path(paths.export_check))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_lite0_reaches_the_articles_accuracy_on_real_data(project):
 
 
 def test_the_onnx_export_agrees_and_the_page_says_sushi(project):
-    exported = json.loads((project / "metrics/export.json").read_text())
+    exported = json.loads((project / "models/export_check.json").read_text())
     assert exported["images"] == 75 and exported["max_abs_diff"] <= 1e-4 and exported["argmax_agreement"] == 1.0
     # real weights, real features: each part's check compares numbers far from zero
     assert exported["sample_images"] == 32 and exported["sample_argmax_agreement"] == 1.0
@@ -71,6 +71,6 @@ def test_a_high_learning_rate_experiment_exports(project, tmp_path):
     shutil.copytree(project, copy, symlinks=True)
     set_params(copy, train__lr=1.0, train__epochs=50)
     sh(copy, "dvc", "repro")
-    exported = json.loads((copy / "metrics/export.json").read_text())
+    exported = json.loads((copy / "models/export_check.json").read_text())
     assert exported["argmax_agreement"] == exported["sample_argmax_agreement"] == 1.0
     assert exported["max_rel_diff"] <= 1e-4 < exported["max_abs_diff"], exported

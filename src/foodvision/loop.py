@@ -130,11 +130,14 @@ def record(history: list[dict[str, Any]], epoch: int, train: tuple[float, float]
 
 
 def metrics_row(history: list[dict[str, Any]], split: str) -> dict[str, Any]:
-    """train.json's figures: the last epoch's, or with a validation split the kept (lowest val_loss) epoch's."""
+    """train.json's figures: the last epoch's, or with a validation split the kept (lowest val_loss) epoch's
+    with its validation figures. The test split's are evaluate's (metrics/eval.json), not repeated here;
+    every epoch's held-out figures are in the history either way."""
     kept = history[-1] if split == "test" else min(history, key=lambda r: r["held_out_loss"])
-    row = {"epoch": history[-1]["epoch"], "train_loss": kept["train_loss"], "train_acc": kept["train_acc"],
-           f"{split}_loss": kept["held_out_loss"], f"{split}_acc": kept["held_out_acc"]}
-    return row if split == "test" else {**row, "best_epoch": kept["epoch"]}
+    row = {"epoch": history[-1]["epoch"], "train_loss": kept["train_loss"], "train_acc": kept["train_acc"]}
+    if split == "test":
+        return row
+    return {**row, "val_loss": kept["held_out_loss"], "val_acc": kept["held_out_acc"], "best_epoch": kept["epoch"]}
 
 
 def image_loaders(index: FeatureIndex, transform: dict[str, Any], train_tf: Callable, cut: Cut | None,

@@ -24,7 +24,9 @@ from foodvision.core.errors import FoodVisionError, shown
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")  # featurize.engine
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of these, plus auto
-MOVED = {"train.device": "device"}  # keys of older params.yaml files, and where they went
+MOVED = {"train.device": "moved to the top-level key device: move the line there",  # keys of older params.yaml
+         "paths.export_metrics": "is now paths.export_check (the export check's figures, no longer a DVC metric): "
+                                 "rename the key"}
 MAX_SEED = 2**32 - 1  # NumPy's seed range; torch's is wider
 # YAML 1.1 (PyYAML) reads `1e-3` as a string: numbers in that form are accepted as floats
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -196,7 +198,7 @@ class PathsParams:
     backbone_onnx: str
     onnx_check: str
     onnx: str
-    export_metrics: str
+    export_check: str
 
     def __post_init__(self) -> None:
         """Each path relative, inside the project, and its own: DVC refuses the rest only after the work."""
@@ -269,7 +271,7 @@ def parse(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted((k for k in raw if k not in fields), key=str)  # keys may be numbers, dates, null
     moved = f"{prefix}{unknown[0]}" if unknown else ""
     if moved in MOVED:
-        raise ParamsError(f"{moved} moved to the top-level key {MOVED[moved]}: move the line there")
+        raise ParamsError(f"{moved} {MOVED[moved]}")
     if unknown:
         meant = difflib.get_close_matches(str(unknown[0]), fields, n=1, cutoff=0.6)
         hint = f"did you mean {prefix}{meant[0]}? " if meant else ""
