@@ -37,6 +37,8 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
         (lambda p: p.update(device="cuda:abc"), "device must be one of auto, cpu, cuda, mps (or cuda:N), got 'cuda:abc'"),
         (lambda p: p.update(device="mps:1"), "device must be one of auto, cpu, cuda, mps (or cuda:N), got 'mps:1'"),
         (lambda p: p["train"].update(device="cpu"), "train.device moved to the top-level key device: move the line there"),
+        (lambda p: p["paths"].update(export_metrics=p["paths"].pop("export_check")),
+         "paths.export_metrics is now paths.export_check (the export check's figures, no longer a DVC metric)"),
         (lambda p: p.pop("device"), "missing key device in params.yaml"),
         (lambda p: p["train"].pop("epochs"), "missing key train.epochs in params.yaml"),
         (lambda p: p.update(seed=-1), "seed must be between 0 and 4294967295 (2**32 - 1), got -1"),
