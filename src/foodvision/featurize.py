@@ -4,7 +4,8 @@ The backbone is frozen and in eval mode and the eval transform is deterministic,
 never change while its head trains: computing them once here lets every head-only experiment (lr, epochs,
 dropout) and `evaluate` skip decoding and the backbone entirely. And since a row depends only on the image's
 bytes and the backbone, rows are kept by content (`feature_cache`): a changed dataset (photos added,
-labels moved, another split or class subset) computes only the images the cache lacks (`rows`). Batches
+labels moved, another split or class subset) computes only the images the cache lacks (`rows`, on the
+engine and under the recipe `sources` gives). Batches
 are decoded (in DataLoader workers where there are spare cores, else on every core, a batch ahead), run
 through the frozen backbone on the engine `featurize.engine` picks and appended to a file, so memory stays
 flat whatever the number of images.
@@ -16,44 +17,31 @@ where it has them, must agree (`onnx_check`).
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
 import torch
 import torch.distributed
 
 from foodvision import distributed
-from foodvision.backbone import Body, Engine, onnx_engine, openvino_engine, pick_engine, pretrained_body, torch_engine
-from foodvision.core.device import cpu_count, cpu_flags, pick_device
+from foodvision.backbone import pick_engine, pretrained_body
+from foodvision.core.device import cpu_count, pick_device
 from foodvision.core.errors import DatasetError, ModelError, listed
 from foodvision.core.files import atomic_dir, atomic_path, file_sha256, write_json, write_text
-from foodvision.export_backbone import export_timed
-from foodvision.feature_cache import FeatureCache, evict, read_graph, recipe_digest, store_graph
+from foodvision.feature_cache import evict
 from foodvision.features import FeatureFile, FeatureIndex, NpyWriter, SplitIndex, load_index, write_index
 from foodvision.model import build_backbone, freeze_all_but, replace_head, resolve_weights
 from foodvision.onnx_check import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE, read_figures
 from foodvision.precision import autocast_dtype
 from foodvision.rows import Made, Source, image_keys, make_rows
+from foodvision.sources import Backbone, Cache
 from foodvision.spec import SPLITS, load_spec, load_transform
 
 CHECK_BATCH = 32  # the check's torch side runs at this batch size, whatever featurize.batch_size is
-ISA = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
-       "amx_int8", "amx_tile"}  # what decides which kernels an engine runs on a CPU, so which bytes
-
-
-@dataclass(frozen=True)
-class Cache:
-    """Where rows are kept by content, and its bound (`featurize.cache_dir`, `featurize.cache_gb`)."""
-
-    root: Path
-    max_bytes: int
 
 
 def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_dir: Path, *, model_name: str,
@@ -96,104 +84,6 @@ def featurize(spec_path: Path, pretrained_path: Path, transform_path: Path, out_
         if rows_out is not None:
             write_json(rows_out, {name: {"cached": m.cached, "computed": m.computed} for name, m in made.items()})
     return index
-
-
-class Backbone:
-    """The pretrained body, its ONNX graph and the sources of rows on each engine, each made on first use."""
-
-    def __init__(self, body: Body, name: str, weights_sha256: str, transform: dict[str, Any], cache: Cache | None,
-                 me: distributed.Rank) -> None:
-        self.body, self.name, self.weights, self.transform, self.cache, self.me = body, name, weights_sha256, \
-            transform, cache, me
-        self._graph: bytes | None = None
-
-    def graph(self) -> bytes:
-        """The body's ONNX graph: from the cache, else exported (and kept there). Under torchrun, while the
-        process group lives, every rank calls this at once: rank 0 makes it and hands it on."""
-        if self._graph is None:
-            if self.me.world > 1 and torch.distributed.is_initialized():
-                shared = [self._make_graph() if self.me.leader else None]
-                torch.distributed.broadcast_object_list(shared, src=0)
-                self._graph = shared[0]
-            else:
-                self._graph = self._make_graph()
-        return self._graph
-
-    def _make_graph(self) -> bytes:
-        crop = self.transform["crop_size"]
-        key = recipe_digest({"graph": 1, "model": self.name, "weights": self.weights, "crop": crop,
-                             "torch": torch.__version__, "opset": OPSET})
-        if self.cache is not None:
-            found, problem = read_graph(self.cache.root, key)
-            if problem:
-                print(f"featurize cache: {problem}; exporting again")
-            if found is not None:
-                print(f"the {self.name} backbone's ONNX graph from the cache ({self.cache.root})")
-                return found
-        data = export_timed(self.body.module, crop, self.name)
-        if self.cache is not None:
-            try:
-                store_graph(self.cache.root, key, data)
-            except OSError as exc:
-                print(f"featurize cache: could not keep the graph in {self.cache.root} ({exc}); continuing")
-        return data
-
-    def source(self, runner: str, dev: torch.device, precision: str, dtype: torch.dtype | None,
-               batch: int) -> Source:
-        """Rows by `runner` on `dev`: the cache of exactly that recipe, and the engine for the rest."""
-        parts: dict[str, object] = {
-            "rows": 1, "model": self.name, "weights": self.weights, "precision": precision, "engine": runner,
-            "transform": json.dumps(self.transform, sort_keys=True), "pillow": PIL.__version__,
-            "numpy": np.__version__, "torch": torch.__version__, "device": _device_kind(dev)}
-        if runner == "torch":
-            parts |= {"batch": batch, "threads": torch.get_num_threads() if dev.type == "cpu" else None}
-        else:  # the very graph, whose bytes the check holds against torch
-            parts |= {"graph": _sha256(self.graph()), runner: _engine_version(runner)}
-        cache = (FeatureCache(self.cache.root, recipe_digest(parts), self.body.cols)
-                 if self.cache is not None else None)
-
-        def engine() -> Engine:
-            if runner == "torch":
-                return torch_engine(self.body.module, dev, dtype, batch)
-            threads = max(1, cpu_count() // self.me.local_world)
-            if runner == "onnxruntime":
-                return onnx_engine(self.graph(), threads)
-            return openvino_engine(self.graph(), threads, precision)
-
-        return Source(cache, engine, dev)
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def _engine_version(runner: str) -> str:
-    if runner == "onnxruntime":
-        import onnxruntime
-
-        return onnxruntime.__version__
-    import openvino
-
-    return openvino.get_version()
-
-
-def _device_kind(dev: torch.device) -> str:
-    """What an engine's bytes depend on besides the software: the GPU model, or the CPU and its vector units."""
-    if dev.type == "cuda":
-        return f"cuda {torch.cuda.get_device_name(dev)} cudnn {torch.backends.cudnn.version()}"
-    if dev.type == "cpu":
-        return f"cpu {platform.machine()} {_cpu_model()} {' '.join(sorted(cpu_flags() & ISA))}"
-    return dev.type
-
-
-def _cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
 
 
 def _write(source: Source, spec: dict[str, Any], out_dir: Path, skip_corrupt: bool, header: FeatureIndex,
