@@ -42,7 +42,8 @@ REAL = ROOT.parent / "shared" / "data" / "pizza_steak_sushi.zip"
 CLASSES = ("pizza", "steak", "sushi")
 STAGES = ("prepare", "featurize", "train", "evaluate", "export", "predict")
 # what each stage imports before its first useful line (lazy imports included): its fixed cost per process
-IMPORTS = {"download": "foodvision.download", "pretrained": "foodvision.pretrained", "prepare": "foodvision.prepare",
+IMPORTS = {"params": "foodvision.core.params",
+           "download": "foodvision.download", "pretrained": "foodvision.pretrained", "prepare": "foodvision.prepare",
            "featurize": "foodvision.featurize, torchinfo, onnxruntime",
            "train": "foodvision.train, foodvision.plots", "evaluate": "foodvision.evaluate",
            "export": "foodvision.export, onnx, onnxruntime",

@@ -66,7 +66,7 @@ def export(model_path: Path, features_dir: Path, backbone_onnx: Path, check_dir:
         own_onnx, own_check = Path(tmp) / "backbone.onnx", Path(tmp) / "check"
         body, _ = checkpoint_body(model_path)
         write_checked(body, ckpt["transform"], features_dir, index, onnx_out=own_onnx, check_dir=own_check,
-                      run_torch=True, torch_side=f"fine-tuned float32 backbone ({', '.join(ckpt['finetuned'])})")
+                      torch_side=f"fine-tuned float32 backbone ({', '.join(ckpt['finetuned'])})")
         return _join(model_path, ckpt, features_dir, index, own_onnx, own_check, onnx_out, metrics_out)
 
 

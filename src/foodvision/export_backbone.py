@@ -21,37 +21,25 @@ from torch import nn
 
 from foodvision.backbone import Engine, image_features, onnx_engine, torch_engine
 from foodvision.core.device import cpu_count, decode_workers
-from foodvision.core.errors import ModelError
 from foodvision.core.files import atomic_dir, atomic_path, write_json
 from foodvision.data import EvalTransform, make_loader, split_images
-from foodvision.features import FeatureIndex, NpyWriter, open_split
-from foodvision.onnx_check import FIGURES, MAX_ABS_DIFF, OPSET, ORT_FEATURES, REFERENCE
+from foodvision.features import FeatureIndex, NpyWriter
+from foodvision.onnx_check import FIGURES, OPSET, ORT_FEATURES, REFERENCE, verdict
 
 BATCH = 32
 STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata torch's exporter writes: source paths
 
 
 def write_checked(body: nn.Module, transform: dict[str, Any], features_dir: Path, index: FeatureIndex, *,
-                  onnx_out: Path, check_dir: Path, run_torch: bool, torch_side: str, graph: bytes | None = None,
-                  stored_by_onnx: bool = False) -> dict[str, Any]:
-    """`body` as ONNX (`graph` when already exported) plus its check folder, written only when ONNX Runtime
-    agrees with torch on every test image.
-
-    ONNX Runtime's side is the graph on the decoded test batches, or with `stored_by_onnx` the stored features,
-    which it computed. torch's side is the stored features, or with `run_torch` the body itself on the same
-    batches (features stored by ONNX Runtime or in lower precision; a fine-tuned backbone), kept as
-    `reference.npy`."""
-    data = graph if graph is not None else export_timed(body, transform["crop_size"], index.model)
+                  onnx_out: Path, check_dir: Path, torch_side: str) -> dict[str, Any]:
+    """A fine-tuned `body` as ONNX plus its check folder, written only when ONNX Runtime agrees with torch on
+    every decoded test image; torch's features are kept as `reference.npy`."""
+    data = export_timed(body, transform["crop_size"], index.model)
     with atomic_path(onnx_out) as tmp_onnx, atomic_dir(check_dir) as tmp_check:
         tmp_onnx.write_bytes(data)
-        ort_side = None if stored_by_onnx else onnx_engine(data, cpu_count())
-        figures = _compare(body if run_torch else None, features_dir, ort_side, index, transform, tmp_check,
-                           torch_side)
-        figures.update(opset=OPSET, onnx_mb=round(len(data) / 2**20, 2))
-        if figures["backbone_max_abs_diff"] > MAX_ABS_DIFF:
-            raise ModelError(f"the ONNX export of the {index.model} backbone disagrees with torch on the test "
-                             f"images (max |feature difference| {figures['backbone_max_abs_diff']:.3g}); not "
-                             "written. Report it with your torch and onnxruntime versions")
+        worst, seen = _compare(body, onnx_engine(data, cpu_count()), index, transform, tmp_check)
+        print(f"backbone check: {seen} test images, max |feature difference| {worst:.3g}; torch: the {torch_side}")
+        figures = verdict(worst, seen, torch_side, index.model, data)
         write_json(tmp_check / FIGURES, figures)
     return figures
 
@@ -89,58 +77,23 @@ def onnx_bytes(module: nn.Module, crop: int, output: str) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def _compare(body: nn.Module | None, features_dir: Path, ort_side: Engine | None, index: FeatureIndex,
-             transform: dict[str, Any], check_dir: Path, torch_side: str) -> dict[str, Any]:
-    """ONNX Runtime (`ort_side` on the decoded test batches, or None: the stored rows, its own) against torch
-    (`body` on the same batches, or None: the stored rows, its own); ONNX Runtime's features (and torch's,
-    with `body`) are written to `check_dir`."""
+def _compare(body: nn.Module, ort_side: Engine, index: FeatureIndex, transform: dict[str, Any],
+             check_dir: Path) -> tuple[float, int]:
+    """ONNX Runtime against torch on the same decoded test batches, both written to `check_dir`; returns the
+    largest difference and the number of images."""
     test = index.split("test")
-    if not test.paths:
-        raise ModelError("the test split is empty: nothing to check the ONNX export on")
-    if body is None and ort_side is None:
-        raise ValueError("the check needs torch or ONNX Runtime to run on the images")
     dataset = split_images(index, "test", EvalTransform(transform), transform["resize_size"])
-    # ONNX Runtime and torch run on the CPU here
-    loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=decode_workers("cpu"))
-    rows, cols = len(test.paths), index.feature_dim
-    stored = open_split(features_dir, index, "test") if body is None or ort_side is None else None
-    stored_rows = stored.batches(BATCH) if stored is not None else None
-    ort_out = NpyWriter(check_dir / ORT_FEATURES, rows, cols)
-    reference = NpyWriter(check_dir / REFERENCE, rows, cols) if body is not None else None
-    run_torch = torch_engine(body, torch.device("cpu")) if body is not None else None
-    engine = _timed(ort_side if ort_side is not None else run_torch)  # the one that runs on the images first
+    loader = make_loader(dataset, BATCH, shuffle=False, seed=0, workers=decode_workers("cpu"))  # both on the CPU
+    ort_out = NpyWriter(check_dir / ORT_FEATURES, len(test.paths), index.feature_dim)
+    reference = NpyWriter(check_dir / REFERENCE, len(test.paths), index.feature_dim)
+    run_torch = torch_engine(body, torch.device("cpu"))
     worst, seen = 0.0, 0
-    for images, out, _ in image_features(loader, engine, "backbone check"):
-        if ort_side is None:  # stored rows are ONNX Runtime's
-            got, expected = next(stored_rows)[0], out
-        else:
-            got, expected = out, (next(stored_rows)[0] if run_torch is None else run_torch(images))
-        if reference is not None:
-            reference.write(expected)
+    for images, got, _ in image_features(loader, ort_side, "backbone check"):
+        expected = run_torch(images)
+        reference.write(expected)
         ort_out.write(got)
         worst = max(worst, float(np.abs(got - expected).max()))
         seen += len(images)
-    if stored is not None:
-        stored.close()
-    for writer in (ort_out, reference):
-        if writer is not None:
-            writer.close()
-    torch_side = "stored features" if body is None else torch_side
-    timed = "ONNX Runtime" if ort_side is not None else "torch"
-    print(f"backbone check: {seen} test images, max |feature difference| {worst:.3g}; {timed} "
-          f"{seen / max(engine.seconds, 1e-9):.1f} images/s (batch {BATCH}); torch: the {torch_side}")
-    return {"images": seen, "backbone_max_abs_diff": float(f"{worst:.3g}"), "torch_reference": torch_side,
-            "backbone": index.model}
-
-
-class _timed:
-    """An engine that adds up the seconds it runs (the check reports the speed of the engine it times)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine, self.seconds = engine, 0.0
-
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        start = time.perf_counter()
-        out = self.engine(images)
-        self.seconds += time.perf_counter() - start
-        return out
+    ort_out.close()
+    reference.close()
+    return worst, seen

@@ -157,9 +157,6 @@ class FeatureCache:
     def writer(self) -> ShardWriter:
         return ShardWriter(self.folder, self.recipe, self.cols)
 
-    def close(self) -> None:
-        self._rows.clear()
-
 
 class ShardWriter:
     """Rows added here become shards of at most SHARD_ROWS rows, each appearing whole or not at all."""

@@ -65,7 +65,6 @@ class Made:
     cached: int = 0
     computed: int = 0
     bad: list[int] = field(default_factory=list)
-    damaged: list[str] = field(default_factory=list)
 
 
 def image_keys(root: Path, samples: list[dict[str, Any]]) -> list[bytes]:
