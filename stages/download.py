@@ -2,16 +2,16 @@
 
 from pathlib import Path
 
-from foodvision.core.params import load_params
+from foodvision.core.params import load_params, load_paths
 from foodvision.core.stage import run
 from foodvision.download import download_dataset
 from foodvision.fetch import note_untracked
 
 
 def main() -> None:
-    params = load_params()
-    note_untracked(params.data.url, Path(params.paths.inputs_data), "data.url")
-    download_dataset(params.data.url, Path(params.paths.raw), sha256=params.data.sha256,
+    params, paths = load_params(), load_paths()
+    note_untracked(params.data.url, Path(paths.inputs_data), "data.url")
+    download_dataset(params.data.url, Path(paths.raw), sha256=params.data.sha256,
                      content_sha256=params.data.content_sha256,
                      max_extract_mb=params.data.max_extract_mb, max_download_mb=params.data.max_download_mb)
 

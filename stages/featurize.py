@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from foodvision import distributed
-from foodvision.core.params import load_params
+from foodvision.core.params import load_params, load_paths
 from foodvision.core.stage import run
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     from foodvision.feature_cache import default_dir
     from foodvision.featurize import Cache, featurize
 
-    paths, f = params.paths, params.featurize
+    paths, f = load_paths(), params.featurize
     cache = (Cache(Path(f.cache_dir).expanduser() if f.cache_dir else default_dir(), int(f.cache_gb * 2**30))
              if f.cache_gb > 0 else None)
     record(featurize)(Path(paths.spec), Path(paths.pretrained), Path(paths.transform), Path(paths.features),

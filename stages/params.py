@@ -6,13 +6,14 @@ silently. This stage depends on the whole file and writes nothing, so any edit o
 `dvc exp run -S`) reruns it, and a bad key fails the run in one line naming it.
 """
 
-from foodvision.core.params import load_params
+from foodvision.core.params import load_params, load_paths
 from foodvision.core.stage import run
 
 
 def main() -> None:
     load_params()
-    print("params.yaml: every key known, every value valid")
+    load_paths()
+    print("params.yaml: every key known, every value valid; dvc.yaml: every path valid")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ and the test photos as paths.examples."""
 
 from pathlib import Path
 
-from foodvision.core.params import load_params
+from foodvision.core.params import load_params, load_paths
 from foodvision.core.stage import run
 from foodvision.fetch import note_untracked
 from foodvision.predict import predict
@@ -11,7 +11,7 @@ from foodvision.predict import predict
 
 def main() -> None:
     params = load_params()
-    paths = params.paths
+    paths = load_paths()
     for image in params.predict.images:
         note_untracked(image, Path(paths.inputs_images), "predict.images entry")
     predict(Path(paths.onnx), Path(paths.features), num_samples=params.predict.num_samples,

@@ -2,15 +2,15 @@
 
 from pathlib import Path
 
-from foodvision.core.params import load_params
+from foodvision.core.params import load_params, load_paths
 from foodvision.core.stage import run
 from foodvision.prepare import prepare
 
 
 def main() -> None:
-    params = load_params()
+    params, paths = load_params(), load_paths()
     d = params.data
-    prepare(Path(params.paths.raw), Path(params.paths.spec), classes=d.classes, test_fraction=d.test_fraction,
+    prepare(Path(paths.raw), Path(paths.spec), classes=d.classes, test_fraction=d.test_fraction,
             seed=params.seed, skip_corrupt=d.skip_corrupt)
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from foodvision.core.params import load_params
+from foodvision.core.params import load_params, load_paths
 from foodvision.core.stage import run
 from foodvision.fetch import note_untracked
 from foodvision.pretrained import fetch_pretrained
@@ -10,7 +10,7 @@ from foodvision.pretrained import fetch_pretrained
 
 def main() -> None:
     params = load_params()
-    m, paths = params.model, params.paths
+    m, paths = params.model, load_paths()
     note_untracked(m.weights_url, Path(paths.inputs_weights), "model.weights_url")
     fetch_pretrained(m.name, m.weights, m.weights_url, Path(paths.pretrained), transform_out=Path(paths.transform),
                      sha256=m.sha256)

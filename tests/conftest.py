@@ -60,6 +60,29 @@ def default_params_text() -> str:
     return shown.stdout if shown.returncode == 0 else (ROOT / "params.yaml").read_text()
 
 
+def default_pipeline_text() -> str:
+    """The committed dvc.yaml, whose `vars:` hold `paths:` (see default_params_text)."""
+    shown = subprocess.run(["git", "show", "HEAD:dvc.yaml"], cwd=ROOT, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else (ROOT / "dvc.yaml").read_text()
+
+
+def default_paths() -> dict[str, str]:
+    """`paths:` of the committed dvc.yaml: where each stage reads and writes, relative to a project."""
+    (paths,) = [v["paths"] for v in yaml.safe_load(default_pipeline_text())["vars"] if "paths" in v]
+    return dict(paths)
+
+
+def write_pipeline(folder: Path, **changed: str) -> dict[str, str]:
+    """The committed dvc.yaml in `folder` (stages and commands read their files' paths from it), with
+    `changed` paths; returns the paths."""
+    pipeline = yaml.safe_load(default_pipeline_text())
+    (entry,) = [v for v in pipeline["vars"] if "paths" in v]
+    entry["paths"].update(changed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return dict(entry["paths"])
+
+
 @functools.cache
 def project_params() -> Params:
     """The committed params.yaml, parsed: the value a test passes where the value is not its point."""

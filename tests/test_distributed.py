@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, ctrl_c_as_in_a_terminal, default_params_text, free_port, prepare_spec, stored, write_dataset
+from conftest import (
+    ROOT,
+    ctrl_c_as_in_a_terminal,
+    default_params_text,
+    free_port,
+    prepare_spec,
+    stored,
+    write_dataset,
+    write_pipeline,
+)
 
 FEATURES = ("data/features/train.npy", "data/features/test.npy", "data/features/index.json", "models/summary.txt")
 
@@ -23,9 +32,9 @@ def project(folder: Path, spec: Path, trained, processes: int = 1) -> Path:
     params = yaml.safe_load(default_params_text())
     params["featurize"].update(batch_size=4, processes=processes, cache_dir=str(folder / "cache"))  # its own, cold
     params["device"] = "cpu"
-    folder.mkdir(parents=True, exist_ok=True)
+    paths = write_pipeline(folder)
     for key, source in (("spec", spec), ("pretrained", trained.pretrained), ("transform", trained.transform)):
-        link = folder / params["paths"][key]  # paths.* must lie inside the project: links to the fixture's files
+        link = folder / paths[key]  # paths.* must lie inside the project: links to the fixture's files
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(source)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))

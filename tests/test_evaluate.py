@@ -22,11 +22,21 @@ def test_report_on_a_hand_checked_example():
     assert r["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3, abs=1e-6)
 
 
+def outputs(tmp_path) -> dict:
+    return {"metrics_out": tmp_path / "eval.json", "per_class_csv": tmp_path / "per_class.csv",
+            "confusion_csv": tmp_path / "confusion.csv", "confusion_png": tmp_path / "confusion.png",
+            "hardest_png": tmp_path / "hardest.png"}
+
+
 def test_evaluate_writes_metrics_and_confusion(trained, tmp_path):
-    m = evaluate(trained.model, trained.features, device="cpu", metrics_out=tmp_path / "eval.json",
-                 confusion_csv=tmp_path / "confusion.csv", confusion_png=tmp_path / "confusion.png")
+    m = evaluate(trained.model, trained.features, device="cpu", **outputs(tmp_path))
     assert json.loads((tmp_path / "eval.json").read_text()) == m
-    assert m["samples"] == 6 and set(m["per_class"]) == {"pizza", "steak", "sushi"}
+    # what users compare, once each: a column of `dvc exp show` per key; the rest is in the table
+    assert list(m) == ["accuracy", "loss", "macro_f1", "f1"] and list(m["f1"]) == ["pizza", "steak", "sushi"]
+    table = list(csv.DictReader((tmp_path / "per_class.csv").open()))
+    assert [r["class"] for r in table] == ["pizza", "steak", "sushi"] and sum(int(r["support"]) for r in table) == 6
+    assert {r["class"]: float(r["f1"]) for r in table} == m["f1"]
+    assert m["macro_f1"] == pytest.approx(sum(m["f1"].values()) / 3, abs=1e-6)
     rows = list(csv.DictReader((tmp_path / "confusion.csv").open()))
     assert [r["path"] for r in rows][:2] == ["test/pizza/000.jpg", "test/pizza/001.jpg"]
     assert m["accuracy"] == round(sum(r["actual"] == r["predicted"] for r in rows) / 6, 6)
@@ -35,6 +45,36 @@ def test_evaluate_writes_metrics_and_confusion(trained, tmp_path):
     assert m["accuracy"] == float(last["held_out_acc"])
     assert m["loss"] == pytest.approx(float(last["held_out_loss"]), abs=1e-5)
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_hardest_test_images_are_the_highest_losses(trained, tmp_path, monkeypatch):
+    """The contact sheet shows the test images the model gets most wrong, worst first, each with its true and
+    predicted class, its probability and its file: where a user looks for label errors."""
+    from foodvision import evaluate as module
+
+    shown = {}
+    monkeypatch.setattr("foodvision.plots.contact_sheet",
+                        lambda photos, titles, correct, dest: shown.update(photos=photos, titles=titles, ok=correct))
+    monkeypatch.setattr(module, "HARDEST", 4)
+    m = evaluate(trained.model, trained.features, device="cpu", **outputs(tmp_path))
+    rows = list(csv.DictReader((tmp_path / "confusion.csv").open()))
+    losses = [float(t.split("loss ")[1].split("\n")[0]) for t in shown["titles"]]
+    assert len(losses) == 4 and losses == sorted(losses, reverse=True)
+    assert sum(losses) / 4 >= m["loss"] - 1e-6, "the highest losses, not any four"
+    for title, ok in zip(shown["titles"], shown["ok"]):
+        actual, rest = title.split(" as ")
+        path = title.split("\n")[1]
+        (row,) = [r for r in rows if r["path"] == path]
+        assert (row["actual"], row["predicted"]) == (actual, rest.split(" ")[0]) and ok == (row["actual"] == row["predicted"])
+    assert all(p.mode == "RGB" for p in shown["photos"])
+
+
+def test_the_contact_sheet_is_a_png(trained, tmp_path):
+    evaluate(trained.model, trained.features, device="cpu", **outputs(tmp_path))
+    from PIL import Image
+
+    with Image.open(tmp_path / "hardest.png") as sheet:
+        assert sheet.format == "PNG" and sheet.width >= 1000  # 4 tiles across
 
 
 def rewritten(source, dest, **changes):
@@ -141,11 +181,10 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
         head[1].bias.zero_()
     save_checkpoint(tmp_path / "model.safetensors", {f"classifier.{k}": v for k, v in head.state_dict().items()},
                     name="efficientnet_b0", head="classifier", dropout=0.2, class_names=classes, transform={})
-    m = evaluate(tmp_path / "model.safetensors", feats, device="cpu", metrics_out=tmp_path / "e.json",
-                 confusion_csv=tmp_path / "c.csv", confusion_png=tmp_path / "c.png")
+    m = evaluate(tmp_path / "model.safetensors", feats, device="cpu", **outputs(tmp_path))
     assert m["accuracy"] == round(7 / 49, 6)
     assert m["top5_accuracy"] == round(35 / 49, 6)
-    assert set(m["per_class"]) == set(classes)
+    assert list(m["f1"]) == classes
 
 
 def test_other_format_versions_and_unknown_backbones_are_named(trained, tmp_path):

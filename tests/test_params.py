@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import default_params_text
+from conftest import default_params_text, default_paths
 
-from foodvision.core.params import ParamsError, load_params
+from foodvision.core.params import ParamsError, load_params, load_paths
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -37,8 +37,7 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
         (lambda p: p.update(device="cuda:abc"), "device must be one of auto, cpu, cuda, mps (or cuda:N), got 'cuda:abc'"),
         (lambda p: p.update(device="mps:1"), "device must be one of auto, cpu, cuda, mps (or cuda:N), got 'mps:1'"),
         (lambda p: p["train"].update(device="cpu"), "train.device moved to the top-level key device: move the line there"),
-        (lambda p: p["paths"].update(export_metrics=p["paths"].pop("export_check")),
-         "paths.export_metrics is now paths.export_check (the export check's figures, no longer a DVC metric)"),
+        (lambda p: p.update(paths={"raw": "data/raw/dataset.zip"}), "paths moved to dvc.yaml's `vars:` block"),
         (lambda p: p.pop("device"), "missing key device in params.yaml"),
         (lambda p: p["train"].pop("epochs"), "missing key train.epochs in params.yaml"),
         (lambda p: p.update(seed=-1), "seed must be between 0 and 4294967295 (2**32 - 1), got -1"),
@@ -59,11 +58,6 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
         (lambda p: p["featurize"].update(processes=1000), "featurize.processes must be a positive integer up to 64"),
         (lambda p: p["train"].update(batch_size=10**6), "train.batch_size must be a positive integer up to 65,536"),
         (lambda p: p["train"].update(batch_size=4096, augment=True), "up to 1,024 (images per step with train.augment)"),
-        (lambda p: p["paths"].update(model=""), "paths.model must be a relative path inside the project, got ''"),
-        (lambda p: p["paths"].update(spec="/tmp/spec.json"), "paths.spec must be a relative path inside the project"),
-        (lambda p: p["paths"].update(spec="../spec.json"), "paths.spec must be a relative path inside the project"),
-        (lambda p: p["paths"].update(onnx="models/./model.safetensors"), "paths.onnx and paths.model are both "
-                                                                         "'models/model.safetensors'"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, edit, message):
@@ -71,6 +65,31 @@ def test_bad_params_name_the_key(tmp_path, edit, message):
     edit(params)
     with pytest.raises(ParamsError, match=re.escape(message)):
         load_params(write(tmp_path, yaml.safe_dump(params)))
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"model": ""}, "paths.model must be a relative path inside the project, got ''"),
+        ({"spec": "/tmp/spec.json"}, "paths.spec must be a relative path inside the project"),
+        ({"spec": "../spec.json"}, "paths.spec must be a relative path inside the project"),
+        ({"onnx": "models/./model.safetensors"}, "paths.onnx and paths.model are both 'models/model.safetensors'"),
+        ({"confusoin_png": "x.png"}, "unknown key paths.confusoin_png; did you mean paths.confusion_png?"),
+        ({"export_metrics": "m.json", "export_check": None}, "paths.export_metrics is now paths.export_check"),
+    ],
+)
+def test_bad_paths_in_dvc_yaml_name_the_key(tmp_path, changed, message):
+    """paths live in dvc.yaml's `vars:` (configuration, not columns of `dvc exp show`): checked as strictly."""
+    paths = {**default_paths(), **changed}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"vars": [{"paths": {k: v for k, v in paths.items() if v}}]}))
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_paths(tmp_path / "dvc.yaml")
+
+
+def test_paths_missing_from_dvc_yaml_are_one_line(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(ParamsError, match=re.escape("must have one `paths:` mapping under `vars:`")):
+        load_paths(tmp_path / "dvc.yaml")
 
 
 def edited(**lines: str) -> str:

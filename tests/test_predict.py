@@ -79,25 +79,23 @@ def test_cli_all_good_exits_zero_and_bad_model_is_clear(trained, exported, tmp_p
 
 
 def test_the_command_finds_the_model_params_yaml_names(trained, exported, tmp_path, monkeypatch, capsys):
-    """Inside a project, the default model is paths.onnx of its params.yaml (a moved model is still found);
+    """Inside a project, the default model is paths.onnx of its dvc.yaml (a moved model is still found);
     outside one, no guess: one line asking for --model."""
-    import yaml
-    from conftest import default_params_text
+    from conftest import default_params_text, write_pipeline
 
     good = tmp_path / "good.jpg"
     make_image("pizza", 1).save(good)
     project = tmp_path / "project"
     (project / "elsewhere").mkdir(parents=True)
     shutil.copy(onnx(exported), project / "elsewhere" / "classifier.onnx")
-    params = yaml.safe_load(default_params_text())
-    params["paths"]["onnx"] = "elsewhere/classifier.onnx"
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "params.yaml").write_text(default_params_text())
+    write_pipeline(project, onnx="elsewhere/classifier.onnx")
     monkeypatch.chdir(project)
     assert main([str(good)]) == 0
     assert capsys.readouterr().out.startswith(f"{good}\t")
     monkeypatch.chdir(tmp_path)
     assert main([str(good)]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: no params.yaml in {tmp_path}: run inside the project, or give "
+    assert capsys.readouterr().err.strip() == (f"error: no dvc.yaml in {tmp_path}: run inside the project, or give "
                                                 "--model MODEL.onnx")
 
 

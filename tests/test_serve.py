@@ -340,19 +340,17 @@ def test_bad_ports_hosts_and_model_metadata_fail_at_start(onnx_model, tmp_path):
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "lists 2 classes for 3 outputs" in run.stderr
 
 
-def test_inside_a_project_the_files_are_those_params_yaml_names(onnx_model, tmp_path):
-    """No options in a project folder: the model, predictions and photos of its params.yaml's `paths:` (moved
+def test_inside_a_project_the_files_are_those_dvc_yaml_names(onnx_model, tmp_path):
+    """No options in a project folder: the model, predictions and photos of its dvc.yaml's `paths:` (moved
     ones included); outside a project, without --model: one line asking for it, exit 2."""
     import shutil
 
-    import yaml
-    from conftest import default_params_text
+    from conftest import default_params_text, write_pipeline
 
     project = tmp_path / "project"
     shutil.copytree(onnx_model.parent, project / "out", ignore=shutil.ignore_patterns("check"))
-    params = yaml.safe_load(default_params_text())
-    params["paths"].update(onnx="out/model.onnx", predictions_json="out/predictions.json", examples="out/photos")
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "params.yaml").write_text(default_params_text())
+    write_pipeline(project, onnx="out/model.onnx", predictions_json="out/predictions.json", examples="out/photos")
     listing = json.loads((project / "out" / "predictions.json").read_text())
     listing[0]["path"] = str(project / "out" / "photos" / "test_0_000.jpg")
     (project / "out" / "predictions.json").write_text(json.dumps(listing))

@@ -1,4 +1,9 @@
-"""evaluate stage: test-set loss, accuracy (top-5 too, with many classes), per-class precision/recall/F1, confusion.
+"""evaluate stage: test-set loss, accuracy (top-5 too, with many classes), macro and per-class F1 as DVC metrics;
+per-class precision, recall, F1 and support as a table; the confusion matrix; the test images the model gets
+most wrong as a contact sheet.
+
+The metrics file holds what users compare across experiments (each key a column of `dvc exp show`); the
+table holds the rest, once.
 
 The head in eval mode is one matrix product, so this stage runs it in NumPy on the stored features:
 no torch to import (seconds of every experiment), the same logits to float32 rounding (a test checks).
@@ -6,6 +11,7 @@ no torch to import (seconds of every experiment), the same logits to float32 rou
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +22,11 @@ from foodvision.checkpoint import head_logits, head_weights, read_checkpoint
 from foodvision.core.errors import ModelError, listed
 from foodvision.core.files import write_csv, write_json
 from foodvision.features import FeatureIndex, load_index, open_split, rows_per_read
+from foodvision.images import open_rgb
+from foodvision.store import ImageStore
 
 TOP_K = 5  # reported when there are more classes than this
+HARDEST = 12  # test images on the contact sheet: the highest losses
 
 
 def classification_report(actual: list[int], predicted: list[int], classes: list[str]) -> dict[str, Any]:
@@ -41,12 +50,16 @@ def classification_report(actual: list[int], predicted: list[int], classes: list
     return {"accuracy": round(accuracy, 6), "macro_f1": round(macro_f1, 6), "per_class": per_class, "matrix": matrix}
 
 
-def cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Summed cross-entropy of a block (log-softmax in float64: no overflow, no loss of the small terms)."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """In float64: no overflow, no loss of the small terms."""
     z = logits.astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1))
-    return float((log_norm - z[np.arange(len(labels)), labels]).sum())
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Summed cross-entropy of a block."""
+    return float(-log_softmax(logits)[np.arange(len(labels)), labels].sum())
 
 
 def test_features(model_path: Path, ckpt: dict[str, Any], features_dir: Path, index: FeatureIndex,
@@ -67,9 +80,10 @@ def test_features(model_path: Path, ckpt: dict[str, Any], features_dir: Path, in
     test.close()
 
 
-def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: Path, confusion_csv: Path,
-             confusion_png: Path) -> dict[str, Any]:
-    """Score the trained model on the test split; write metrics JSON, confusion CSV and PNG.
+def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: Path, per_class_csv: Path,
+             confusion_csv: Path, confusion_png: Path, hardest_png: Path) -> dict[str, Any]:
+    """Score the trained model on the test split; write the metrics, the per-class table, the confusion
+    matrix (CSV and PNG) and the contact sheet of the hardest test images.
 
     For a frozen backbone the stored test features are what the checkpoint's backbone makes of the test
     images (a test checks the logits against the whole model on the images), so no image is decoded here.
@@ -84,28 +98,51 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
     classes = index.classes
     k = min(TOP_K, len(classes))
     actual, predicted, total_loss, top_k = [], [], 0.0, 0
+    hardest: list[tuple[float, int, float]] = []  # a min-heap of (loss, row, probability of the prediction)
     for feats, labels in test_features(model_path, ckpt, features_dir, index, device):
         logits = head_logits(feats, weight, bias)
-        total_loss += cross_entropy_sum(logits, labels)
+        log_p = log_softmax(logits)
+        losses = -log_p[np.arange(len(labels)), labels]
+        total_loss += float(losses.sum())
         best = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < len(classes) else None
         top_k += len(labels) if best is None else int((best == labels[:, None]).any(axis=1).sum())
+        for i, loss in enumerate(losses.tolist()):
+            item = (loss, len(actual) + i, float(np.exp(log_p[i].max())))
+            (heapq.heappush if len(hardest) < HARDEST else heapq.heappushpop)(hardest, item)
         actual += labels.tolist()
         predicted += logits.argmax(axis=1).tolist()
     report = classification_report(actual, predicted, classes)
-    metrics = {"loss": round(total_loss / len(actual), 6), "accuracy": report["accuracy"],
-               "macro_f1": report["macro_f1"], "samples": len(actual), "per_class": report["per_class"]}
+    metrics = {"accuracy": report["accuracy"], "loss": round(total_loss / len(actual), 6),
+               "macro_f1": report["macro_f1"]}
     if len(classes) > TOP_K:
         metrics[f"top{TOP_K}_accuracy"] = round(top_k / len(actual), 6)
+    metrics["f1"] = {name: c["f1"] for name, c in report["per_class"].items()}
     write_json(metrics_out, metrics)
-    paths = index.split("test").paths
+    write_csv(per_class_csv, ["class", "precision", "recall", "f1", "support"],
+              [[name, c["precision"], c["recall"], c["f1"], c["support"]] for name, c in report["per_class"].items()])
+    test = index.split("test")
     write_csv(confusion_csv, ["path", "actual", "predicted"],
-              [[p, classes[a], classes[q]] for p, a, q in zip(paths, actual, predicted)])
-    from foodvision.plots import confusion  # matplotlib: only once the figures are in
+              [[p, classes[a], classes[q]] for p, a, q in zip(test.paths, actual, predicted)])
+    from foodvision.plots import confusion, contact_sheet  # matplotlib: only once the figures are in
 
     confusion(report["matrix"], classes, confusion_png)
+    worst = sorted(hardest, reverse=True)
+    store = ImageStore(Path(index.root))
+    try:
+        photos = [open_rgb(store.read_at(test.paths[row], test.location(row))) for _, row, _ in worst]
+    finally:
+        store.close()
+    contact_sheet(photos, [f"{classes[actual[row]]} as {classes[predicted[row]]} {p:.2f}, loss {loss:.2f}\n"
+                           f"{_clipped(test.paths[row])}" for loss, row, p in worst],
+                  [actual[row] == predicted[row] for _, row, _ in worst], hardest_png)
     print(f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
-          f"on {metrics['samples']} images")
+          f"on {len(actual)} images")
     return metrics
+
+
+def _clipped(path: str, width: int = 34) -> str:
+    """A member path short enough for a tile, its end kept: the file name finds the photo to relabel."""
+    return path if len(path) <= width else "…" + path[-(width - 1):]
 
 
 def _few(names: list[str]) -> str:

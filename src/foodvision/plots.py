@@ -1,4 +1,4 @@
-"""The PNGs: loss/accuracy curves, confusion matrix, one titled photo per prediction."""
+"""The PNGs: loss/accuracy curves, confusion matrix, the hardest test images, one titled photo per prediction."""
 
 from __future__ import annotations
 
@@ -90,5 +90,25 @@ def prediction(image: Image.Image, title: str, correct: bool | None, dest: Path)
     ax.imshow(image)
     ax.set_title(title, color={True: "green", False: "red", None: "black"}[correct])
     ax.axis("off")
+    fig.tight_layout()
+    _save(fig, dest)
+
+
+SHEET_COLUMNS = 4
+
+
+@plt.rc_context(PLAIN_TEXT)
+def contact_sheet(photos: list[Image.Image], titles: list[str], correct: list[bool], dest: Path) -> None:
+    """Photos in a grid of 4 columns, each under its title (red when the prediction is wrong): where to look
+    first for label errors and for what the model cannot tell apart."""
+    rows = max(1, -(-len(photos) // SHEET_COLUMNS))
+    fig, axes = plt.subplots(rows, SHEET_COLUMNS, figsize=(3 * SHEET_COLUMNS, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, photo, text, ok in zip(axes.flat, photos, titles, correct):
+        photo.thumbnail((256, 256))
+        ax.imshow(photo)
+        ax.set_title(text, fontsize=9, color="green" if ok else "red")
+    fig.suptitle("Test images with the highest loss: true class as predicted class, probability")
     fig.tight_layout()
     _save(fig, dest)

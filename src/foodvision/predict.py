@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print class and probability per image; a bad file gets its own error line, the rest still run."""
     parser = argparse.ArgumentParser(prog="foodvision-predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="image files or URLs")
-    parser.add_argument("--model", type=Path, help="the exported model (default: paths.onnx of ./params.yaml)")
+    parser.add_argument("--model", type=Path, help="the exported model (default: paths.onnx of ./dvc.yaml)")
     args = parser.parse_args(argv)
     try:
         model = args.model or Path(required_project_paths().onnx)

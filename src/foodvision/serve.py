@@ -3,7 +3,7 @@
     foodvision-serve [--model MODEL.onnx] [--examples PREDICTIONS.json] [--photos DIR] [--host 127.0.0.1]
                      [--port 8000] [--token SECRET]
 
-Inside the project the files default to the stages' outputs named in params.yaml (`paths.onnx`,
+Inside the project the files default to the stages' outputs named in dvc.yaml (`paths.onnx`,
 `paths.predictions_json`, `paths.examples`); outside it, give --model. The application is `web.py`.
 It runs ONNX Runtime, Pillow and numpy, never torch (a test checks), so it starts in a fraction of a
 second; the extra adds three small packages (`pip install -e '.[serve]'`). The model is loaded once; the
@@ -106,7 +106,7 @@ def _port(text: str) -> int:
 
 def _project_defaults(args: argparse.Namespace) -> None:
     """Unset files are the stages' outputs of the project in the current folder; outside one, only the model
-    is needed (no examples then). With --model given, a params.yaml that is not this project's (or not valid)
+    is needed (no examples then). With --model given, a dvc.yaml that is not this project's (or not valid)
     only costs the examples."""
     if args.model and args.examples and args.photos:
         return
@@ -125,7 +125,7 @@ def _project_defaults(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="foodvision-serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="the exported model (default: paths.onnx of ./params.yaml)")
+    parser.add_argument("--model", type=Path, help="the exported model (default: paths.onnx of ./dvc.yaml)")
     parser.add_argument("--examples", type=Path, help="the predict stage's results, whose test samples are the page's "
                         "examples (default: paths.predictions_json)")
     parser.add_argument("--photos", type=Path, help="the folder predict keeps those photos in; nothing else is "

@@ -5,7 +5,8 @@ A row depends on the image's bytes and on everything that runs it: the backbone 
 the eval transform, the precision, the engine and its version (for ONNX Runtime and OpenVINO, the exact
 graph), the decoder and the hardware's kernels. The recipe digests all of it, so rows of one recipe are
 the same bytes whoever computes them, and anything else gets a folder of its own. The backbone's ONNX graph
-is made once per backbone and kept in the cache too.
+is made once per backbone and kept in the cache too. Both also digest our own code that decides their bytes
+(every stage reruns on any code change: a fixed transform must not be answered with the old rows).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import PIL
 import torch
 import torch.distributed
 
-from foodvision import distributed
+from foodvision import backbone, data, distributed, export_backbone, images, lite0, model
 from foodvision.backbone import Body, Engine, onnx_engine, openvino_engine, torch_engine
 from foodvision.core.device import cpu_count, cpu_flags
 from foodvision.export_backbone import export_timed
@@ -66,7 +67,8 @@ class Backbone:
     def _make_graph(self) -> bytes:
         crop = self.transform["crop_size"]
         key = recipe_digest({"graph": 1, "model": self.name, "weights": self.weights, "crop": crop,
-                             "torch": torch.__version__, "opset": OPSET})
+                             "torch": torch.__version__, "opset": OPSET,
+                             "code": _code_digest(model, lite0, backbone, export_backbone)})
         if self.cache is not None:
             found, problem = read_graph(self.cache.root, key)
             if problem:
@@ -74,13 +76,13 @@ class Backbone:
             if found is not None:
                 print(f"the {self.name} backbone's ONNX graph from the cache ({self.cache.root})")
                 return found
-        data = export_timed(self.body.module, crop, self.name)
+        graph = export_timed(self.body.module, crop, self.name)
         if self.cache is not None:
             try:
-                store_graph(self.cache.root, key, data)
+                store_graph(self.cache.root, key, graph)
             except OSError as exc:
                 print(f"featurize cache: could not keep the graph in {self.cache.root} ({exc}); continuing")
-        return data
+        return graph
 
     def source(self, runner: str, dev: torch.device, precision: str, dtype: torch.dtype | None,
                batch: int) -> Source:
@@ -88,7 +90,8 @@ class Backbone:
         parts: dict[str, object] = {
             "rows": 1, "model": self.name, "weights": self.weights, "precision": precision, "engine": runner,
             "transform": json.dumps(self.transform, sort_keys=True), "pillow": PIL.__version__,
-            "numpy": np.__version__, "torch": torch.__version__, "device": _device_kind(dev)}
+            "numpy": np.__version__, "torch": torch.__version__, "device": _device_kind(dev),
+            "code": _code_digest(images, data, model, lite0, backbone)}
         if runner == "torch":
             parts |= {"batch": batch, "threads": torch.get_num_threads() if dev.type == "cpu" else None}
         else:  # the very graph, whose bytes the check holds against torch
@@ -109,6 +112,11 @@ class Backbone:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _code_digest(*modules: Any) -> str:
+    """Our source files that decide a row's (or the graph's) bytes: the decoder, the transform, the backbone."""
+    return _sha256(b"".join(Path(m.__file__).read_bytes() for m in modules))
 
 
 def _engine_version(runner: str) -> str:

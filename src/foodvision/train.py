@@ -56,9 +56,7 @@ def train(features_dir: Path, pretrained_path: Path, transform_path: Path, model
     seed_everything(seed, dev)
     keeper = Keeper(train_params.patience) if cut is not None else None
     split = "test" if cut is None else "val"
-    head_params = index.feature_dim * len(index.classes) + len(index.classes)
-    progress = _Progress(out.history, out.metrics, split, {"seed": seed, "params_total": index.backbone_params +
-                                                           head_params, "params_trainable": head_params})
+    progress = _Progress(out.history, out.metrics, split)
     start = time.perf_counter()
     model: nn.Module | None = None
     if train_params.augment:
@@ -112,14 +110,14 @@ def _checked_cut(index: FeatureIndex, features_dir: Path, model_params: ModelPar
 
 class _Progress:
     """After every epoch: the history first (whoever sees epoch n in the metrics finds n rows in the history),
-    then the metrics, with `extra` figures beside them."""
+    then the metrics."""
 
-    def __init__(self, history_out: Path, metrics_out: Path, split: str, extra: dict[str, Any]) -> None:
-        self.history_out, self.metrics_out, self.split, self.extra = history_out, metrics_out, split, extra
+    def __init__(self, history_out: Path, metrics_out: Path, split: str) -> None:
+        self.history_out, self.metrics_out, self.split = history_out, metrics_out, split
 
     def __call__(self, history: list[dict[str, Any]]) -> None:
         write_csv(self.history_out, list(HISTORY_FIELDS), [[row[k] for k in HISTORY_FIELDS] for row in history])
-        write_json(self.metrics_out, {**metrics_row(history, self.split), **self.extra})
+        write_json(self.metrics_out, metrics_row(history, self.split))
 
 
 def _classifier(model_params: ModelParams, pretrained_path: Path, num_classes: int,

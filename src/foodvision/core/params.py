@@ -25,8 +25,11 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")  # featurize.engine
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")  # what torch.device accepts of these, plus auto
 MOVED = {"train.device": "moved to the top-level key device: move the line there",  # keys of older params.yaml
+         "paths": "moved to dvc.yaml's `vars:` block (configuration, not an experiment parameter): delete it here "
+                  "and make any path you changed there",
          "paths.export_metrics": "is now paths.export_check (the export check's figures, no longer a DVC metric): "
                                  "rename the key"}
+PIPELINE = Path("dvc.yaml")  # its `vars:` block holds `paths:`, which DVC interpolates and the commands read
 MAX_SEED = 2**32 - 1  # NumPy's seed range; torch's is wider
 # YAML 1.1 (PyYAML) reads `1e-3` as a string: numbers in that form are accepted as floats
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -173,7 +176,8 @@ class PredictParams:
 
 @dataclass(frozen=True)
 class PathsParams:
-    """Where each stage reads and writes: dvc.yaml uses the same keys through `${paths.*}`."""
+    """Where each stage reads and writes: `paths:` in dvc.yaml's `vars:`, which its stages use as `${paths.*}`.
+    Not in params.yaml, whose every key is a column of `dvc exp show`: a path is not an experiment parameter."""
 
     inputs_data: str  # local inputs placed here are DVC deps of the stage that reads them
     inputs_weights: str
@@ -190,8 +194,10 @@ class PathsParams:
     history: str
     curves: str
     eval_metrics: str
+    per_class: str
     confusion_csv: str
     confusion_png: str
+    hardest: str
     predictions: str
     predictions_json: str
     examples: str
@@ -226,7 +232,6 @@ class Params:
     train: TrainParams
     finetune: FinetuneParams
     predict: PredictParams
-    paths: PathsParams
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed <= MAX_SEED:
@@ -247,24 +252,39 @@ def load_params(path: Path = Path("params.yaml")) -> Params:
     return parse(Params, raw if raw is not None else {}, "")
 
 
+def load_paths(path: Path = PIPELINE) -> PathsParams:
+    """`paths:` from the `vars:` of dvc.yaml, validated: DVC itself would only refuse a bad one after the work."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the project root, where dvc.yaml lives")
+    try:
+        pipeline = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    found = [v["paths"] for v in pipeline.get("vars") or [] if isinstance(v, dict) and "paths" in v]
+    if len(found) != 1:
+        raise ParamsError(f"{path} must have one `paths:` mapping under `vars:` (every stage's files); "
+                          "the committed dvc.yaml has it")
+    return parse(PathsParams, found[0], "paths.", file=str(path))
+
+
 def project_paths() -> PathsParams | None:
-    """The `paths:` of the project a command runs in (params.yaml in the current folder), None outside one:
+    """The `paths:` of the project a command runs in (dvc.yaml in the current folder), None outside one:
     the commands' default files are the ones the stages wrote, whatever `paths.*` says."""
-    here = Path("params.yaml")
-    return load_params(here).paths if here.is_file() else None
+    return load_paths(PIPELINE) if PIPELINE.is_file() else None
 
 
 def required_project_paths() -> PathsParams:
     """`project_paths`, where a command cannot go on without them (no --model given)."""
     paths = project_paths()
     if paths is None:
-        raise ParamsError(f"no params.yaml in {Path.cwd()}: run inside the project, or give --model MODEL.onnx")
+        raise ParamsError(f"no dvc.yaml in {Path.cwd()}: run inside the project, or give --model MODEL.onnx")
     return paths
 
 
-def parse(cls: type, raw: Any, prefix: str) -> Any:
+def parse(cls: type, raw: Any, prefix: str, file: str = "params.yaml") -> Any:
     """Build dataclass `cls` from a mapping, checking keys and value types recursively."""
-    where = prefix.rstrip(".") or "params.yaml"
+    where = prefix.rstrip(".") or file
     if not isinstance(raw, dict):
         raise ParamsError(f"{where} must be a mapping of keys, got {type(raw).__name__}")
     fields = [f.name for f in dataclasses.fields(cls)]
@@ -284,21 +304,21 @@ def parse(cls: type, raw: Any, prefix: str) -> Any:
     for name in fields:
         key = prefix + name
         if name not in raw:  # params.yaml is the one place defaults live, as DVC needs every declared key
-            raise ParamsError(f"missing key {key} in params.yaml; the committed params.yaml has it with its default")
-        values[name] = _coerce(hints[name], raw[name], key)
+            raise ParamsError(f"missing key {key} in {file}; the committed {file} has it with its default")
+        values[name] = _coerce(hints[name], raw[name], key, file)
     return cls(**values)
 
 
-def _coerce(hint: Any, value: Any, key: str) -> Any:
+def _coerce(hint: Any, value: Any, key: str, file: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return parse(hint, value, key + ".")
+        return parse(hint, value, key + ".", file)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
         (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(inner, value, key)
+        return _coerce(inner, value, key, file)
     if origin is tuple:
         if value is None:  # `images:` with nothing under it
             return ()
