@@ -76,7 +76,8 @@ def train(features_dir: Path, pretrained_path: Path, transform_path: Path, model
             model, head = _classifier(model_params, pretrained_path, len(index.classes), seed)
             model.get_submodule(head).load_state_dict(net.state_dict())
         finetuned = unfreeze(model, head, finetune_params.blocks, model_params.name)
-        progress.extra["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"fine-tuning {trainable:,} parameters (the head and {', '.join(finetuned)})")
         start = time.perf_counter()
         finetune(model, head, finetuned, index, transform, finetune_params, cut=cut, keeper=keeper, seed=seed,
                  device=dev, history=history, on_epoch=progress)
