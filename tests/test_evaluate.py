@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_image, stored
 from safetensors.numpy import save
 
 from foodvision.checkpoint import read_checkpoint
@@ -88,8 +89,7 @@ def rewritten(source, dest, **changes):
 def test_truncated_or_foreign_checkpoint(trained, tmp_path):
     truncated = tmp_path / "model.safetensors"
     truncated.write_bytes(trained.model.read_bytes()[:1000])
-    kwargs = dict(device="cpu", metrics_out=tmp_path / "e.json", confusion_csv=tmp_path / "c.csv",
-                  confusion_png=tmp_path / "c.png")
+    kwargs = dict(device="cpu", **outputs(tmp_path))
     with pytest.raises(ModelError, match="model.safetensors is not a readable safetensors file"):
         evaluate(truncated, trained.features, **kwargs)
     torch.save(torch.load(trained.pretrained, weights_only=True), truncated)  # a torch pickle, not safetensors
@@ -173,8 +173,13 @@ def test_top5_accuracy_with_more_than_five_classes(tmp_path):
     writer.write(rows)
     writer.close()
     test = SplitIndex([f"{i}.jpg" for i in range(49)], labels, [None] * 49)
-    write_index(feats, FeatureIndex("efficientnet_b0", "classifier", 7, 0, classes, ".", "fp32", "torch", {"test": test},
-                                    []))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(49):
+        make_image("pizza", i, (16, 16)).save(photos / f"{i}.jpg")
+    raw = stored(photos, tmp_path / "raw.zip")  # the contact sheet shows the hardest of them
+    write_index(feats, FeatureIndex("efficientnet_b0", "classifier", 7, 0, classes, str(raw), "fp32", "torch",
+                                    {"test": test}, []))
     head = new_head(7, 7, 0.2)
     with torch.no_grad():
         head[1].weight.copy_(torch.eye(7))

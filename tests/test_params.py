@@ -81,7 +81,7 @@ def test_bad_params_name_the_key(tmp_path, edit, message):
 def test_bad_paths_in_dvc_yaml_name_the_key(tmp_path, changed, message):
     """paths live in dvc.yaml's `vars:` (configuration, not columns of `dvc exp show`): checked as strictly."""
     paths = {**default_paths(), **changed}
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"vars": [{"paths": {k: v for k, v in paths.items() if v}}]}))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"vars": [{"paths": {k: v for k, v in paths.items() if v is not None}}]}))
     with pytest.raises(ParamsError, match=re.escape(message)):
         load_paths(tmp_path / "dvc.yaml")
 

@@ -63,11 +63,54 @@ def test_cli_prints_each_image_and_reports_bad_ones(trained, exported, tmp_path,
     make_image("pizza", 1).save(good)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    rc = main([str(good), str(tmp_path / "missing.jpg"), str(tmp_path), str(text), "--model", str(onnx(exported))])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = main([str(good), str(tmp_path / "missing.jpg"), str(empty), str(text), "--model", str(onnx(exported))])
     out, err = capsys.readouterr()
     assert rc == 1
     assert out.startswith(f"{good}\t") and out.count("\n") == 1
     assert len(err.strip().splitlines()) == 3 and "missing.jpg" in err and "notes.txt" in err
+    assert f"error: {empty}: a folder with no photos in it" in err
+
+
+def test_a_folder_is_every_photo_below_it_with_the_top_k_in_csv_or_json(trained, exported, tmp_path, capsys):
+    """As fastai's and Ultralytics' users expect: a folder (recursively, hidden files left out), the K most
+    likely classes per photo, and a file to open in a spreadsheet or a script; a bad photo is a row with its
+    error, and the exit code says some failed."""
+    import csv
+    import json
+
+    photos = tmp_path / "photos"
+    for rel, cls in (("a/1.jpg", "pizza"), ("a/b/2.png", "sushi"), ("3.JPG", "steak")):
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        make_image(cls, 5).save(photos / rel, format="PNG" if rel.endswith("png") else "JPEG")
+    (photos / ".hidden").mkdir()
+    make_image("pizza", 6).save(photos / ".hidden" / "x.jpg")
+    (photos / "._3.jpg").write_bytes(b"\0\0macOS metadata")
+    (photos / "notes.txt").write_text("not a photo")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    model = str(onnx(exported))
+    rc = main([str(photos), "--model", model, "--top", "2", "--output", str(tmp_path / "out.csv")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.count("\n") == 1 and "broken.jpg" in err
+    names = [line.split("\t")[0] for line in out.splitlines()]
+    assert names == [str(photos / n) for n in ("3.JPG", "a/1.jpg", "a/b/2.png")]
+    assert all(len(line.split("\t")) == 5 for line in out.splitlines()), "path, then 2 x (class, probability)"
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    assert list(rows[0]) == ["path", "class_1", "probability_1", "class_2", "probability_2", "error"]
+    assert [r["path"] for r in rows] == [str(photos / n) for n in ("3.JPG", "a/1.jpg", "a/b/2.png", "broken.jpg")]
+    good = rows[0]
+    assert float(good["probability_1"]) >= float(good["probability_2"]) and good["class_1"] != good["class_2"]
+    assert rows[-1]["class_1"] == "" and rows[-1]["error"]
+
+    assert main([str(photos / "a"), "--model", model, "--top", "9", "--output", str(tmp_path / "out.json")]) == 0
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert [r["path"] for r in results] == [str(photos / "a/1.jpg"), str(photos / "a/b/2.png")]
+    assert [t["class"] for t in results[0]["top"]] == sorted(("pizza", "steak", "sushi"),
+                                                              key=lambda c: -dict(
+                                                                  (t["class"], t["probability"])
+                                                                  for t in results[0]["top"])[c])
+    assert len(results[0]["top"]) == 3 and abs(sum(t["probability"] for t in results[0]["top"]) - 1) < 1e-4
 
 
 def test_cli_all_good_exits_zero_and_bad_model_is_clear(trained, exported, tmp_path, capsys):

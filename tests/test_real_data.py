@@ -74,3 +74,27 @@ def test_a_high_learning_rate_experiment_exports(project, tmp_path):
     exported = json.loads((copy / "models/export_check.json").read_text())
     assert exported["argmax_agreement"] == exported["sample_argmax_agreement"] == 1.0
     assert exported["max_rel_diff"] <= 1e-4 < exported["max_abs_diff"], exported
+
+
+def test_the_readmes_figures_are_this_run(project):
+    """Every figure of the README's results table, its test loss and its sushi probability: a changed recipe
+    (or a changed figure in the README) fails here, not in a reader's hands."""
+    import csv
+    import re
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Results on the real data"):readme.index("## Use the model")]
+    table = {row[0]: row[1:] for row in (
+        [cell.strip(" *") for cell in line.strip("|").split("|")] for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| |"))}
+    per_class = {r["class"]: r for r in csv.DictReader((project / "plots/eval/per_class.csv").open())}
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    for key in ("precision", "recall"):
+        assert table[key][:3] == [f"{float(per_class[c][key]):.3f}" for c in ("pizza", "steak", "sushi")], key
+    assert table["F1"][:3] == [f"{metrics['f1'][c]:.3f}" for c in ("pizza", "steak", "sushi")]
+    assert table["F1"][3] == f"macro {metrics['macro_f1']:.3f}" and table["accuracy"][3] == f"{metrics['accuracy']:.3f}"
+    assert f"Test loss {metrics['loss']:.3f}" in section
+    sushi = json.loads((project / "plots/predictions.json").read_text())[-1]
+    assert re.search(rf"`Pred: sushi \| Prob: {sushi['prob']:.3f}`", section), sushi["prob"]

@@ -1,6 +1,8 @@
 """predict stage and command: class and probability for test samples and the user's own photos.
 
-    foodvision-predict IMAGE [IMAGE ...] [--model MODEL.onnx]
+    foodvision-predict IMAGE|FOLDER|URL [...] [--model MODEL.onnx] [--top K] [--output FILE.csv|FILE.json]
+
+A folder stands for every photo below it (recursively, hidden files left out, in sorted order).
 
 Both run the exported model (the export stage's `paths.onnx`) on ONNX Runtime, as `foodvision-serve` does:
 the same probabilities everywhere, and a stage that imports neither torch nor torchvision (seconds of
@@ -20,13 +22,15 @@ import numpy as np
 
 from foodvision.classifier import OnnxClassifier
 from foodvision.core.errors import FoodVisionError
-from foodvision.core.files import atomic_dir, write_json
+from foodvision.core.files import atomic_dir, write_csv, write_json
 from foodvision.core.params import required_project_paths
 from foodvision.features import load_index
 from foodvision.fetch import fetch, local_path, redact, source_name
+from foodvision.spec import IMG_EXTENSIONS, hidden
 from foodvision.store import ImageStore
 
 MAX_IMAGE_MB = 200  # a photo, not a video
+PHOTO_EXTENSIONS = (*IMG_EXTENSIONS, ".heic", ".heif", ".avif", ".gif")  # a folder's photos: what the web page takes
 
 
 def describe(probs: np.ndarray, classes: list[str], source: str, true: str | None) -> dict[str, Any]:
@@ -96,31 +100,96 @@ def _materialise(source: str, dest: Path) -> Path:
     return dest
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print class and probability per image; a bad file gets its own error line, the rest still run."""
+def expand(sources: list[str]) -> list[str]:
+    """Each folder replaced by the photos below it, sorted; files, URLs and a folder without photos (an
+    error line of its own: "nothing to predict" must not pass silently) as given."""
+    found = []
+    for source in sources:
+        folder = Path(source)
+        photos = sorted(str(f) for f in folder.rglob("*") if f.suffix.lower() in PHOTO_EXTENSIONS and f.is_file()
+                        and not any(hidden(part) for part in f.relative_to(folder).parts)) if _is_folder(source) else []
+        found += photos or [source]
+    return found
+
+
+def _is_folder(source: str) -> bool:
+    return local_path(source) is not None and Path(source).is_dir()
+
+
+def top(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    """The k most likely classes, most likely first (ties in class order)."""
+    order = sorted(range(len(classes)), key=lambda i: (-float(probs[i]), i))[:k]
+    return [(classes[i], round(float(probs[i]), 6)) for i in order]
+
+
+def write_results(dest: Path, results: list[dict[str, Any]], k: int) -> None:
+    """CSV (one row per photo: path, class_1, probability_1, ... class_k, probability_k, error) or JSON."""
+    if dest.suffix.lower() == ".json":
+        write_json(dest, results)
+        return
+    header = ["path", *(f"{c}_{r}" for r in range(1, k + 1) for c in ("class", "probability")), "error"]
+    rows = [[r["path"], *(v for pair in r.get("top", []) for v in pair),
+             *([""] * (2 * (k - len(r.get("top", []))))), r.get("error", "")] for r in results]
+    write_csv(dest, header, rows)
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="foodvision-predict", description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", help="image files or URLs")
+    parser.add_argument("images", nargs="+", help="image files, folders (every photo below them) or URLs")
     parser.add_argument("--model", type=Path, help="the exported model (default: paths.onnx of ./dvc.yaml)")
+    parser.add_argument("--top", type=int, default=1, metavar="K", help="the K most likely classes (default 1)")
+    parser.add_argument("--output", type=Path, metavar="FILE",
+                        help="also write every result to FILE: .csv (one row per photo) or .json")
     args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top must be 1 or more, got {args.top}")
+    if args.output is not None and args.output.suffix.lower() not in (".csv", ".json"):
+        parser.error(f"--output must end in .csv or .json, got {args.output}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the top classes per image; a bad file gets its own error line, the rest still run."""
+    args = _arguments(argv)
+    sources = expand(args.images)
     try:
         model = args.model or Path(required_project_paths().onnx)
         predictor = OnnxClassifier(model)
     except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    failed = 0
+    k = min(args.top, len(predictor.classes))
+    results = []
     with tempfile.TemporaryDirectory(prefix="foodvision-predict.") as tmp:
-        for i, source in enumerate(args.images):
+        for i, source in enumerate(sources):
+            shown = redact(source)
             try:
+                if _is_folder(source):
+                    raise FoodVisionError(f"a folder with no photos in it ({', '.join(PHOTO_EXTENSIONS)})")
                 path = _materialise(source, Path(tmp) / f"{i}_{source_name(source)}")
                 probs = predictor.probabilities(predictor.load(path))
             except (FoodVisionError, OSError, ValueError) as exc:
-                print(f"error: {redact(source)}: {exc}", file=sys.stderr)
-                failed += 1
+                print(f"error: {shown}: {exc}", file=sys.stderr)
+                results.append({"path": shown, "error": str(exc)})
                 continue
-            result = describe(probs, predictor.classes, source, None)
-            print(f"{redact(source)}\t{result['pred']}\t{result['prob']:.3f}")
-    return 1 if failed else 0
+            best = top(probs, predictor.classes, k)
+            results.append({"path": shown, "top": best})
+            print("\t".join([shown, *(f"{c}\t{p:.3f}" for c, p in best)]))
+    if args.output is not None:
+        try:
+            write_results(args.output, [_named(r) for r in results] if args.output.suffix.lower() == ".json"
+                          else results, k)
+        except OSError as exc:
+            print(f"error: cannot write {args.output}: {exc}", file=sys.stderr)
+            return 1
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _named(result: dict[str, Any]) -> dict[str, Any]:
+    """JSON's form: {"path", "top": [{"class", "probability"}, ...]} or {"path", "error"}."""
+    if "top" not in result:
+        return result
+    return {"path": result["path"], "top": [{"class": c, "probability": p} for c, p in result["top"]]}
 
 
 if __name__ == "__main__":

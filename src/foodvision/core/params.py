@@ -265,7 +265,7 @@ def load_paths(path: Path = PIPELINE) -> PathsParams:
     if len(found) != 1:
         raise ParamsError(f"{path} must have one `paths:` mapping under `vars:` (every stage's files); "
                           "the committed dvc.yaml has it")
-    return parse(PathsParams, found[0], "paths.", file=str(path))
+    return parse(PathsParams, found[0], "paths.", file=path.name)
 
 
 def project_paths() -> PathsParams | None:

@@ -1,0 +1,165 @@
+"""The docs run as written: every ```bash block of the README and docs/*.md, in page order, in a fresh project
+on the synthetic dataset.
+
+A block is marked on the line before its fence (an HTML comment, invisible on GitHub):
+
+    <!-- docs-test: from clone -->        a sequence starts here, from the state it names
+    <!-- docs-test: skip: needs a GPU --> not run, for that reason (the internet, a GPU, the setup itself, ...)
+
+Unmarked blocks continue the sequence before them on their page; the first block a page runs must state
+its state. States: `clone`, the project as a fresh clone has it (nothing run); `run`, the same after
+`dvc repro`, committed. The project's params are the committed ones with the synthetic data's URLs
+(the loopback server stands in for the internet); placeholders the docs use for the user's own files
+(`/path/to/...`, `<repo-url>`, ...) become the test's files.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, kill_processes_in, make_image
+from test_pipeline import copy_project, set_params, sh
+
+pytestmark = pytest.mark.timeout(900)
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARK = re.compile(r"^<!--\s*docs-test:\s*(skip|from)\b:?\s*(.*?)\s*-->\s*$")
+STATES = ("clone", "run")
+
+
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int  # of the fence
+    text: str
+    skip: str | None  # the reason
+    state: str | None  # where a sequence starts
+
+
+def bash_blocks(page: Path) -> list[Block]:
+    lines = page.read_text(encoding="utf-8").splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```bash":
+            end = lines.index("```", i + 1)
+            mark = MARK.match(lines[i - 1].strip()) if i else None
+            kind, value = (mark.group(1), mark.group(2)) if mark else (None, None)
+            found.append(Block(page, i + 1, "\n".join(lines[i + 1:end]), value if kind == "skip" else None,
+                               value if kind == "from" else None))
+            i = end
+        i += 1
+    return found
+
+
+def sequences() -> list[list[Block]]:
+    """Each page's runnable blocks, cut where a block states where it starts from."""
+    found = []
+    for page in PAGES:
+        for block in bash_blocks(page):
+            if block.skip is not None:
+                continue
+            if block.state is not None or not found or found[-1][0].page != page:
+                found.append([])
+            found[-1].append(block)
+    return found
+
+
+def where(block: Block) -> str:
+    return f"{block.page.relative_to(ROOT)}:{block.line}"
+
+
+def test_every_block_is_run_or_skipped_for_a_reason():
+    """A marked skip names why; a sequence names its starting state; no mark is misspelled."""
+    problems = []
+    for page in PAGES:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(lines, start=1):
+            if "docs-test" in line and not MARK.match(line.strip()):
+                problems.append(f"{page.relative_to(ROOT)}:{n}: not a docs-test mark: {line.strip()}")
+        for block in bash_blocks(page):
+            if block.skip == "":
+                problems.append(f"{where(block)}: skipped without a reason")
+            if block.state is not None and block.state not in STATES:
+                problems.append(f"{where(block)}: unknown state {block.state!r} (one of {', '.join(STATES)})")
+    for sequence in sequences():
+        if sequence[0].state is None:
+            problems.append(f"{where(sequence[0])}: the first block a page runs must say where it starts from "
+                            "(<!-- docs-test: from clone|run -->)")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def states(tmp_path_factory, server_url, served, dataset_zip, backbone_file) -> dict[str, Path]:
+    """The two starting states, built once; each sequence runs in its own copy."""
+    base = tmp_path_factory.mktemp("docs_states")
+    make_image("sushi", 3).save(served / "sushi.jpg")
+    clone = copy_project(base / "clone")
+    set_params(clone, data__url=f"{server_url}/{dataset_zip.name}", data__content_sha256=None,
+               model__weights_url=f"{server_url}/{backbone_file.name}", train__batch_size=4, device="cpu",
+               predict__num_samples=1, predict__images=[f"{server_url}/sushi.jpg"])
+    sh(clone, "git", "init", "-q", "-b", "main")
+    sh(clone, "git", "add", "-A")
+    sh(clone, "git", "commit", "-qm", "a fresh clone")
+    run = base / "run"
+    shutil.copytree(clone, run, symlinks=True)
+    sh(run, "dvc", "repro")
+    sh(run, "git", "add", "-A")
+    sh(run, "git", "commit", "-qm", "dvc repro")
+    yield {"clone": clone, "run": run}
+    kill_processes_in(base)
+
+
+def placeholders(tmp: Path, project: Path, server_url: str, dataset_zip: Path, backbone_file: Path) -> dict[str, str]:
+    """What the docs write for the user's own files and places, as this test has them."""
+    photo = tmp / "photo.jpg"
+    make_image("pizza", 4).save(photo)
+    make_image("sushi", 5).save(tmp / "sushi.jpg")
+    (tmp / "photos" / "dinner").mkdir(parents=True)
+    make_image("steak", 6).save(tmp / "photos" / "dinner" / "steak.png")
+    return {
+        "/path/to/pizza_steak_sushi.zip": str(dataset_zip), "/mnt/mirror/pizza_steak_sushi.zip": str(dataset_zip),
+        "/mnt/mirror/efficientnet_b0_rwightman-7f5810bc.pth": str(backbone_file),
+        "/path/to/sushi.jpg": str(tmp / "sushi.jpg"), "/mnt/mirror/sushi.jpg": str(tmp / "sushi.jpg"),
+        "https://example.com/dinner.png": f"{server_url}/sushi.jpg", "photo.jpg": str(photo),
+        "photos/": str(tmp / "photos") + "/", "/mnt/shared/foodvision-cache": str(tmp / "remote"),
+        "<repo-url>": str(project), "<commit-or-branch>": "main",
+    }
+
+
+def substituted(text: str, table: dict[str, str]) -> str:
+    for placeholder in sorted(table, key=len, reverse=True):  # the longest first: `photos/` inside a path
+        text = re.sub(rf"(?<![\w/.-]){re.escape(placeholder)}", table[placeholder], text)
+    return text
+
+
+SEQUENCES = sequences()
+
+
+@pytest.mark.parametrize("sequence", SEQUENCES, ids=[where(s[0]) for s in SEQUENCES])
+def test_the_docs_commands_run_as_written(sequence, states, tmp_path, server_url, dataset_zip, backbone_file):
+    project = tmp_path / "project"
+    shutil.copytree(states[sequence[0].state], project, symlinks=True)
+    table = placeholders(tmp_path, project, server_url, dataset_zip, backbone_file)
+    try:
+        for block in sequence:
+            script = substituted(block.text, table)
+            run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=project, capture_output=True,
+                                 text=True, timeout=600, env=sh_env())
+            assert run.returncode == 0, (f"{where(block)} fails as written (exit {run.returncode}):\n{block.text}\n"
+                                         f"--- stdout\n{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}")
+    finally:
+        kill_processes_in(project)
+
+
+def sh_env() -> dict[str, str]:
+    """sh()'s environment: the venv's commands first, a git identity."""
+    import os
+    import sys
+
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
