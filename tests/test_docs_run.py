@@ -10,7 +10,9 @@ Unmarked blocks continue the sequence before them on their page; the first block
 its state. States: `clone`, the project as a fresh clone has it (nothing run); `run`, the same after
 `dvc repro`, committed. The project's params are the committed ones with the synthetic data's URLs
 (the loopback server stands in for the internet); placeholders the docs use for the user's own files
-(`/path/to/...`, `<repo-url>`, ...) become the test's files.
+(`/path/to/...`, `<repo-url>`, ...) become the test's files. The default backbone's weights come from
+`model.weights_url` here, the stand-in for torchvision's URL: a switch to Lite0, whose weights come with
+the setup, clears it, as a user's project (where it is null) needs not.
 """
 
 from __future__ import annotations
@@ -128,12 +130,13 @@ def placeholders(tmp: Path, project: Path, server_url: str, dataset_zip: Path, b
         "https://example.com/dinner.png": f"{server_url}/sushi.jpg", "photo.jpg": str(photo),
         "photos/": str(tmp / "photos") + "/", "/mnt/shared/foodvision-cache": str(tmp / "remote"),
         "<repo-url>": str(project), "<commit-or-branch>": "main",
+        "model.name=efficientnet_lite0": "model.name=efficientnet_lite0 -S model.weights_url=null",
     }
 
 
 def substituted(text: str, table: dict[str, str]) -> str:
     for placeholder in sorted(table, key=len, reverse=True):  # the longest first: `photos/` inside a path
-        text = re.sub(rf"(?<![\w/.-]){re.escape(placeholder)}", table[placeholder], text)
+        text = re.sub(rf"(?<![\w/.-]){re.escape(placeholder)}(?![\w/.-])", table[placeholder], text)
     return text
 
 
@@ -144,6 +147,8 @@ SEQUENCES = sequences()
 def test_the_docs_commands_run_as_written(sequence, states, tmp_path, server_url, dataset_zip, backbone_file):
     project = tmp_path / "project"
     shutil.copytree(states[sequence[0].state], project, symlinks=True)
+    sh(tmp_path, "git", "init", "-q", "--bare", "origin.git")  # where `git push` goes
+    sh(project, "git", "remote", "add", "origin", str(tmp_path / "origin.git"))
     table = placeholders(tmp_path, project, server_url, dataset_zip, backbone_file)
     try:
         for block in sequence:

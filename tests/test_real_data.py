@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import ROOT, SHARED_DATA
 from test_pipeline import copy_project, set_params, sh
 from test_serve import class_shown_for, post, serving
 
@@ -58,7 +58,12 @@ def test_the_onnx_export_agrees_and_the_page_says_sushi(project):
     assert ours.shape == torchs.shape == (75, 1280) and np.abs(torchs).max() > 0.5
     assert np.abs(ours - torchs).max() <= 1e-4, "ONNX Runtime's backbone features, row for row"
     with serving(project / "models/model.onnx", project / "plots/predictions.json") as url:
-        assert post(url, (SHARED_DATA / "sushi.jpg").read_bytes()).json()["class"] == "sushi"
+        answer = post(url, (SHARED_DATA / "sushi.jpg").read_bytes()).json()
+        assert answer["class"] == "sushi"
+        # docs/serving.md shows this answer: its figures are this run's
+        shown = json.loads(next(line[2:] for line in (ROOT / "docs/serving.md").read_text().splitlines()
+                                if line.startswith('# {"class": "sushi"')))
+        assert shown["probabilities"] == {c: round(p, 3) for c, p in answer["probabilities"].items()}
         assert class_shown_for(url, SHARED_DATA / "sushi.jpg").startswith("sushi "), "the page says sushi"
 
 
@@ -81,8 +86,6 @@ def test_the_readmes_figures_are_this_run(project):
     (or a changed figure in the README) fails here, not in a reader's hands."""
     import csv
     import re
-
-    from conftest import ROOT
 
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Results on the real data"):readme.index("## Use the model")]

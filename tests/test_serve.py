@@ -365,7 +365,7 @@ def test_inside_a_project_the_files_are_those_dvc_yaml_names(onnx_model, tmp_pat
     run = subprocess.run([sys.executable, "-m", "foodvision.serve"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 2
-    assert run.stderr == f"error: no params.yaml in {tmp_path}: run inside the project, or give --model MODEL.onnx\n"
+    assert run.stderr == f"error: no dvc.yaml in {tmp_path}: run inside the project, or give --model MODEL.onnx\n"
 
 
 def test_iphone_heic_and_avif_photos_are_read(server):
