@@ -17,15 +17,19 @@ the setup, clears it, as a user's project (where it is null) needs not.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, kill_processes_in, make_image
 from test_pipeline import copy_project, set_params, sh
+
+from foodvision.model import load_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -81,7 +85,7 @@ def test_every_block_is_run_or_skipped_for_a_reason():
     for page in PAGES:
         lines = page.read_text(encoding="utf-8").splitlines()
         for n, line in enumerate(lines, start=1):
-            if "docs-test" in line and not MARK.match(line.strip()):
+            if line.lstrip().startswith("<!--") and "docs-test" in line and not MARK.match(line.strip()):
                 problems.append(f"{page.relative_to(ROOT)}:{n}: not a docs-test mark: {line.strip()}")
         for block in bash_blocks(page):
             if block.skip == "":
@@ -143,6 +147,92 @@ def substituted(text: str, table: dict[str, str]) -> str:
 SEQUENCES = sequences()
 
 
+# --- what some sequences must have done, beyond running: DVC's workflow as users meet it --------------------
+
+def exp_rows(project: Path) -> list[dict]:
+    """`dvc exp show --json` flattened to one dict per row: name, params, metrics, and whether a baseline."""
+    rows = []
+    for commit in json.loads(sh(project, "dvc", "exp", "show", "--json").stdout):
+        for exp, baseline in [(commit, True), *[(e, False) for g in commit.get("experiments") or [] for e in g["revs"]]]:
+            data = exp.get("data") or {}
+            params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+            metrics = {path: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()}
+            rows.append({"name": exp.get("name") or exp.get("rev"), "params": params, "metrics": metrics,
+                         "rev": exp.get("rev"), "baseline": baseline})
+    return rows
+
+
+def one_experiment_compared(project: Path, output: str) -> None:
+    (row,) = [r for r in exp_rows(project) if r["name"] == "drop3"]
+    assert row["params"]["train"]["epochs"] == 3 and row["params"]["model"]["dropout"] == 0.3
+    assert set(row["metrics"]["metrics/eval.json"]) == {"accuracy", "loss", "macro_f1", "f1"}
+    train = row["metrics"]["metrics/train.json"]
+    assert "train_loss" in train and "test_loss" not in train, "the test figures are evaluate's alone"
+    exp_diff = json.loads(sh(project, "dvc", "exp", "diff", "main", "drop3", "--json").stdout)
+    assert exp_diff["params"]["params.yaml"]["train.epochs"]["new"] == 3 and "metrics/train.json" in exp_diff["metrics"]
+    params = json.loads(sh(project, "dvc", "params", "diff", "main", "drop3", "--json").stdout)["params.yaml"]
+    assert (params["model.dropout"]["old"], params["model.dropout"]["new"]) == (0.2, 0.3)
+    metrics = json.loads(sh(project, "dvc", "metrics", "diff", "main", "drop3", "--json").stdout)
+    assert metrics["metrics/train.json"]["epoch"] == {"old": 5, "new": 3, "diff": -2}
+    plots = json.loads(sh(project, "dvc", "plots", "diff", "main", "drop3", "--json").stdout)["data"]
+    (loss,) = plots["Loss"]  # one chart per metric, both revisions overlaid on it
+    points = {(v["rev"], v["field"], v["epoch"]) for v in loss["content"]["data"]["values"]}
+    assert points == {(rev, f, str(e)) for rev, n in (("main", 5), ("drop3", 3))
+                      for f in ("train_loss", "held_out_loss") for e in range(1, n + 1)}
+    assert len(plots["Accuracy"]) == 1
+
+
+def sweep_ran_every_combination(project: Path, output: str) -> None:
+    assert sh(project, "dvc", "queue", "status").stdout.count("Success") == 4
+    grid = {(r["params"]["model"]["dropout"], r["params"]["train"]["lr"]) for r in exp_rows(project)
+            if not r["baseline"] and "metrics/eval.json" in r["metrics"]}
+    assert grid == {(0.2, 0.001), (0.2, 0.01), (0.5, 0.001), (0.5, 0.01)}
+
+
+def fine_tunes_reuse_the_features(project: Path, output: str) -> None:
+    """Each fine-tune is one experiment: no featurize, no backbone export; with a cut the metrics say val."""
+    assert "Running stage 'featurize'" not in output and output.count("Stage 'featurize' didn't change") >= 3
+    train = json.loads((project / "metrics/train.json").read_text())  # the last one, applied to the workspace
+    assert {"val_loss", "val_acc", "best_epoch"} <= set(train) and "test_loss" not in train
+    check = json.loads((project / "models/export_check.json").read_text())
+    assert check["argmax_agreement"] == 1.0 and "fine-tuned" in check["torch_reference"]
+    tuned = [r["name"] for r in exp_rows(project) if not r["baseline"] and r["params"]["finetune"]["blocks"] == 5]
+    plots = json.loads(sh(project, "dvc", "plots", "diff", "main", *tuned, "--json").stdout)
+    assert len(tuned) == 2 and not plots.get("errors"), plots.get("errors")
+
+
+def shared_and_fetched(project: Path, output: str) -> None:
+    """The clone pulled everything, and the registry's versions are the files the project made."""
+    clone = project / "foodvision"
+    for out in ("data/raw/dataset.zip", "models/pretrained/backbone.pth", "data/prepared/spec.json",
+                "models/model.safetensors", "models/model.onnx", "plots/train/loss_curves.png", "plots/eval/hardest.png"):
+        assert (clone / out).exists(), out
+    assert "Running stage" not in sh(clone, "dvc", "repro").stdout
+    for fetched, made in (("model.safetensors", "models/model.safetensors"), ("model.onnx", "models/model.onnx"),
+                          ("that-model.safetensors", "models/model.safetensors")):
+        assert (project / fetched).read_bytes() == (project / made).read_bytes(), fetched
+    assert load_checkpoint(project / "model.safetensors")[1]["class_names"] == ["pizza", "steak", "sushi"]
+
+
+CHECKS: dict[str, Callable[[Path, str], None]] = {  # a command of the sequence: what must hold after it
+    "dvc exp run -n drop3": one_experiment_compared,
+    "dvc exp run --queue -S 'model.dropout=0.2,0.5'": sweep_ran_every_combination,
+    "dvc exp run -S finetune.blocks=5 -S data.val_fraction=0.15": fine_tunes_reuse_the_features,
+    "dvc artifacts get <repo-url> foodvision-classifier-onnx": shared_and_fetched,
+}
+
+
+def checks_of(sequence: list[Block]) -> list[Callable[[Path, str], None]]:
+    text = "\n".join(b.text for b in sequence)
+    return [check for command, check in CHECKS.items() if command in text]
+
+
+def test_every_check_has_its_command_in_the_docs():
+    """A doc command that changed must not silently drop what the test checks after it."""
+    for command in CHECKS:
+        assert sum(command in "\n".join(b.text for b in s) for s in SEQUENCES) == 1, command
+
+
 @pytest.mark.parametrize("sequence", SEQUENCES, ids=[where(s[0]) for s in SEQUENCES])
 def test_the_docs_commands_run_as_written(sequence, states, tmp_path, server_url, dataset_zip, backbone_file):
     project = tmp_path / "project"
@@ -150,6 +240,7 @@ def test_the_docs_commands_run_as_written(sequence, states, tmp_path, server_url
     sh(tmp_path, "git", "init", "-q", "--bare", "origin.git")  # where `git push` goes
     sh(project, "git", "remote", "add", "origin", str(tmp_path / "origin.git"))
     table = placeholders(tmp_path, project, server_url, dataset_zip, backbone_file)
+    output = ""
     try:
         for block in sequence:
             script = substituted(block.text, table)
@@ -157,6 +248,9 @@ def test_the_docs_commands_run_as_written(sequence, states, tmp_path, server_url
                                  text=True, timeout=600, env=sh_env())
             assert run.returncode == 0, (f"{where(block)} fails as written (exit {run.returncode}):\n{block.text}\n"
                                          f"--- stdout\n{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}")
+            output += run.stdout + run.stderr
+        for check in checks_of(sequence):
+            check(project, output)
     finally:
         kill_processes_in(project)
 
