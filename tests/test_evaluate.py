@@ -55,7 +55,7 @@ def test_the_hardest_test_images_are_the_highest_losses(trained, tmp_path, monke
 
     shown = {}
     monkeypatch.setattr("foodvision.plots.contact_sheet",
-                        lambda photos, titles, correct, dest: shown.update(photos=photos, titles=titles, ok=correct))
+                        lambda photos, titles, correct, dest, title: shown.update(photos=photos, titles=titles, ok=correct))
     monkeypatch.setattr(module, "HARDEST", 4)
     m = evaluate(trained.model, trained.features, device="cpu", **outputs(tmp_path))
     rows = list(csv.DictReader((tmp_path / "confusion.csv").open()))

@@ -98,17 +98,18 @@ SHEET_COLUMNS = 4
 
 
 @plt.rc_context(PLAIN_TEXT)
-def contact_sheet(photos: list[Image.Image], titles: list[str], correct: list[bool], dest: Path) -> None:
-    """Photos in a grid of 4 columns, each under its title (red when the prediction is wrong): where to look
-    first for label errors and for what the model cannot tell apart."""
-    rows = max(1, -(-len(photos) // SHEET_COLUMNS))
-    fig, axes = plt.subplots(rows, SHEET_COLUMNS, figsize=(3 * SHEET_COLUMNS, 3.3 * rows), squeeze=False)
+def contact_sheet(photos: list[Image.Image], titles: list[str], correct: list[bool], dest: Path, title: str,
+                  columns: int = SHEET_COLUMNS) -> None:
+    """Photos in a grid, each under its title (red where something is wrong): where to look first for label
+    errors, copies, and what the model cannot tell apart. No photo: the title says there is nothing to show."""
+    rows = max(1, -(-len(photos) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, photo, text, ok in zip(axes.flat, photos, titles, correct):
         photo.thumbnail((256, 256))
         ax.imshow(photo)
         ax.set_title(text, fontsize=9, color="green" if ok else "red")
-    fig.suptitle("Test images with the highest loss: true class as predicted class, probability")
+    fig.suptitle(title if photos else f"{title}: none found")
     fig.tight_layout()
     _save(fig, dest)

@@ -164,6 +164,21 @@ class FinetuneParams:
                 raise ParamsError(f"finetune.{key} must be a finite number > 0, got {value}")
 
 
+MAX_FOLDS = 20
+
+
+@dataclass(frozen=True)
+class AuditParams:
+    folds: int  # K of the out-of-sample probabilities
+    near_duplicate: float  # the cosine similarity from which two images count as the same photo
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.folds <= MAX_FOLDS:
+            raise ParamsError(f"audit.folds must be an integer from 2 to {MAX_FOLDS}, got {self.folds}")
+        if not 0.0 < self.near_duplicate <= 1.0:
+            raise ParamsError(f"audit.near_duplicate must be a cosine similarity in (0, 1], got {self.near_duplicate}")
+
+
 @dataclass(frozen=True)
 class PredictParams:
     num_samples: int
@@ -198,6 +213,10 @@ class PathsParams:
     confusion_csv: str
     confusion_png: str
     hardest: str
+    audit_metrics: str
+    audit_issues: str
+    audit_labels: str
+    audit_pairs: str
     predictions: str
     predictions_json: str
     examples: str
@@ -231,6 +250,7 @@ class Params:
     featurize: FeaturizeParams
     train: TrainParams
     finetune: FinetuneParams
+    audit: AuditParams
     predict: PredictParams
 
     def __post_init__(self) -> None:
