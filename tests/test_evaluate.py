@@ -33,7 +33,8 @@ def test_evaluate_writes_metrics_and_confusion(trained, tmp_path):
     m = evaluate(trained.model, trained.features, device="cpu", **outputs(tmp_path))
     assert json.loads((tmp_path / "eval.json").read_text()) == m
     # what users compare, once each: a column of `dvc exp show` per key; the rest is in the table
-    assert list(m) == ["accuracy", "loss", "macro_f1", "f1"] and list(m["f1"]) == ["pizza", "steak", "sushi"]
+    assert list(m) == ["accuracy", "loss", "macro_f1", "accuracy_leak_free", "f1"]
+    assert list(m["f1"]) == ["pizza", "steak", "sushi"] and m["accuracy_leak_free"] == m["accuracy"], "no leak given"
     table = list(csv.DictReader((tmp_path / "per_class.csv").open()))
     assert [r["class"] for r in table] == ["pizza", "steak", "sushi"] and sum(int(r["support"]) for r in table) == 6
     assert {r["class"]: float(r["f1"]) for r in table} == m["f1"]
@@ -68,6 +69,22 @@ def test_the_hardest_test_images_are_the_highest_losses(trained, tmp_path, monke
         (row,) = [r for r in rows if r["path"] == path]
         assert (row["actual"], row["predicted"]) == (actual, rest.split(" ")[0]) and ok == (row["actual"] == row["predicted"])
     assert all(p.mode == "RGB" for p in shown["photos"])
+
+
+def test_test_images_found_in_train_are_scored_apart(trained, tmp_path):
+    """The audit's leaks: accuracy on the rest is what a clean test set would have said."""
+    m = evaluate(trained.model, trained.features, device="cpu", **outputs(tmp_path))
+    rows = list(csv.DictReader((tmp_path / "confusion.csv").open()))
+    right = [r["path"] for r in rows if r["actual"] == r["predicted"]]
+    wrong = [r["path"] for r in rows if r["actual"] != r["predicted"]]
+    leaked = frozenset(right[:1] or wrong[:1])
+    rest = [r for r in rows if r["path"] not in leaked]
+    m2 = evaluate(trained.model, trained.features, device="cpu", leaked=leaked, **outputs(tmp_path / "b"))
+    assert m2["accuracy"] == m["accuracy"], "the plain accuracy counts every test image"
+    assert m2["accuracy_leak_free"] == round(sum(r["actual"] == r["predicted"] for r in rest) / len(rest), 6)
+    everything = frozenset(r["path"] for r in rows)
+    assert evaluate(trained.model, trained.features, device="cpu", leaked=everything,
+                    **outputs(tmp_path / "c"))["accuracy_leak_free"] is None
 
 
 def test_the_contact_sheet_is_a_png(trained, tmp_path):

@@ -53,6 +53,9 @@ def test_project_params_load_with_the_article_recipe(tmp_path):
         (lambda p: p["data"].update(sha256="abc"), "data.sha256 must be 64 hex digits"),
         (lambda p: p["data"].pop("url"), "missing key data.url"),
         (lambda p: p["predict"].update(images="a.jpg"), "predict.images must be a list of strings"),
+        (lambda p: p["audit"].update(folds=1), "audit.folds must be an integer from 2 to 20, got 1"),
+        (lambda p: p["audit"].update(near_duplicate=1.5), "audit.near_duplicate must be a cosine similarity in (0, 1]"),
+        (lambda p: p["audit"].update(near_dup=0.9), "unknown key audit.near_dup; did you mean audit.near_duplicate?"),
         (lambda p: p["featurize"].update(batch_size=10**12), "featurize.batch_size must be a positive integer up to "
                                                              "1,024 (images per forward pass), got 1000000000000"),
         (lambda p: p["featurize"].update(processes=1000), "featurize.processes must be a positive integer up to 64"),

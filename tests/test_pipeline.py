@@ -20,7 +20,8 @@ OUTPUTS = [
     "data/prepared/spec.json", "data/features/train.npy", "data/features/test.npy", "data/features/index.json",
     "models/model.safetensors", "models/summary.txt", "metrics/train.json", "plots/train/history.csv",
     "plots/train/loss_curves.png", "metrics/eval.json", "plots/eval/confusion.csv", "plots/eval/confusion.png",
-    "plots/eval/per_class.csv", "plots/eval/hardest.png",
+    "plots/eval/per_class.csv", "plots/eval/hardest.png", "metrics/audit.json", "plots/audit/issues.csv",
+    "plots/audit/label_issues.png", "plots/audit/duplicates.png",
     "plots/predictions.json", "plots/predictions/image_0_own.png",
 ]
 
@@ -108,7 +109,7 @@ def test_metrics_show_lists_the_figures(project):
     shown = json.loads(sh(project, "dvc", "metrics", "show", "--json").stdout)
     (workspace,) = shown.values()
     data = workspace["data"]
-    assert list(data) == ["metrics/eval.json", "metrics/train.json"], "the test figures first"
+    assert list(data) == ["metrics/eval.json", "metrics/train.json", "metrics/audit.json"], "the test figures first"
     assert set(data["metrics/eval.json"]["data"]) == {"accuracy", "macro_f1", "loss", "f1"}
     assert set(data["metrics/train.json"]["data"]) == {"epoch", "train_loss", "train_acc"}
     table = sh(project, "dvc", "metrics", "show").stdout
@@ -289,7 +290,8 @@ def test_plots_page_renders_offline_in_headless_chromium(project, tmp_path):
     assert len(specs) == 4 and all(len(spec["data"]["values"]) >= 3 for spec in specs), "no empty chart"
     assert "cdn.jsdelivr" not in page.split("if (!window.vegaEmbed)")[0], "libraries load locally first"
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert len(images) == len(set(images)) == 6  # curves, confusion, the hardest, 2 test samples, the own photo
+    # curves, confusion, the hardest, the audit's two sheets, 2 test samples, the own photo
+    assert len(images) == len(set(images)) == 8
     assert all((project / "dvc_plots" / src).stat().st_size > 1000 for src in images)
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(project)))
