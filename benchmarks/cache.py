@@ -29,6 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import CLASSES, cpu_name, dataset_members, make_project, peak_of, photo_pool  # noqa: E402
 
+from foodvision.core.params import load_paths  # noqa: E402
 from foodvision.download import store_dataset  # noqa: E402
 
 
@@ -49,8 +50,8 @@ def use_data(project: Path, archive: Path, classes: list[str] | None = None) -> 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["classes"] = classes
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    store_dataset(archive, project / params["paths"]["raw"], max_bytes=params["data"]["max_extract_mb"] * 2**20,
-                  content_sha256=None)
+    store_dataset(archive, project / load_paths(project / "dvc.yaml").raw,
+                  max_bytes=params["data"]["max_extract_mb"] * 2**20, content_sha256=None)
     peak_of([sys.executable, "stages/prepare.py"], project)
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from foodvision.core.params import load_paths
 from foodvision.download import store_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +114,8 @@ def make_project(dest: Path, model: str, archive: Path | None, epochs: int = 1) 
         params["data"].update(url=str(archive), content_sha256=None)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if archive is not None:
-        store_dataset(archive, dest / params["paths"]["raw"], max_bytes=params["data"]["max_extract_mb"] * 2**20,
-                      content_sha256=None)
+        store_dataset(archive, dest / load_paths(dest / "dvc.yaml").raw,
+                      max_bytes=params["data"]["max_extract_mb"] * 2**20, content_sha256=None)
     return dest
 
 
@@ -276,7 +277,7 @@ def exp_stages(project: Path, reran: list[str], seconds: float) -> None:
         total += spent
         print(f"{stage:>10} {spent:>10.2f} {imports:>10.2f} {spent - imports:>8.2f} {peak:>8.0f}", flush=True)
     print(f"{'stages':>10} {total:>10.2f}; DVC's own share of the experiment (its median): {seconds - total:.1f} s")
-    features = yaml.safe_load((project / "params.yaml").read_text())["paths"]["features"]
+    features = load_paths(project / "dvc.yaml").features
     floor = subprocess.run([sys.executable, "-c", FLOOR, str(project / features)], env=ENV,
                            check=True, capture_output=True, text=True).stdout.strip()
     print(f"floor (in one process, imports excluded): {floor}", flush=True)

@@ -13,6 +13,7 @@ imports alone (the fixed cost of a process), and a no-op `dvc repro`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import ENV, REAL, imports_of, make_project, peak_of  # noqa: E402
+
+from foodvision.core.params import load_paths  # noqa: E402
 
 STAGES = ("download", "pretrained", "prepare", "featurize", "train", "evaluate", "export", "predict")
 COUNTS = {"train": {"pizza": 78, "steak": 75, "sushi": 72}, "test": {"pizza": 25, "steak": 19, "sushi": 31}}
@@ -110,7 +113,7 @@ def main() -> None:
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         subprocess.run(["git", "init", "-q"], cwd=project, check=True)
         subprocess.run(["dvc", "repro"], cwd=project, env=ENV, check=True, capture_output=True)  # warm the OS cache
-        paths = params["paths"]
+        paths = dataclasses.asdict(load_paths(project / "dvc.yaml"))
         with zipfile.ZipFile(archive) as zf:  # the article extracts its download: so does its loop here
             zf.extractall(work / "article")
         inputs = [str(work / "article"), *(str(project / paths[key]) for key in ("pretrained", "transform"))]

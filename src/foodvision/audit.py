@@ -110,37 +110,56 @@ def confident_learning(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     return confident & (suggested != labels), suggested
 
 
-def _blocks(files: list[FeatureFile]) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, L2-normalised block) over the files as one sequence of rows."""
+def _blocks(files: list[FeatureFile]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(first row, file number, L2-normalised block) over the files as one sequence of rows."""
     start = 0
-    for file in files:
+    for number, file in enumerate(files):
         for feats, _ in file.batches(BLOCK):
             norms = np.linalg.norm(feats, axis=1, keepdims=True)
-            yield start, feats / np.maximum(norms, 1e-12)
+            yield start, number, feats / np.maximum(norms, 1e-12)
             start += len(feats)
 
 
 def similar_pairs(files: list[FeatureFile], threshold: float) -> tuple[list[tuple[int, int, float]], np.ndarray]:
-    """Every pair of rows (i < j) with cosine similarity >= threshold, and each row's mean similarity to its
-    NEIGHBOURS nearest others. Blocked: two blocks of rows in memory at a time, whatever N."""
+    """Each row's most similar other row in every file (cosine similarity) where it reaches `threshold`, as
+    pairs (i < j, each once), and each row's mean similarity to its NEIGHBOURS nearest others.
+
+    Blocked, two blocks of rows in memory at a time, and a few numbers kept per row: memory flat in N, and
+    at most one pair per row and file however many copies a photo has."""
     total = sum(len(f) for f in files)
     k = min(NEIGHBOURS, max(total - 1, 1))
     nearest = np.full((total, k), -1.0, dtype=np.float32)
-    pairs: list[tuple[int, int, float]] = []
-    for a0, a in _blocks(files):
-        for b0, b in _blocks(files):
+    best_sim = np.full((len(files), total), -np.inf, dtype=np.float32)  # per file: each row's closest in it
+    best_row = np.zeros((len(files), total), dtype=np.int64)
+    for a0, a_file, a in _blocks(files):
+        for b0, b_file, b in _blocks(files):
             if b0 < a0:
                 continue
             sims = a @ b.T
             if a0 == b0:
                 np.fill_diagonal(sims, -np.inf)  # an image is not its own neighbour
             _keep_nearest(nearest, a0, sims)
+            _keep_best(best_sim[b_file], best_row[b_file], a0, b0, sims)
             if b0 != a0:
                 _keep_nearest(nearest, b0, sims.T)
-            i, j = np.nonzero(sims >= threshold)
-            upper = (a0 + i) < (b0 + j)
-            pairs += [(int(a0 + x), int(b0 + y), float(sims[x, y])) for x, y in zip(i[upper], j[upper])]
-    return pairs, nearest.mean(axis=1) if total > 1 else np.ones(total, dtype=np.float32)
+                _keep_best(best_sim[a_file], best_row[a_file], b0, a0, sims.T)
+    pairs = {}
+    for file in range(len(files)):
+        for i in np.flatnonzero(best_sim[file] >= threshold).tolist():
+            j = int(best_row[file, i])
+            pairs[(min(i, j), max(i, j))] = float(best_sim[file, i])
+    mean_sim = nearest.mean(axis=1) if total > 1 else np.ones(total, dtype=np.float32)
+    return [(i, j, sim) for (i, j), sim in sorted(pairs.items())], mean_sim
+
+
+def _keep_best(best_sim: np.ndarray, best_row: np.ndarray, start: int, col_start: int, sims: np.ndarray) -> None:
+    """Rows start.. keep their most similar column so far (the first one on a tie: the same in every run)."""
+    cols = sims.argmax(axis=1)
+    top = sims[np.arange(len(sims)), cols]
+    rows = slice(start, start + len(sims))
+    better = top > best_sim[rows]
+    best_sim[rows] = np.where(better, top, best_sim[rows])
+    best_row[rows] = np.where(better, cols + col_start, best_row[rows])
 
 
 def _keep_nearest(nearest: np.ndarray, start: int, sims: np.ndarray) -> None:
