@@ -119,12 +119,14 @@ def label_benchmark(name: str, archive: Path, work: Path, model: str) -> None:
     figures = run_to_audit(project, flipped_zip)
     suspects = [i["path"] for i in issues(project) if i["issue"] == "label"]
     k = len(moved)
-    ours = len(set(suspects[:k]) & moved) / k
-    print(f"{name}: {k} of the train labels moved; audit: {len(suspects)} suspects, top-{k} precision "
-          f"{ours:.3f} (recall of all suspects {len(set(suspects) & moved) / k:.3f}); audit {figures['audit']:.1f} s, "
-          f"featurize {figures['featurize']:.1f} s", flush=True)
+    right = len(set(suspects) & moved)
     probs, labels, paths = out_of_sample_of(project)
     ranked = [paths[i] for i in np.argsort(probs[np.arange(len(labels)), labels], kind="stable")]
+    everyone = suspects + [p for p in ranked if p not in set(suspects)]  # the suspects, then by the same score
+    print(f"{name}: {k} of {len(paths)} train labels moved; audit: {len(suspects)} suspects, {right} of them moved "
+          f"(precision {right / max(len(suspects), 1):.3f}, recall {right / k:.3f}); every train image ranked "
+          f"(suspects first): top-{k} precision {len(set(everyone[:k]) & moved) / k:.3f}; "
+          f"audit {figures['audit']:.1f} s, featurize {figures['featurize']:.1f} s", flush=True)
     print(f"{name}: the given label's out-of-sample probability alone, top-{k} precision "
           f"{len(set(ranked[:k]) & moved) / k:.3f}", flush=True)
     try:
@@ -169,11 +171,35 @@ def copies_benchmark(archive: Path, work: Path, model: str) -> None:
         missed = [c for c in mine if c not in hits]
         print(f"  {edit}: {len(mine) - len(missed)}/{len(mine)} found, similarity "
               f"{min(scores, default=float('nan')):.3f}-{max(scores, default=float('nan')):.3f}", flush=True)
+    sims, distinct = similarities(project, planted)
+    for edit in EDITS:
+        mine = np.array([sims[c] for c, (_, e) in planted.items() if e == edit])
+        print(f"  {edit}: similarity to the original min {mine.min():.3f}, 5th percentile "
+              f"{np.percentile(mine, 5):.3f}, median {np.median(mine):.3f}", flush=True)
+    print(f"copies: the most similar two distinct photos of the data: {distinct:.3f}", flush=True)
     others = [i for i in found if (i["path"], i["match"]) not in {(c, o) for c, (o, _) in planted.items()}
               and (i["match"], i["path"]) not in {(c, o) for c, (o, _) in planted.items()}]
     print(f"copies: {len(others)} other pairs (look at them: a false pair, or a real copy in the data)", flush=True)
     for i in others:
         print(f"  {i['issue']} {i['score']} {i['path']} ~ {i['match']}", flush=True)
+
+
+def similarities(project: Path, planted: dict[str, tuple[str, str]]) -> tuple[dict[str, float], float]:
+    """Each planted copy's cosine similarity to its original, and the highest between two other photos."""
+    from foodvision.features import load_index, open_split
+
+    features = project / load_paths(project / "dvc.yaml").features
+    index = load_index(features)
+    rows = np.concatenate([next(open_split(features, index, s).batches(10**6))[0] for s in ("train", "test")])
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    paths = index.split("train").paths + index.split("test").paths
+    at = {p: i for i, p in enumerate(paths)}
+    sims = rows @ rows.T
+    np.fill_diagonal(sims, -1)
+    copies = {c: float(sims[at[c], at[o]]) for c, (o, _) in planted.items()}
+    for c, (o, _) in planted.items():
+        sims[at[c], :] = sims[:, at[c]] = -1  # a copy is not a distinct photo of anything
+    return copies, float(sims.max())
 
 
 def distinct_benchmark(name: str, archive: Path, work: Path, model: str) -> None:
