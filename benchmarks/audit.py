@@ -197,7 +197,7 @@ def similarities(project: Path, planted: dict[str, tuple[str, str]]) -> tuple[di
     sims = rows @ rows.T
     np.fill_diagonal(sims, -1)
     copies = {c: float(sims[at[c], at[o]]) for c, (o, _) in planted.items()}
-    for c, (o, _) in planted.items():
+    for c in planted:
         sims[at[c], :] = sims[:, at[c]] = -1  # a copy is not a distinct photo of anything
     return copies, float(sims.max())
 

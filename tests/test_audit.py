@@ -12,7 +12,6 @@ import pytest
 from conftest import make_image, stored
 
 from foodvision.audit import Outputs, audit, confident_learning, stratified_folds
-from foodvision.core.errors import DatasetError
 from foodvision.features import FeatureIndex, NpyWriter, SplitIndex, write_index
 
 CLASSES = ["pizza", "steak", "sushi"]
@@ -129,21 +128,33 @@ def test_the_contact_sheets_are_pngs(audited):
             assert sheet.format == "PNG" and sheet.width >= 600
 
 
-def test_too_few_images_for_the_folds_is_one_line(tmp_path):
+@pytest.mark.parametrize(("train", "said"), [(7, "make 3 folds of two or more, not audit.folds = 5"),
+                                             (3, "make 1 folds of two or more, not audit.folds = 5; too few")])
+def test_a_tiny_dataset_is_audited_with_the_folds_it_allows(tmp_path, capsys, train, said):
+    """A toy dataset (a class subset of a test's 12 photos) is audited, not refused: fewer folds, and no label
+    check below two; the pairs are still found."""
     features = tmp_path / "features"
     features.mkdir()
-    for split, n in (("train", 7), ("test", 2)):
-        writer = NpyWriter(features / f"{split}.npy", n, 4)
-        writer.write(np.ones((n, 4), dtype=np.float32))
+    rows = {"train": np.eye(train, 4, dtype=np.float32) + 0.1, "test": np.ones((2, 4), dtype=np.float32)}
+    rows["test"][0] = rows["train"][0]  # a leak
+    for split, block in rows.items():
+        writer = NpyWriter(features / f"{split}.npy", len(block), 4)
+        writer.write(block)
         writer.close()
-    write_index(features, FeatureIndex("efficientnet_b0", "classifier", 4, 0, CLASSES, "raw.zip", "fp32", "torch",
-                                       {"train": SplitIndex([f"{i}.jpg" for i in range(7)], [0, 1, 2] * 2 + [0],
-                                                            [None] * 7),
-                                        "test": SplitIndex(["a.jpg", "b.jpg"], [0, 1], [None] * 2)}, []))
+    photos = tmp_path / "photos"
+    paths = {"train": [f"train/pizza/{i}.jpg" for i in range(train)], "test": ["test/pizza/a.jpg", "test/pizza/b.jpg"]}
+    for rel in paths["train"] + paths["test"]:
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        make_image("pizza", 1, (16, 16)).save(photos / rel)
+    write_index(features, FeatureIndex("efficientnet_b0", "classifier", 4, 0, CLASSES, str(stored(photos, tmp_path / "r.zip")),
+                                       "fp32", "torch",
+                                       {"train": SplitIndex(paths["train"], [i % 3 for i in range(train)], [None] * train),
+                                        "test": SplitIndex(paths["test"], [0, 1], [None] * 2)}, []))
+    (tmp_path / "spec.json").write_text(json.dumps({"splits": {}}))
     outputs = Outputs(*(tmp_path / n for n in ("a.json", "i.csv", "l.png", "p.png")))
-    with pytest.raises(DatasetError, match=r"^7 training images cannot be cut into audit.folds = 5 folds"):
-        audit(features, tmp_path / "spec.json", outputs, folds=5, near_duplicate=0.95, seed=0)
-    assert not any((tmp_path / n).exists() for n in ("a.json", "i.csv")), "nothing half-written"
+    metrics = audit(features, tmp_path / "spec.json", outputs, folds=5, near_duplicate=0.95, seed=0)
+    assert said in capsys.readouterr().out
+    assert metrics["leaks"] == 1 and all((tmp_path / n).exists() for n in ("a.json", "i.csv", "l.png", "p.png"))
 
 
 def test_folds_spread_every_class_and_confident_learning_uses_per_class_thresholds():

@@ -31,16 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from foodvision.core.errors import DatasetError
 from foodvision.core.files import write_csv, write_json
 from foodvision.core.params import TrainParams
 from foodvision.features import FeatureFile, FeatureIndex, load_index, open_split
 from foodvision.spec import load_spec
 
-# The audit's own head recipe (the article's, longer): fixed, so a head-only experiment never reruns the audit.
-# At least 10 epochs and 300 steps: a small dataset's few steps per epoch would leave the heads unfit, and an
-# unfit head doubts every label.
-HEAD = TrainParams(epochs=10, batch_size=32, lr=0.001, augment=False, patience=0)
+# The audit's own head recipe (the article's): fixed, so a head-only experiment never reruns the audit. At least
+# 300 steps: a small dataset's few steps per epoch would leave the heads unfit, and an unfit head doubts every
+# label.
+HEAD = TrainParams(epochs=5, batch_size=32, lr=0.001, augment=False, patience=0)
 MIN_STEPS = 300
 DROPOUT = 0.2
 NEIGHBOURS = 10  # an image's outlier score: 1 - the mean similarity of its 10 nearest neighbours
@@ -198,11 +197,16 @@ def audit(features_dir: Path, spec_path: Path, out: Outputs, *, folds: int, near
     paths = index.split("train").paths + index.split("test").paths
     labels = np.concatenate([train.labels, test.labels])
     n_train = len(train)
-    if n_train < 2 * folds or min(np.bincount(train.labels, minlength=1)) < 1:
-        raise DatasetError(f"{n_train} training images cannot be cut into audit.folds = {folds} folds of two or "
-                           "more; lower audit.folds")
-    probs = out_of_sample(train, len(index.classes), folds, seed)
-    suspect, suggested = confident_learning(probs, train.labels)
+    usable = min(folds, n_train // 2)  # folds of two images or more
+    if usable < folds:
+        print(f"audit: {n_train} training images make {usable} folds of two or more, not audit.folds = {folds}"
+              + ("; too few to check labels" if usable < 2 else ""))
+    if usable >= 2:
+        probs = out_of_sample(train, len(index.classes), usable, seed)
+        suspect, suggested = confident_learning(probs, train.labels)
+    else:
+        probs = np.eye(len(index.classes), dtype=np.float32)[train.labels]
+        suspect, suggested = np.zeros(n_train, dtype=bool), train.labels
     pairs, neighbour_sim = similar_pairs([train, test], near_duplicate)
     train.close()
     test.close()
