@@ -135,7 +135,8 @@ def test_a_tiny_dataset_is_audited_with_the_folds_it_allows(tmp_path, capsys, tr
     check below two; the pairs are still found."""
     features = tmp_path / "features"
     features.mkdir()
-    rows = {"train": np.eye(train, 4, dtype=np.float32) + 0.1, "test": np.ones((2, 4), dtype=np.float32)}
+    rng = np.random.default_rng(3)
+    rows = {"train": rng.normal(size=(train, 4)).astype(np.float32), "test": rng.normal(size=(2, 4)).astype(np.float32)}
     rows["test"][0] = rows["train"][0]  # a leak
     for split, block in rows.items():
         writer = NpyWriter(features / f"{split}.npy", len(block), 4)
