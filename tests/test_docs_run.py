@@ -183,10 +183,9 @@ def one_experiment_compared(project: Path, output: str) -> None:
 
 
 def sweep_ran_every_combination(project: Path, output: str) -> None:
-    assert sh(project, "dvc", "queue", "status").stdout.count("Success") == 4
-    grid = {(r["params"]["model"]["dropout"], r["params"]["train"]["lr"]) for r in exp_rows(project)
-            if not r["baseline"] and "metrics/eval.json" in r["metrics"]}
-    assert grid == {(0.2, 0.001), (0.2, 0.01), (0.5, 0.001), (0.5, 0.01)}
+    assert sh(project, "dvc", "queue", "status").stdout.count("Success") == 2
+    grid = {r["params"]["train"]["lr"] for r in exp_rows(project) if not r["baseline"] and "metrics/eval.json" in r["metrics"]}
+    assert grid == {0.001, 0.01}
 
 
 def fine_tunes_reuse_the_features(project: Path, output: str) -> None:
@@ -216,7 +215,7 @@ def shared_and_fetched(project: Path, output: str) -> None:
 
 CHECKS: dict[str, Callable[[Path, str], None]] = {  # a command of the sequence: what must hold after it
     "dvc exp run -n drop3": one_experiment_compared,
-    "dvc exp run --queue -S 'model.dropout=0.2,0.5'": sweep_ran_every_combination,
+    "dvc exp run --queue -S 'train.lr=0.001,0.01'   #": sweep_ran_every_combination,
     "dvc exp run -S finetune.blocks=5 -S data.val_fraction=0.15": fine_tunes_reuse_the_features,
     "dvc artifacts get <repo-url> foodvision-classifier-onnx": shared_and_fetched,
 }
