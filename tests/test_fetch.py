@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import http.server
+import re
 import threading
 import time
 from pathlib import Path
@@ -160,6 +161,20 @@ def test_checksum_mismatch_shows_both_and_keeps_nothing(flaky_url, tmp_path):
 def test_missing_local_file(tmp_path):
     with pytest.raises(FetchError, match="not found: .*nope.zip"):
         fetch(str(tmp_path / "nope.zip"), tmp_path / "f.bin")
+
+
+@pytest.mark.timeout(60)  # a read of the pipe would wait for a writer forever: the limit fails this test, not the run
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+def test_a_local_source_that_is_not_a_file_is_one_line(tmp_path):
+    """data.url, model.weights_url, predict.images: a pipe, a device or a folder is named for what it is."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.zip")
+    for source, kind in ((tmp_path / "pipe.zip", "a named pipe (FIFO)"), (Path("/dev/zero"), "a character device"),
+                         (tmp_path, "a folder")):
+        with pytest.raises(FetchError, match=rf"^dataset {source} is {re.escape(kind)}, not a file: give a file's"):
+            fetch(str(source), tmp_path / "f.bin", what="dataset")
+    assert not (tmp_path / "f.bin").exists()
 
 
 def test_source_name():

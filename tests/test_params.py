@@ -132,3 +132,19 @@ def test_an_alias_bomb_gives_a_short_message(tmp_path):
     with pytest.raises(ParamsError, match=r"^train.lr must be float, got \[\[") as raised:
         load_params(write(tmp_path, text))
     assert len(str(raised.value)) <= 120
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"seed: 42\ntrain:\n  lr: 0.001 \xff\n", "is not UTF-8 text (byte 0xff at offset 28): save it as UTF-8"),
+    (b"x: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "nests more than 50 levels deep: not a params file"),
+    (b"x:\n" + b"".join(b"  " * i + b"k:\n" for i in range(1, 200)), "nests more than 50 levels deep"),
+    (b"seed: [1, 2\n", "is not valid YAML"),
+])
+def test_a_params_file_that_is_not_one_is_one_line(tmp_path, content, message):
+    """Not UTF-8, nested 100,000 deep (PyYAML would recurse into a 3,000-line RecursionError), broken YAML:
+    one line naming the file, from params.yaml's reader and dvc.yaml's alike."""
+    for name, load in (("params.yaml", load_params), ("dvc.yaml", load_paths)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ParamsError) as raised:
+            load(tmp_path / name)
+        assert message in str(raised.value) and "\n" not in str(raised.value) and name in str(raised.value)

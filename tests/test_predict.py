@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -295,3 +298,20 @@ def test_predict_and_exports_sample_read_test_images_where_prepare_found_them(tr
     figures = export(trained.model, features, out / "backbone.onnx", out / "check", onnx_out=tmp_path / "model.onnx",
                      metrics_out=tmp_path / "export.json")
     assert figures["sample_images"] > 0 and figures["sample_argmax_agreement"] == 1.0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_or_a_device_is_one_line_and_the_other_photos_run(trained, exported, tmp_path):
+    """Opening a FIFO for reading waits for a writer, forever: it is refused from the file system's word,
+    before anything opens it (a hang would fail this test at its timeout, not the run)."""
+    good = tmp_path / "ok.jpg"
+    make_image("pizza", 1).save(good)
+    fifo = tmp_path / "f.jpg"
+    os.mkfifo(fifo)
+    run = subprocess.run([sys.executable, "-m", "foodvision.predict", str(fifo), "/dev/null", str(good), "--model",
+                          str(onnx(exported))], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stdout.startswith(f"{good}\t") and run.stdout.count("\n") == 1
+    errors = run.stderr.strip().splitlines()
+    assert len(errors) == 2 and "is a named pipe (FIFO), not a file" in errors[0]
+    assert "/dev/null is a character device, not a file" in errors[1]

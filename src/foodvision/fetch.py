@@ -12,7 +12,9 @@ every failure is one line with any credentials in the URL redacted. Credentials 
 from __future__ import annotations
 
 import email.utils
+import os
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -89,6 +91,25 @@ def local_path(source: str) -> Path | None:
     return Path(source).expanduser()
 
 
+KINDS = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket",
+         stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+
+
+def regular_file(path: Path, what: str = "file") -> Path:
+    """`path` if it is a regular file (links followed); else one line saying what it is. Asked of the file
+    system before anything opens it: opening a named pipe for reading waits for a writer, forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FetchError(f"{what} not found: {path} (fix the path or URL in params.yaml)") from None
+    except OSError as exc:
+        raise FetchError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in KINDS.items() if test(mode)), "not a regular file")
+        raise FetchError(f"{what} {path} is {kind}, not a file: give a file's path")
+    return path
+
+
 def note_untracked(source: str | None, folder: Path, key: str) -> str | None:
     """A local input outside `folder` is read, but DVC does not see it change: say so (and where to put it).
 
@@ -128,11 +149,10 @@ def fetch(
         if path is None:
             _download(source, tmp, timeout=timeout, retries=retries, max_bytes=max_bytes, limit_name=limit_name,
                       what=what)
-        elif not path.is_file():
-            raise FetchError(f"{what} not found: {path} (fix the path or URL in params.yaml)")
-        elif max_bytes is not None and path.stat().st_size > max_bytes:
-            raise FetchError(f"{what} {path} is {path.stat().st_size / 2**20:.0f} MB, over {limit_name}")
         else:
+            size = regular_file(path, what).stat().st_size
+            if max_bytes is not None and size > max_bytes:
+                raise FetchError(f"{what} {path} is {size / 2**20:.0f} MB, over {limit_name}")
             shutil.copyfile(path, tmp)
         digest = file_sha256(tmp)
         if sha256 is not None and digest != sha256.lower():

@@ -25,7 +25,7 @@ from foodvision.core.errors import FoodVisionError
 from foodvision.core.files import atomic_dir, write_csv, write_json
 from foodvision.core.params import required_project_paths
 from foodvision.features import load_index
-from foodvision.fetch import fetch, local_path, redact, source_name
+from foodvision.fetch import fetch, local_path, redact, regular_file, source_name
 from foodvision.spec import IMG_EXTENSIONS, hidden
 from foodvision.store import ImageStore
 
@@ -92,10 +92,11 @@ def predict(model_path: Path, features_dir: Path, *, num_samples: int, images: t
 
 
 def _materialise(source: str, dest: Path) -> Path:
-    """An http(s) URL is fetched to `dest`; a path or file:// URL is read where it is."""
+    """An http(s) URL is fetched to `dest`; a path or file:// URL is read where it is, if it is a file (a named
+    pipe would block the read forever)."""
     path = local_path(source)
     if path is not None:
-        return path
+        return regular_file(path, "image")
     fetch(source, dest, what="image", max_bytes=MAX_IMAGE_MB * 2**20, limit_name=f"{MAX_IMAGE_MB} MB for one image")
     return dest
 

@@ -262,25 +262,41 @@ class Params:
 
 def load_params(path: Path = Path("params.yaml")) -> Params:
     """Read and validate the whole file: a stage fails in a second, not after an hour of work."""
-    path = Path(path)
+    raw = read_yaml(Path(path))
+    return parse(Params, raw if raw is not None else {}, "")
+
+
+MAX_NESTING = 50  # YAML levels: params.yaml has 3; PyYAML recurses once per level, and Python's stack ends
+
+
+def read_yaml(path: Path) -> Any:
+    """A project file's YAML, or one line saying what is wrong with it: missing, not UTF-8, not YAML, nested
+    deeper than any params file needs (100,000 levels would otherwise end in a 3,000-line RecursionError)."""
     if not path.is_file():
-        raise ParamsError(f"{path} not found: run from the project root, where params.yaml lives")
+        raise ParamsError(f"{path} not found: run from the project root, where {path.name} lives")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                          "save it as UTF-8") from None
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events, no recursion: the depth is checked first
+            depth += isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent))
+            depth -= isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent))
+            if depth > MAX_NESTING:
+                raise ParamsError(f"{path} nests more than {MAX_NESTING} levels deep: not a params file")
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    return parse(Params, raw if raw is not None else {}, "")
 
 
 def load_paths(path: Path = PIPELINE) -> PathsParams:
     """`paths:` from the `vars:` of dvc.yaml, validated: DVC itself would only refuse a bad one after the work."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path} not found: run from the project root, where dvc.yaml lives")
-    try:
-        pipeline = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    pipeline = read_yaml(path) or {}
+    if not isinstance(pipeline, dict):
+        raise ParamsError(f"{path} must be a mapping of keys (stages:, vars:, ...)")
     found = [v["paths"] for v in pipeline.get("vars") or [] if isinstance(v, dict) and "paths" in v]
     if len(found) != 1:
         raise ParamsError(f"{path} must have one `paths:` mapping under `vars:` (every stage's files); "
