@@ -47,16 +47,19 @@ def onnx_model(trained, exported) -> Path:
 
 
 @contextmanager
-def serving(model: Path, examples: Path, *options: str) -> Iterator[str]:
+def serving(model: Path, examples: Path, *options: str, banner: list[str] | None = None) -> Iterator[str]:
     """`python -m foodvision.serve --port 0`: the OS picks a free port (no race with another process for one
-    chosen beforehand) and the banner names it; stopped (and waited for) at the end."""
+    chosen beforehand) and the banner names it (appended to `banner` when given); stopped (and waited for)
+    at the end."""
     proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(model), "--examples",
                              str(examples), "--photos", str(examples.parent / "photos"), "--port", "0", *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        banner = proc.stdout.readline()  # printed once the socket listens
-        found = re.search(r"on (http://127\.0\.0\.1:\d+)/(\?token=\S+)?$", banner.strip())
-        assert found, f"the server did not start: {banner}"
+        first = proc.stdout.readline()  # printed once the socket listens
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)/(\?token=\S+)?$", first.strip())
+        assert found, f"the server did not start: {first}"
+        if banner is not None:
+            banner.append(first.strip())
         yield found.group(1)
     finally:
         proc.terminate()
@@ -294,14 +297,26 @@ def test_only_the_predict_stages_photos_are_examples(server):
 
 
 def test_a_token_guards_every_route(onnx_model):
-    with serving(onnx_model, onnx_model.parent / "predictions.json", "--token", "s3cret") as url:
+    """Every route asks for the token; the printed address works whatever the token holds (`+&#` included,
+    percent-encoded), the `Bearer` scheme in any case, and `Multipart/Form-Data` is multipart/form-data."""
+    banner: list[str] = []
+    secret = "p+q&r#s"
+    with serving(onnx_model, onnx_model.parent / "predictions.json", "--token", secret, banner=banner) as url:
         assert requests.get(url, timeout=10).status_code == 401
         assert requests.get(f"{url}/api/examples", timeout=10).status_code == 401
         assert requests.get(f"{url}/?token=wrong", timeout=10).status_code == 401
-        assert requests.get(f"{url}/?token=s3cret", timeout=10).status_code == 200
-        answer = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", jpeg("pizza", 1), "image/jpeg")},
-                               headers={"Authorization": "Bearer s3cret"}, timeout=30)
-        assert answer.status_code == 200
+        printed = banner[0].split(" on ", 1)[1]
+        assert printed.endswith("?token=p%2Bq%26r%23s") and requests.get(printed, timeout=10).status_code == 200
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            answer = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", jpeg("pizza", 1), "image/jpeg")},
+                                   headers={"Authorization": f"{scheme} {secret}"}, timeout=30)
+            assert answer.status_code == 200, scheme
+        body, content_type = requests.models.RequestEncodingMixin._encode_files(
+            {"image": ("p.jpg", jpeg("pizza", 1), "image/jpeg")}, {})
+        answer = requests.post(f"{url}/api/predict", data=body, timeout=30,
+                               headers={"Authorization": f"Bearer {secret}",
+                                        "Content-Type": content_type.replace("multipart/form-data", "Multipart/Form-Data")})
+        assert answer.status_code == 200, answer.text
 
 
 def test_a_client_that_stalls_mid_request_is_disconnected(onnx_model):

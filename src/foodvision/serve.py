@@ -24,6 +24,7 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from foodvision.core.errors import FoodVisionError
 from foodvision.core.params import ParamsError, project_paths, required_project_paths
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     local = args.host in LOOPBACK
     shown_host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
-    query = f"?token={args.token}" if args.token else ""
+    query = f"?token={quote(args.token, safe='')}" if args.token else ""  # `+&#` in a token: the URL still works
     print(f"FoodVision: {args.model} ({len(classifier.classes)} classes, {len(samples)} examples) on "
           f"http://{shown_host}:{sock.getsockname()[1]}/{query}", flush=True)
     if not local and not args.token:

@@ -80,7 +80,7 @@ class Site:
         return HTMLResponse(self.html)
 
     async def predict(self, request: Request) -> Response:
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # RFC 9110: no case
             return error("not a multipart/form-data upload: send the photo in the field `image`")
         too_big = error(f"upload over {MAX_UPLOAD_MB} MB: send a photo", 413)
         length = request.headers.get("content-length", "0")
@@ -143,7 +143,8 @@ def refused(request: Request, token: str | None) -> Response | None:
     if site in ("cross-site", "same-site") or (origin and origin != f"{request.url.scheme}://{request.url.netloc}"):
         return error("a request from another site's page is refused: open this server's own page", 403)
     if token is not None:
-        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        bearer = credentials.strip() if scheme.lower() == "bearer" else ""  # auth schemes ignore case (RFC 9110)
         given = request.query_params.get("token") or bearer
         if not hmac.compare_digest(given.encode(), token.encode()):
             return error("this server needs its token: open the address with ?token=... that it printed", 401)
