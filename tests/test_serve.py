@@ -283,11 +283,22 @@ def test_other_sites_pages_and_hosts_are_refused(server):
     for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
         answer = requests.post(f"{server}/api/predict", files=photo, headers=headers, timeout=30)
         assert answer.status_code == 403 and "another site" in answer.json()["error"], headers
-    assert requests.post(f"{server}/api/predict", files=photo, headers={"Host": "evil.example"},
-                         timeout=30).status_code == 400
+    for host in ("evil.example", "evil.example:80", "127.0.0.1.evil.example", "[::2]:80"):
+        rebound = requests.post(f"{server}/api/predict", files=photo, headers={"Host": host}, timeout=30)
+        assert rebound.status_code == 400 and "only to this machine" in rebound.json()["error"], host
+    for host in ("LOCALHOST", "127.0.0.1", f"localhost:{server.rsplit(':', 1)[1]}"):
+        assert requests.get(f"{server}/api/examples", headers={"Host": host}, timeout=30).status_code == 200, host
     same = requests.post(f"{server}/api/predict", files=photo, headers={"Origin": server,
                          "Sec-Fetch-Site": "same-origin"}, timeout=30)
     assert same.status_code == 200, "the server's own page"
+
+
+def test_every_answer_is_json_the_routers_own_included(server):
+    """The API promises `{"error": ...}`: a path that does not exist and a method a route does not take too."""
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/api/predict", 405), ("DELETE", "/", 405)):
+        answer = requests.request(method, f"{server}{path}", timeout=10)
+        assert answer.status_code == status and answer.headers["content-type"] == "application/json"
+        assert f"no {method} {path} here" in answer.json()["error"]
 
 
 def test_only_the_predict_stages_photos_are_examples(server):

@@ -20,7 +20,6 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -136,8 +135,12 @@ class Site:
         return FileResponse(self.samples[i]["path"])
 
 
-def refused(request: Request, token: str | None) -> Response | None:
-    """Another site's page, or a request without the token: the answer that refuses it; else None."""
+def refused(request: Request, token: str | None, local_only: bool) -> Response | None:
+    """Another machine's name in Host (DNS rebinding), another site's page, or a request without the token: the
+    answer that refuses it, in JSON like every answer; else None."""
+    if local_only and _host_name(request.headers.get("host", "")) not in LOOPBACK:
+        return error("this server answers only to this machine's name (127.0.0.1, localhost): "
+                     "open the address it printed", 400)
     site = request.headers.get("sec-fetch-site")
     origin = request.headers.get("origin")
     if site in ("cross-site", "same-site") or (origin and origin != f"{request.url.scheme}://{request.url.netloc}"):
@@ -151,15 +154,27 @@ def refused(request: Request, token: str | None) -> Response | None:
     return None
 
 
+def _host_name(host: str) -> str:
+    """`127.0.0.1:8000` -> `127.0.0.1`, `[::1]:8000` -> `[::1]`; lowercased (names ignore case)."""
+    host = host.strip().lower()
+    return host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.rpartition(":")[0] or host
+
+
+async def _not_here(request: Request, exc: Exception) -> Response:
+    """The router's own 404 and 405, as JSON like every other answer."""
+    status = getattr(exc, "status_code", 404)
+    return error(f"no {request.method} {request.url.path} here (see the page at /)", status)
+
+
 class Guard:
     """Every route behind the origin and token checks, before any of the body is read (plain ASGI:
     BaseHTTPMiddleware would wrap the streamed body that `body_within_limit` counts)."""
 
-    def __init__(self, inner: Any, token: str | None) -> None:
-        self.inner, self.token = inner, token
+    def __init__(self, inner: Any, token: str | None, local_only: bool) -> None:
+        self.inner, self.token, self.local_only = inner, token, local_only
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        answer = refused(Request(scope), self.token) if scope["type"] == "http" else None
+        answer = refused(Request(scope), self.token, self.local_only) if scope["type"] == "http" else None
         await (answer or self.inner)(scope, receive, send)
 
 
@@ -167,8 +182,7 @@ def app(classifier: Classifier, samples: list[dict[str, str]], *, token: str | N
         timeout: float) -> Starlette:
     """The Starlette application: the page, the endpoint, the examples, behind the origin and token checks."""
     site = Site(classifier, samples, timeout)
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK))] if local_only else []
-    middleware.append(Middleware(Guard, token=token))
     return Starlette(routes=[Route("/", site.page), Route("/api/predict", site.predict, methods=["POST"]),
                              Route("/api/examples", site.example_list), Route("/examples/{i:int}", site.example)],
-                     middleware=middleware)
+                     middleware=[Middleware(Guard, token=token, local_only=local_only)],
+                     exception_handlers={404: _not_here, 405: _not_here})
