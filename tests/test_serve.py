@@ -436,3 +436,24 @@ def test_sigterm_stops_the_server_while_a_client_stalls(onnx_model):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_ipv6_loopback_host_is_served(onnx_model):
+    """`--host ::1` (or `[::1]`, as a URL writes it) listens on IPv6 and counts as this machine."""
+    import socket
+
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    for host in ("::1", "[::1]"):
+        proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--host", host,
+                                 "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            banner = proc.stdout.readline()
+            found = re.search(r"on (http://\[::1\]:\d+)/$", banner.strip())
+            assert found, banner
+            assert requests.get(f"{found.group(1)}/api/examples", timeout=10).status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)

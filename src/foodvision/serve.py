@@ -154,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     samples = examples(args.examples, args.photos) if args.examples and args.photos else []
+    host = args.host.strip("[]")  # `[::1]` as a URL writes it, `::1` as a socket takes it
     try:  # bound here, not by uvicorn: with --port 0 the banner names the port the OS gave
-        sock = socket.create_server((args.host, args.port))
+        sock = socket.create_server((host, args.port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; pick another --port",
               file=sys.stderr)
         return 2
-    local = args.host in LOOPBACK
-    shown_host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    local = host in LOOPBACK
+    shown_host = f"[{host}]" if ":" in host else host
     query = f"?token={quote(args.token, safe='')}" if args.token else ""  # `+&#` in a token: the URL still works
     print(f"FoodVision: {args.model} ({len(classifier.classes)} classes, {len(samples)} examples) on "
           f"http://{shown_host}:{sock.getsockname()[1]}/{query}", flush=True)
