@@ -457,3 +457,27 @@ def test_an_ipv6_loopback_host_is_served(onnx_model):
         finally:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+def test_an_aborted_upload_costs_no_traceback(onnx_model, tmp_path):
+    """A client that closes mid-upload (any browser tab closed during a send) leaves nothing in the log: 20 of
+    them must not flood it with 47-line tracebacks."""
+    import socket
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=out, text=True)
+    try:
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(20):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                          b"boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\npartial")
+        assert post(url, jpeg("pizza", 1)).status_code == 200, "still serving"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    text = log.read_text()
+    assert "Traceback" not in text and len(text.splitlines()) <= 2, text[-2000:]

@@ -20,7 +20,7 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -89,6 +89,8 @@ class Site:
             body = await self.body_within_limit(request)
         except TimeoutError:
             return error(f"the upload took over {self.timeout:g} s", 408)
+        except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing to log
+            return error("the client closed the connection during the upload", 400)
         if body is None:
             return too_big
         try:
