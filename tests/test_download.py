@@ -201,6 +201,13 @@ def test_odd_zips_are_one_line_errors(tmp_path):
         "long-name": ([ok, ("train/pizza/" + "x" * 300 + ".jpg", b"x")], {}, "has a name over 255 bytes"),
         "duplicate": ([ok, ok], {}, "holds 'train/pizza/a.jpg' twice"),
         "case": ([ok, ("train/Pizza/b.jpg", b"x")], {}, "'train/Pizza' and 'train/pizza' differ only in case"),
+        # a newline would split the stages' printed lines (a forged result line); Windows holds none of the rest
+        "newline": ([ok, ("train/pizza/evil\nname.jpg", b"x")], {}, r"'train/pizza/evil\\nname.jpg' has a control"),
+        "tab": ([ok, ("train/pi\tzza/b.jpg", b"x")], {}, "has a control character"),
+        "escape": ([ok, ("train/pizza/\x1b[2Jb.jpg", b"x")], {}, "has a control character"),
+        "angle": ([ok, ("train/pizza/<b>.jpg", b"x")], {}, "has a name Windows cannot hold"),
+        "trailing-dot": ([ok, ("train/pizza./b.jpg", b"x")], {}, "'train/pizza.' has a name Windows cannot hold"),
+        "reserved": ([ok, ("train/pizza/CON.jpg", b"x")], {}, "'train/pizza/CON.jpg' has a name Windows cannot"),
     }
     for label, (members, patch, message) in cases.items():
         archive = zip_with(tmp_path / f"{label}.zip", *members)
@@ -295,3 +302,20 @@ def test_a_member_is_read_at_its_recorded_location_without_the_zips_directory(tm
         with pytest.raises(StoreError, match=r"store.zip does not hold 'b/sushi ü.jpg' where the spec says; run "
                                              r"`dvc repro prepare`"):
             store.read_at("b/sushi ü.jpg", wrong)
+
+
+def test_a_tar_member_whose_name_is_not_utf8_is_one_line(tmp_path):
+    """tarfile hands such a name over with surrogate escapes, which would fail in a traceback where it is printed
+    or written: the archive is refused in one line naming the member."""
+    import io
+    import tarfile
+
+    archive = tmp_path / "odd.tar"
+    with tarfile.open(archive, "w", encoding="utf-8", errors="surrogateescape") as tf:
+        for name in ("train/pizza/a.jpg", "train/pizza/\udcff.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ArchiveError, match=r"odd.tar: member 'train/pizza/\\udcff.jpg' has a name that is not UTF-8"):
+        store(archive, tmp_path / "out.zip")
+    assert not (tmp_path / "out.zip").exists()

@@ -191,6 +191,8 @@ def _check_tree(members: list[_Member], name: str) -> None:
         raise ArchiveError(f"{name}: {str(clash[0])[:80]!r} is both a file and a folder; refusing the archive")
     folded: dict[str, PurePosixPath] = {}
     for path in sorted(dirs | set(files)):
+        for part in path.parts:
+            _check_name(part, path, name)
         if any(len(part.encode("utf-8")) > 255 for part in path.parts):
             raise ArchiveError(f"{name}: {str(path)[:80]!r}… has a name over 255 bytes, which no common file "
                                "system holds; rename it")
@@ -198,6 +200,27 @@ def _check_tree(members: list[_Member], name: str) -> None:
         if other != path:
             raise ArchiveError(f"{name}: {str(other)[:80]!r} and {str(path)[:80]!r} differ only in case: one "
                                "folder on macOS and Windows, two on Linux; rename one")
+
+
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+WINDOWS_FORBIDDEN = set('<>:"|?*')
+
+
+def _check_name(part: str, path: PurePosixPath, name: str) -> None:
+    """Refuse a name that would split the stages' printed lines or that another system cannot hold: bytes that
+    are not UTF-8 text, control characters (a newline can forge a result line), and what Windows refuses
+    (`<>:"|?*`, a trailing dot or space, CON, NUL, COM1 ...): the project runs there too."""
+    shown = repr(str(path))[:90]  # escaped: a newline or a lone surrogate shows as \n, \udcff, on one line
+    try:
+        part.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArchiveError(f"{name}: member {shown} has a name that is not UTF-8 text; rename it") from None
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in part):
+        raise ArchiveError(f"{name}: member {shown} has a control character (a newline, a tab ...) in its name; "
+                           "rename it")
+    if WINDOWS_FORBIDDEN & set(part) or part.endswith((".", " ")) or part.split(".")[0].lower() in WINDOWS_RESERVED:
+        raise ArchiveError(f"{name}: member {shown} has a name Windows cannot hold (<>:\"|?*, a trailing dot or "
+                           "space, CON, NUL, COM1 ...); rename it")
 
 
 @contextmanager
