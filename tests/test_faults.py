@@ -217,6 +217,25 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
     assert dest.read_text() == '{\n  "ok": 1\n}\n'
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as Linux applies it")
+def test_a_file_size_limit_is_one_line_naming_the_output(tmp_path):
+    """`ulimit -f` (EFBIG: Python ignores SIGXFSZ, so the write fails instead of killing the process) and a
+    name too long for the file system (ENAMETOOLONG) end a stage in one line naming the output, no traceback."""
+    code = ("import resource, sys\n"
+            "from pathlib import Path\n"
+            "from foodvision.core.files import write_text\n"
+            "from foodvision.core.stage import run\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "out = Path(sys.argv[1])\n"
+            "run(lambda: write_text(out, 'x' * 100_000))\n")
+    for dest, reason in ((tmp_path / "metrics" / "train.json", "file too large for this process's file-size limit"),
+                         (tmp_path / ("x" * 300) / "train.json", "a name in its path is too long")):
+        done = subprocess.run([sys.executable, "-c", code, str(dest)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+        assert done.stderr.startswith(f"error: cannot write {dest}: {reason}"), done.stderr
+    assert not list((tmp_path / "metrics").iterdir()), "nothing half-written stays"
+
+
 def test_ctrl_c_inside_a_constructor_is_still_one_line():
     """Ctrl-C can land inside a constructor (tqdm's, seen in CI): the half-built object's destructor fails as
     the interrupt unwinds, and the user must still see only `interrupted` and exit 130, no traceback."""

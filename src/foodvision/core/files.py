@@ -20,7 +20,10 @@ from foodvision.core.errors import DatasetError, FoodVisionError
 CHUNK = 1 << 20  # bytes read or copied at a time: big enough for throughput, small enough for memory
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-               errno.EROFS: "read-only file system"}
+               errno.EROFS: "read-only file system",
+               errno.EFBIG: "file too large for this process's file-size limit (ulimit -f) or the file system",
+               errno.EBUSY: "the output is busy (in use, or a mount point that cannot be replaced)",
+               errno.ENAMETOOLONG: "a name in its path is too long for the file system"}
 
 
 class OutputError(FoodVisionError):
