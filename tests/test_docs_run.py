@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, kill_processes_in, make_image
-from test_pipeline import copy_project, set_params, sh
+from test_pipeline import copy_project, set_params, sh, sh_env
 
 from foodvision.model import load_checkpoint
 
@@ -253,11 +253,3 @@ def test_the_docs_commands_run_as_written(sequence, states, tmp_path, server_url
     finally:
         kill_processes_in(project)
 
-
-def sh_env() -> dict[str, str]:
-    """sh()'s environment: the venv's commands first, a git identity."""
-    import os
-    import sys
-
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

@@ -45,8 +45,7 @@ def sh(cwd: Path, *args: str, check: bool = True, timeout: float = 300,
     `log`: send the output to this file instead of a pipe. Commands that leave daemons behind (`dvc
     queue start`) must use it: a daemon inherits the pipe and would keep `subprocess.run` waiting.
     """
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = sh_env()
     try:
         if log is None:
             result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -59,6 +58,12 @@ def sh(cwd: Path, *args: str, check: bool = True, timeout: float = 300,
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def sh_env() -> dict[str, str]:
+    """The environment commands run in: this venv's commands first, a git identity."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def set_params(project: Path, **changes: object) -> None:

@@ -270,30 +270,26 @@ def leaked_test_images(issues_csv: Path) -> set[str]:
 def _sheets(index: FeatureIndex, issues: list[dict[str, Any]], out: Outputs) -> None:
     """The worst label suspects, and the closest pairs side by side, as contact sheets."""
     from foodvision.images import open_rgb
-    from foodvision.plots import contact_sheet
+    from foodvision.plots import contact_sheet, tail
     from foodvision.store import ImageStore
 
     labels = [i for i in issues if i["issue"] == "label"][:SHEET]
     pairs = heapq.nlargest(SHEET // 2, (i for i in issues if i["match"]), key=lambda i: i["score"])
+    locations = {path: split.location(row) for split in (index.split("train"), index.split("test"))
+                 for row, path in enumerate(split.paths)}  # as featurize recorded them: no zip directory read
     store = ImageStore(Path(index.root))
     try:
-        locations = store.locations() if labels or pairs else {}
-
         def photo(path: str) -> Any:
             return open_rgb(store.read_at(path, locations.get(path)))
 
         contact_sheet([photo(i["path"]) for i in labels],
-                      [f"{i['label']}, likely {i['suggested']}\np({i['label']}) = {i['score']:.2f}\n{_tail(i['path'])}"
+                      [f"{i['label']}, likely {i['suggested']}\np({i['label']}) = {i['score']:.2f}\n{tail(i['path'])}"
                        for i in labels], [False] * len(labels), out.label_sheet,
                       "Likely label errors: given label, suggested label (worst first)")
         contact_sheet([photo(p) for i in pairs for p in (i["path"], i["match"])],
-                      [f"{i['issue'].replace('_', ' ')} {i['score']:.3f}\n{_tail(p)}" for i in pairs
+                      [f"{i['issue'].replace('_', ' ')} {i['score']:.3f}\n{tail(p)}" for i in pairs
                        for p in (i["path"], i["match"])], [True] * 2 * len(pairs), out.pair_sheet,
                       "Duplicates and leaks: each pair side by side (cosine similarity)", columns=2)
     finally:
         store.close()
-
-
-def _tail(path: str, width: int = 34) -> str:
-    return path if len(path) <= width else "…" + path[-(width - 1):]
 

@@ -127,7 +127,7 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
               [[name, c["precision"], c["recall"], c["f1"], c["support"]] for name, c in report["per_class"].items()])
     write_csv(confusion_csv, ["path", "actual", "predicted"],
               [[p, classes[a], classes[q]] for p, a, q in zip(test.paths, actual, predicted)])
-    from foodvision.plots import confusion, contact_sheet  # matplotlib: only once the figures are in
+    from foodvision.plots import confusion, contact_sheet, tail  # matplotlib: only once the figures are in
 
     confusion(report["matrix"], classes, confusion_png)
     worst = sorted(hardest, reverse=True)
@@ -137,17 +137,12 @@ def evaluate(model_path: Path, features_dir: Path, *, device: str, metrics_out: 
     finally:
         store.close()
     contact_sheet(photos, [f"{classes[actual[row]]} as {classes[predicted[row]]} {p:.2f}, loss {loss:.2f}\n"
-                           f"{_clipped(test.paths[row])}" for loss, row, p in worst],
+                           f"{tail(test.paths[row])}" for loss, row, p in worst],
                   [actual[row] == predicted[row] for _, row, _ in worst], hardest_png,
                   "Test images with the highest loss: true class as predicted class, probability")
     print(f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
           f"on {len(actual)} images")
     return metrics
-
-
-def _clipped(path: str, width: int = 34) -> str:
-    """A member path short enough for a tile, its end kept: the file name finds the photo to relabel."""
-    return path if len(path) <= width else "…" + path[-(width - 1):]
 
 
 def _few(names: list[str]) -> str:

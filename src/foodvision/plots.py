@@ -97,6 +97,11 @@ def prediction(image: Image.Image, title: str, correct: bool | None, dest: Path)
 SHEET_COLUMNS = 4
 
 
+def tail(path: str, width: int = 34) -> str:
+    """A member path short enough for a tile's caption, its end kept: the file name finds the photo."""
+    return path if len(path) <= width else "…" + path[-(width - 1):]
+
+
 @plt.rc_context(PLAIN_TEXT)
 def contact_sheet(photos: list[Image.Image], titles: list[str], correct: list[bool], dest: Path, title: str,
                   columns: int = SHEET_COLUMNS) -> None:
