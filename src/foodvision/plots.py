@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,7 @@ def contact_sheet(photos: list[Image.Image], titles: list[str], correct: list[bo
         photo.thumbnail((256, 256))
         ax.imshow(photo)
         ax.set_title(text, fontsize=9, color="green" if ok else "red")
-    fig.suptitle(title if photos else f"{title}: none found")
+    # wrapped to the figure's width: a 2-column sheet is 6 inches, too narrow for a long title on one line
+    fig.suptitle(textwrap.fill(title if photos else f"{title}: none found", width=9 * 3 * columns))
     fig.tight_layout()
     _save(fig, dest)
