@@ -41,11 +41,11 @@ from foodvision.download import store_dataset
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "pizza_steak_sushi.zip"
 CLASSES = ("pizza", "steak", "sushi")
-STAGES = ("prepare", "featurize", "train", "evaluate", "export", "predict")
+STAGES = ("prepare", "featurize", "audit", "train", "evaluate", "export", "predict")
 # what each stage imports before its first useful line (lazy imports included): its fixed cost per process
 IMPORTS = {"params": "foodvision.core.params",
            "download": "foodvision.download", "pretrained": "foodvision.pretrained", "prepare": "foodvision.prepare",
-           "featurize": "foodvision.featurize, torchinfo, onnxruntime",
+           "featurize": "foodvision.featurize, torchinfo, onnxruntime", "audit": "foodvision.audit, foodvision.fit",
            "train": "foodvision.train, foodvision.plots", "evaluate": "foodvision.evaluate",
            "export": "foodvision.export, onnx, onnxruntime",
            "predict": "foodvision.predict, foodvision.plots, onnxruntime"}

@@ -31,7 +31,7 @@ from scale import ENV, REAL, imports_of, make_project, peak_of  # noqa: E402
 
 from foodvision.core.params import load_paths  # noqa: E402
 
-STAGES = ("download", "pretrained", "prepare", "featurize", "train", "evaluate", "export", "predict")
+STAGES = ("download", "pretrained", "prepare", "featurize", "audit", "train", "evaluate", "export", "predict")
 COUNTS = {"train": {"pizza": 78, "steak": 75, "sushi": 72}, "test": {"pizza": 25, "steak": 19, "sushi": 31}}
 
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import make_image, stored
 
 from foodvision.audit import Outputs, audit, confident_learning, stratified_folds
+from foodvision.core.errors import DatasetError
 from foodvision.features import FeatureIndex, NpyWriter, SplitIndex, write_index
 
 CLASSES = ["pizza", "steak", "sushi"]
@@ -167,3 +168,11 @@ def test_folds_spread_every_class_and_confident_learning_uses_per_class_threshol
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.75, 0.25], [0.7, 0.3]])
     suspect, suggested = confident_learning(probs, np.array([0, 0, 0, 1, 1]))
     assert suspect.tolist() == [False, False, True, False, False] and suggested[2] == 1
+
+
+def test_evaluate_without_the_audits_list_is_one_line(tmp_path):
+    """`python stages/evaluate.py` before `audit` ran (by hand, or a project from before the stage): no traceback."""
+    from foodvision.audit import leaked_test_images
+
+    with pytest.raises(DatasetError, match=r"issues.csv not found: run `dvc repro audit`"):
+        leaked_test_images(tmp_path / "plots" / "audit" / "issues.csv")

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from foodvision.core.errors import DatasetError
 from foodvision.core.files import write_csv, write_json
 from foodvision.core.params import TrainParams
 from foodvision.features import FeatureFile, FeatureIndex, load_index, open_split
@@ -263,8 +264,12 @@ def _metrics(issues: list[dict[str, Any]], classes: list[str], images: int) -> d
 
 def leaked_test_images(issues_csv: Path) -> set[str]:
     """The test images the audit found again in train (exactly or nearly): evaluate scores the rest apart."""
-    with open(issues_csv, newline="", encoding="utf-8") as f:
-        return {row["path"] for row in csv.DictReader(f) if row["issue"] == "leak"}
+    try:
+        with open(issues_csv, newline="", encoding="utf-8") as f:
+            return {row["path"] for row in csv.DictReader(f) if row["issue"] == "leak"}
+    except FileNotFoundError:
+        raise DatasetError(f"{issues_csv} not found: run `dvc repro audit` (evaluate scores the test images the "
+                           "audit found in train apart)") from None
 
 
 def _sheets(index: FeatureIndex, issues: list[dict[str, Any]], out: Outputs) -> None:
