@@ -191,7 +191,7 @@ def test_the_page_classifies_a_picked_photo_and_an_example_in_headless_chromium(
 def test_the_server_never_imports_torch(onnx_model):
     code = ("import io, sys, foodvision.serve; from foodvision.web import Classifier; from PIL import Image; "
             "b = io.BytesIO(); "
-            "Image.new('RGB', (300, 200), 'red').save(b, 'JPEG'); Classifier(sys.argv[1])(b.getvalue()); "
+            "Image.new('RGB', (300, 200), 'red').save(b, 'JPEG'); b.seek(0); Classifier(sys.argv[1])(b); "
             "sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code, str(onnx_model)], timeout=60).returncode == 0
 
@@ -260,6 +260,7 @@ def test_a_chunked_upload_is_cut_off_at_the_limit_not_stored(server):
     sent = []
 
     def body() -> Iterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
         for _ in range(200):  # 200 MB if nobody stops it
             sent.append(1)
             yield b"x" * 2**20
@@ -481,3 +482,142 @@ def test_an_aborted_upload_costs_no_traceback(onnx_model, tmp_path):
         proc.wait(timeout=20)
     text = log.read_text()
     assert "Traceback" not in text and len(text.splitlines()) <= 2, text[-2000:]
+
+
+def upload_head(length: int, boundary: bytes = b"b") -> bytes:
+    """An upload's request line, headers and the start of its `image` part: a body to go on with."""
+    return (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=" + boundary
+            + b"\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n--" + boundary
+            + b'\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n')
+
+
+def answer_of(sock: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """Status, headers and JSON body of the answer the server sends on `sock` (read until it closes)."""
+    sock.settimeout(30)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_uploads_share_one_budget_a_stalled_one_gives_way_and_a_full_server_says_retry(onnx_model, tmp_path):
+    """Every upload books its size from one budget (memory, then disk): past it a newcomer is answered 503
+    with Retry-After while the holders keep sending, and takes the place of one that stalled once it has."""
+    import select
+    import socket
+    import threading
+    import time
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--port", "0",
+                                 "--upload-memory-mb", "1", "--upload-disk-mb", "2"], stdout=subprocess.PIPE,
+                                stderr=out, text=True)
+    try:
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
+        host, port = url.removeprefix("http://").split(":")
+        photo = jpeg("sushi", 3, (900, 700))  # 300 KB
+        want = post(url, photo).json()["class"]
+        holders = [socket.create_connection((host, int(port))) for _ in range(3)]
+        for s in holders:  # 1 MB each: one fills the memory, two the disk
+            s.sendall(upload_head(1_040_000))
+        sending = threading.Event()
+        sending.set()
+
+        def trickle() -> None:  # 200 KB/s each: none of them stalls
+            while sending.is_set():
+                for s in holders:
+                    s.sendall(b"x" * 20_000)
+                time.sleep(0.1)
+
+        t = threading.Thread(target=trickle)
+        t.start()
+        time.sleep(1.5)
+        busy = post(url, photo)
+        sending.clear()
+        t.join()
+        assert busy.status_code == 503 and busy.headers["Retry-After"].isdigit(), busy.text
+        assert "try again" in busy.json()["error"]
+        time.sleep(1.5)  # all three stalled now
+        assert post(url, photo).json()["class"] == want, "served in a stalled upload's place"
+        answered, _, _ = select.select(holders, [], [], 5)
+        assert len(answered) == 1, "one holder cut off, the others left alone"
+        status, headers, body = answer_of(answered[0])
+        assert status == 503 and headers["retry-after"].isdigit() and "stalled" in body["error"]
+        for s in holders:
+            s.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+def test_idle_and_half_open_connections_past_the_cap_make_room_for_honest_clients(onnx_model):
+    """At the connection cap the quietest idle connection is closed for a newcomer (it used to be the newcomer:
+    2,000 idle connections locked every user out)."""
+    import socket
+
+    with serving(onnx_model, onnx_model.parent / "predictions.json", "--max-connections", "40") as url:
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(40)]
+        for s in idle[30:]:
+            s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a header
+        for _ in range(5):
+            assert post(url, jpeg("pizza", 1)).status_code == 200
+        idle[0].settimeout(10)
+        assert idle[0].recv(100) == b"", "the oldest idle connection made room"
+        idle[-1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            idle[-1].recv(100)  # the newest is still open
+        for s in idle:
+            s.close()
+
+
+def test_sigterm_during_uploads_ends_quietly(onnx_model, tmp_path):
+    """Uploads still arriving at shutdown are dropped at once: no 5-s wait, no CancelledError traceback each."""
+    import signal
+    import socket
+    import time
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=out, text=True)
+    try:
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
+        host, port = url.removeprefix("http://").split(":")
+        uploads = [socket.create_connection((host, int(port))) for _ in range(5)]
+        for s in uploads:
+            s.sendall(upload_head(5_000_000) + b"x" * 100_000)
+        time.sleep(0.5)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert time.monotonic() - start < 4, "not the graceful-shutdown timeout"
+        for s in uploads:
+            s.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text and "CancelledError" not in text and len(text.splitlines()) <= 2, text[-2000:]
+
+
+def test_a_multipart_body_is_parsed_as_it_arrives(server):
+    """Two files, no `image` file, a broken body: one-line 400s; the photo in `image` beside other fields: 200."""
+    photo = jpeg("pizza", 1)
+    two = requests.post(f"{server}/api/predict", timeout=30,
+                        files={"image": ("a.jpg", photo), "other": ("b.jpg", photo)})
+    assert two.status_code == 400 and "more than one file" in two.json()["error"]
+    field = requests.post(f"{server}/api/predict", timeout=30, data={"image": "not a file"},
+                          files={"note": ("n.txt", b"hello")})
+    assert field.status_code == 400 and field.json()["error"] == "no file in the multipart field `image`"
+    broken = requests.post(f"{server}/api/predict", timeout=30, data=b"garbage",
+                           headers={"Content-Type": "multipart/form-data; boundary=zz"})
+    assert broken.status_code == 400 and broken.json()["error"].startswith("not a multipart/form-data upload")
+    beside = requests.post(f"{server}/api/predict", timeout=30, data={"caption": "lunch"},
+                           files={"image": ("a.jpg", photo)})
+    assert beside.status_code == 200 and beside.json()["class"] in ("pizza", "steak", "sushi")

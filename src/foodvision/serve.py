@@ -9,10 +9,11 @@ It runs ONNX Runtime, Pillow and numpy, never torch (a test checks), so it start
 second; the extra adds three small packages (`pip install -e '.[serve]'`). The model is loaded once; the
 page is one static HTML file with no external resources, so it works offline.
 `POST /api/predict` (multipart field `image`) answers `{"class", "probability", "probabilities", "ms"}`,
-or HTTP 4xx with a one-line `error`.
+or HTTP 4xx/503 with a one-line `error`.
 
-Here, the connections are bounded: one that has not sent its request within `--timeout` is closed, and
-at most MAX_CONNECTIONS are open at once; `web.py` bounds what one request can cost.
+Here, the connections are bounded: one that has not sent its request within `--timeout` is closed, and at
+most `--max-connections` are open at once, the quietest idle one making room for a newcomer (`_Policy`);
+`web.py` bounds what one request can cost, `uploads.py` what all of them hold together.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,8 +31,9 @@ from urllib.parse import quote
 from foodvision.core.errors import FoodVisionError
 from foodvision.core.params import ParamsError, project_paths, required_project_paths
 
+MEMORY_MB, DISK_MB = 128, 4096  # uploads held at once, all clients together: in memory, then in files
 REQUEST_SECONDS = 30  # default --timeout: from connecting (or the last answer) to the whole request received
-MAX_CONNECTIONS = 2000  # open at once, idle ones included; more are closed as they arrive (file descriptors)
+MAX_CONNECTIONS = 2000  # open at once, idle ones included (file descriptors): past it the quietest idle one goes
 TOKEN_ENV = "FOODVISION_TOKEN"
 
 
@@ -56,34 +59,68 @@ def examples(predictions_json: Path, photos_dir: Path) -> list[dict[str, str]]:
     return found
 
 
-def _request_timeout_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol, closing a connection whose next request has not begun within `seconds`
-    (uvicorn times out idle keep-alive connections, but not one that sends half a header and waits)."""
+class _Policy:
+    """The connection policy, mixed into uvicorn's h11 protocol (`_protocol`): a connection whose next request
+    has not begun within `seconds` is closed (uvicorn times out idle keep-alive connections, but not one that
+    sends half a header and waits); past `max_connections`, the connection that has sent nothing for longest and
+    is not in a request makes room for the newcomer, so idle or half-open ones never lock honest clients out;
+    at shutdown an upload still arriving is dropped at once (cancelled mid-read, each was a traceback)."""
+
+    seconds: float
+    max_connections: int
+    cycle: Any
+    loop: Any
+    transport: Any
+    server_state: Any
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._last_data = self.loop.time()
+        self._arm()
+        if len(self.server_state.connections) > self.max_connections:
+            _quietest(self.server_state.connections, self).transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        super().data_received(data)  # type: ignore[misc]
+
+    def idle(self) -> bool:
+        """No request of its own in progress: keep-alive between requests, or still sending its headers."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._arm()
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.seconds, self._expire, self.cycle)
+
+    def _expire(self, cycle: Any) -> None:
+        if self.cycle is cycle and not self.transport.is_closing():  # no request began since
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
+            self.transport.close()  # its request sees a disconnect: answered by nobody, logged by nobody
+        else:
+            super().shutdown()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+def _protocol(seconds: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol under `_Policy` (uvicorn is imported only here: it is an extra)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._arm()
-            if len(self.server_state.connections) > MAX_CONNECTIONS:  # keep file descriptors for the rest
-                transport.close()
+    return type("Protocol", (_Policy, H11Protocol), {"seconds": seconds, "max_connections": max_connections})
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()
 
-        def _arm(self) -> None:
-            self._deadline = self.loop.call_later(seconds, self._expire, self.cycle)
-
-        def _expire(self, cycle: Any) -> None:
-            if self.cycle is cycle and not self.transport.is_closing():  # no request began since
-                self.transport.close()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._deadline.cancel()
-            super().connection_lost(exc)
-
-    return Protocol
+def _quietest(connections: Any, newcomer: Any) -> Any:
+    """The connection to close for a newcomer: the idle one that has sent nothing for longest, else the newcomer."""
+    idle = [c for c in connections if c is not newcomer and c.idle()]
+    return min(idle, key=lambda c: c._last_data) if idle else newcomer
 
 
 def _more_file_descriptors(wanted: int) -> None:
@@ -135,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=_port, default=8000, help="0 picks a free port (the banner names it)")
     parser.add_argument("--timeout", type=float, default=REQUEST_SECONDS,
                         help="seconds a client has to send its whole request (slow or stalled clients are cut off)")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                        help="open at once; past it the quietest idle one is closed for a newcomer")
+    parser.add_argument("--upload-memory-mb", type=float, default=MEMORY_MB, metavar="MB",
+                        help="uploads held in memory at once, all clients together (then in temporary files)")
+    parser.add_argument("--upload-disk-mb", type=float, default=DISK_MB, metavar="MB",
+                        help="uploads held in temporary files (TMPDIR) at once; past both, stalled uploads are cut off "
+                        "for newcomers, else 503 with Retry-After")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"a secret every request must carry (?token= or Authorization: Bearer); or ${TOKEN_ENV}")
     args = parser.parse_args(argv)
@@ -142,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--host is empty: give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
     try:
         import uvicorn
+        from PIL import Image
 
+        from foodvision.uploads import keep_big_buffers_out_of_the_heap
         from foodvision.web import LOOPBACK, Classifier, app
     except ImportError:
         print("error: the web server is an extra: pip install -e '.[serve]'", file=sys.stderr)
@@ -169,9 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     if not local and not args.token:
         print(f"warning: serving {args.host} without --token: anyone who can reach this port can use it",
               file=sys.stderr, flush=True)
-    _more_file_descriptors(MAX_CONNECTIONS + 100)
-    config = uvicorn.Config(app(classifier, samples, token=args.token, local_only=local, timeout=args.timeout),
-                            log_level="warning", http=_request_timeout_protocol(args.timeout),
+    _more_file_descriptors(args.max_connections + 100)
+    keep_big_buffers_out_of_the_heap()
+    # Pillow warns of images over 89 megapixels; ours refuses over images.PHOTO_MAX_PIXELS from the header, so a
+    # bomb sender would only fill the log
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    site = app(classifier, samples, token=args.token, local_only=local, timeout=args.timeout,
+               memory_mb=args.upload_memory_mb, disk_mb=args.upload_disk_mb)
+    config = uvicorn.Config(site, log_level="warning", http=_protocol(args.timeout, args.max_connections),
                             timeout_keep_alive=5, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -1,7 +1,8 @@
 """foodvision-serve's web application: the page, `POST /api/predict` and the examples, each request bounded.
 
 What one request can cost is bounded: the body (MAX_UPLOAD_MB, counted as it arrives, never more held),
-the pixels decoded (`images.PHOTO_MAX_PIXELS`, from the header) and DECODE_SLOTS decodes at once. Any web
+the pixels decoded (`images.PHOTO_MAX_PIXELS`, from the header) and DECODE_SLOTS decodes at once; what all
+of them hold together is bounded by `uploads.Uploads` (memory, then disk, then 503). Any web
 page the user visits can reach localhost, so requests from another site are refused (`Sec-Fetch-Site`,
 `Origin`, and a `Host` that is not this machine: DNS rebinding); with a token every request must carry it.
 """
@@ -9,16 +10,14 @@ page the user visits can reach localhost, so requests from another site are refu
 from __future__ import annotations
 
 import hmac
-import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import numpy as np
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -26,9 +25,11 @@ from starlette.routing import Route
 
 from foodvision.classifier import OnnxClassifier
 from foodvision.images import READABLE, ImageTooLarge, UnsupportedFormat
+from foodvision.uploads import Busy, ImageField, Upload, Uploads
 
 MAX_UPLOAD_MB = 20  # a phone photo is 2-8 MB
 DECODE_SLOTS = 2  # photos decoded at once: each may take a few hundred MB at PHOTO_MAX_PIXELS
+RETRY_SECONDS = 2  # Retry-After of a 503
 PAGE = Path(__file__).with_name("static") / "serve.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -40,13 +41,14 @@ class BadImage(ValueError):
 class Classifier(OnnxClassifier):
     """The exported model, answering the endpoint: an upload's bytes in, a JSON-ready answer out."""
 
-    def __call__(self, data: bytes) -> dict[str, Any]:
+    def __call__(self, photo: IO[bytes]) -> dict[str, Any]:
         """Class, probability, every class's probability (highest first) and the milliseconds it took."""
         start = time.perf_counter()
-        if not data:
+        if not photo.read(1):
             raise BadImage("empty upload: choose a photo")
+        photo.seek(0)
         try:
-            image = self.load(io.BytesIO(data))
+            image = self.load(photo)
         except ImageTooLarge as exc:
             raise BadImage(f"image too large: {exc}") from None
         except UnsupportedFormat as exc:
@@ -60,17 +62,20 @@ class Classifier(OnnxClassifier):
                 "ms": round(1000 * (time.perf_counter() - start), 1)}
 
 
-def error(message: str, status: int = 400) -> JSONResponse:
-    # 408 and 413 leave the rest of the body unread: closing stops the client from sending it anyway
-    close = {"Connection": "close"} if status in (408, 413) else None
-    return JSONResponse({"error": message}, status_code=status, headers=close)
+def error(message: str, status: int = 400, close: bool = False) -> JSONResponse:
+    """The one-line JSON answer; `close` when the body was left unread (closing stops the client sending it)."""
+    headers = {"Connection": "close"} if close or status in (408, 413, 503) else {}
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_SECONDS)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class Site:
     """The routes, sharing the classifier, the examples and the limits."""
 
-    def __init__(self, classifier: Classifier, samples: list[dict[str, str]], timeout: float) -> None:
-        self.classifier, self.samples, self.timeout = classifier, samples, timeout
+    def __init__(self, classifier: Classifier, samples: list[dict[str, str]], timeout: float,
+                 uploads: Uploads) -> None:
+        self.classifier, self.samples, self.timeout, self.uploads = classifier, samples, timeout, uploads
         self.html = PAGE.read_text(encoding="utf-8")
         self.decoding = anyio.CapacityLimiter(DECODE_SLOTS)
         self.limit = MAX_UPLOAD_MB * 2**20
@@ -79,52 +84,56 @@ class Site:
         return HTMLResponse(self.html)
 
     async def predict(self, request: Request) -> Response:
-        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # RFC 9110: no case
-            return error("not a multipart/form-data upload: send the photo in the field `image`")
-        too_big = error(f"upload over {MAX_UPLOAD_MB} MB: send a photo", 413)
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > self.limit:
-            return too_big if length.isdigit() else error("a Content-Length that is not a number")
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):  # RFC 9110: no case
+            return error("not a multipart/form-data upload: send the photo in the field `image`", close=True)
+        length = request.headers.get("content-length")
+        if length is not None and not length.isdigit():
+            return error("a Content-Length that is not a number", close=True)
+        if length is not None and int(length) > self.limit:
+            return error(f"upload over {MAX_UPLOAD_MB} MB: send a photo", 413)
         try:
-            body = await self.body_within_limit(request)
+            upload = self.uploads.book(int(length) if length is not None else self.limit)
+        except Busy as exc:
+            return error(str(exc), 503)
+        try:
+            with anyio.CancelScope() as scope:
+                upload.cut = scope.cancel
+                refusal = await self.receive(request, content_type, upload)
+            if scope.cancel_called:
+                return error("this upload stalled while others waited and was cut off: send the photo at once", 503)
+            if refusal is not None:
+                return refusal
+            try:
+                return JSONResponse(await anyio.to_thread.run_sync(self.classifier, upload.photo(),
+                                                                   limiter=self.decoding))
+            except BadImage as exc:
+                return error(str(exc))
+            except MemoryError:
+                return error("the image needs more memory than this server has free: send a smaller photo", 413)
+        finally:
+            upload.close()
+
+    async def receive(self, request: Request, content_type: str, upload: Upload) -> Response | None:
+        """The body, parsed as it arrives into `upload`; the error answer if it cannot be (else None)."""
+        try:
+            field = ImageField(content_type, upload)
+            with anyio.fail_after(self.timeout):
+                async for chunk in request.stream():
+                    if upload.received + len(chunk) > self.limit:  # a chunked body declares no length
+                        return error(f"upload over {MAX_UPLOAD_MB} MB: send a photo", 413)
+                    upload.arrived(len(chunk))
+                    field.feed(chunk)
         except TimeoutError:
             return error(f"the upload took over {self.timeout:g} s", 408)
         except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing to log
             return error("the client closed the connection during the upload", 400)
-        if body is None:
-            return too_big
-        try:
-            data = await self.image_field(request, body)
-        except Exception as exc:  # a malformed body is the client's error, whatever the parser raised
-            return error(f"not a multipart/form-data upload ({str(exc).splitlines()[0][:100] if str(exc) else exc!r})")
-        if data is None:
-            return error("no file in the multipart field `image`")
-        try:
-            return JSONResponse(await anyio.to_thread.run_sync(self.classifier, data, limiter=self.decoding))
-        except BadImage as exc:
+        except LookupError as exc:
             return error(str(exc))
-        except MemoryError:
-            return error("the image needs more memory than this server has free: send a smaller photo", 413)
-
-    async def body_within_limit(self, request: Request) -> bytes | None:
-        """The body, read as it arrives; None as soon as it passes the limit (a chunked one has no length)."""
-        received = bytearray()
-        with anyio.fail_after(self.timeout):
-            async for chunk in request.stream():
-                received += chunk
-                if len(received) > self.limit:
-                    return None
-        return bytes(received)
-
-    @staticmethod
-    async def image_field(request: Request, body: bytes) -> bytes | None:
-        """The uploaded file's bytes in the field `image` of the multipart `body` already read; None if absent."""
-        async def replay() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async with Request(request.scope, replay).form(max_files=1, max_fields=10) as form:
-            upload = form.get("image")
-            return await upload.read() if isinstance(upload, UploadFile) else None
+        except ValueError as exc:  # a malformed body is the client's error
+            return error(f"not a multipart/form-data upload ({str(exc).splitlines()[0][:100] if str(exc) else exc!r})",
+                         close=not upload.complete)
+        return None
 
     async def example_list(self, request: Request) -> Response:
         return JSONResponse([{"name": s["name"], "true": s["true"], "url": f"/examples/{i}"}
@@ -181,9 +190,9 @@ class Guard:
 
 
 def app(classifier: Classifier, samples: list[dict[str, str]], *, token: str | None, local_only: bool,
-        timeout: float) -> Starlette:
+        timeout: float, memory_mb: float, disk_mb: float) -> Starlette:
     """The Starlette application: the page, the endpoint, the examples, behind the origin and token checks."""
-    site = Site(classifier, samples, timeout)
+    site = Site(classifier, samples, timeout, Uploads(int(memory_mb * 2**20), int(disk_mb * 2**20)))
     return Starlette(routes=[Route("/", site.page), Route("/api/predict", site.predict, methods=["POST"]),
                              Route("/api/examples", site.example_list), Route("/examples/{i:int}", site.example)],
                      middleware=[Middleware(Guard, token=token, local_only=local_only)],
