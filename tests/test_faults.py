@@ -274,3 +274,62 @@ def test_a_stage_exits_fast_with_its_output_flushed_and_exit_handlers_run(tmp_pa
         assert done.stdout == "x" * 300_000
         assert done.stderr == "partial line" + ("error: bad input\n" if mode == "fail" else "")
         assert marker.read_text() == "ran"
+
+
+def test_a_stages_outputs_change_together_or_not_at_all(tmp_path):
+    """A failure after some outputs were rewritten puts every one back (a created one is removed); success keeps
+    the new ones; either way no copy is left beside them."""
+    from foodvision.core.files import OutputError, outputs_together, write_json, write_text
+
+    model, metrics, history, new = (tmp_path / n for n in ("model.bin", "train.json", "history.csv", "curves.png"))
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("old photo")
+    for f, text in ((model, "old model"), (metrics, "old metrics"), (history, "old history")):
+        f.write_text(text)
+    outs = [model, metrics, history, new, folder]
+    for failure in (OutputError("cannot write model.bin: no space left on the device"), KeyboardInterrupt()):
+        with pytest.raises(type(failure)):
+            with outputs_together(outs):
+                write_json(metrics, {"epoch": 5})
+                write_text(history, "new history")
+                write_text(new, "new curves")
+                write_text(folder / "a.jpg", "new photo")
+                raise failure
+        assert [f.read_text() for f in (model, metrics, history)] == ["old model", "old metrics", "old history"]
+        assert not new.exists() and (folder / "a.jpg").read_text() == "old photo"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["examples", "history.csv", "model.bin", "train.json"]
+    with outputs_together(outs):
+        write_text(model, "new model")
+        write_text(new, "new curves")
+    assert model.read_text() == "new model" and new.read_text() == "new curves" and metrics.read_text() == "old metrics"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "examples", "history.csv", "model.bin",
+                                                          "train.json"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as Linux applies it")
+def test_train_failing_on_its_model_leaves_the_old_metrics_and_history(trained, tmp_path):
+    """train rewrites its metrics and history every epoch; when the checkpoint then cannot be written (here a
+    file-size limit, as a full disk), all four outputs are the previous run's again, with no copy beside them."""
+    import shutil
+
+    from conftest import ROOT, default_params_text, write_pipeline
+
+    paths = write_pipeline(tmp_path)
+    (tmp_path / "params.yaml").write_text(default_params_text())
+    shutil.copytree(trained.features, tmp_path / paths["features"])
+    for src, key in ((trained.pretrained, "pretrained"), (trained.transform, "transform"), (trained.model, "model"),
+                     (trained.metrics, "train_metrics"), (trained.history, "history"), (trained.curves, "curves")):
+        (tmp_path / paths[key]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, tmp_path / paths[key])
+    outs = [tmp_path / paths[k] for k in ("model", "train_metrics", "history", "curves")]
+    before = [o.read_bytes() for o in outs]
+    limit = outs[0].stat().st_size // 2  # the metrics, history and curves fit; the checkpoint does not
+    code = (f"import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            f"runpy.run_path({str(ROOT / 'stages' / 'train.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.startswith(f"error: cannot write {paths['model']}"), \
+        done.stderr[-2000:]
+    assert "trained the head" in done.stdout, "it failed after training, with new metrics and history written"
+    assert [o.read_bytes() for o in outs] == before, "every output as it was"
+    assert not [p for o in outs for p in o.parent.glob(".*.tmp")], "no copy left beside them"

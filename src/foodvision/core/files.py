@@ -128,6 +128,60 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def outputs_together(dests: list[Path]) -> Iterator[None]:
+    """A stage's outputs change together or not at all. Each existing one is hard-linked aside first (no bytes
+    copied); if the block fails (an error, a full disk, Ctrl-C), every output it replaced goes back to what it
+    was, and one it created is removed: never a new history beside an old model. (`dvc repro` deletes a
+    stage's outputs before running it: there, a failed stage leaves none.)"""
+    before = {Path(d): _identity(Path(d)) for d in dests}
+    saved = {d: _link_aside(d) for d, ident in before.items() if ident is not None}
+    try:
+        yield
+    except BaseException:
+        for dest, ident in before.items():
+            if _identity(dest) != ident:
+                _remove(dest)
+                if saved.get(dest) is not None:
+                    os.replace(saved[dest], dest)
+        raise
+    finally:
+        for backup in saved.values():
+            if backup is not None:
+                _remove(backup)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (our writers replace, never rewrite in place: a new inode), None if none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _link_aside(dest: Path) -> Path | None:
+    """A hard-linked copy beside `dest` (a folder: its tree of links), named as a temporary of this process;
+    None where the file system has no hard links."""
+    backup = _temp_name(dest, "old.")
+    try:
+        if dest.is_dir():
+            shutil.copytree(dest, backup, copy_function=os.link, symlinks=True)
+        else:
+            os.link(dest, backup)
+        return backup
+    except OSError:
+        _remove(backup)
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_text(dest: Path, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -304,6 +304,16 @@ def load_paths(path: Path = PIPELINE) -> PathsParams:
     return parse(PathsParams, found[0], "paths.", file=path.name)
 
 
+def stage_outputs(stage: str, path: Path = PIPELINE) -> list[Path]:
+    """The files and folders dvc.yaml says `stage` writes (its `outs:`, `${paths.*}` filled in): what moves
+    together (`core.files.outputs_together`)."""
+    paths = load_paths(path)
+    stages = (read_yaml(Path(path)) or {}).get("stages") or {}
+    outs = (stages.get(stage) or {}).get("outs") or [] if isinstance(stages, dict) else []
+    names = [next(iter(out)) if isinstance(out, dict) else out for out in outs]
+    return [Path(re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(getattr(paths, m.group(1))), str(name))) for name in names]
+
+
 def project_paths() -> PathsParams | None:
     """The `paths:` of the project a command runs in (dvc.yaml in the current folder), None outside one:
     the commands' default files are the ones the stages wrote, whatever `paths.*` says."""

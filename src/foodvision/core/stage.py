@@ -1,5 +1,6 @@
 """What every stage script shares: a one-line error and a non-zero exit for problems users can fix, and
-Ctrl-C as one line and exit 130 (outputs are written to temporaries and renamed, so nothing half-written stays)."""
+Ctrl-C as one line and exit 130. Outputs are written to temporaries and renamed, so nothing half-written stays,
+and a stage's outputs (its `outs:` in dvc.yaml) change together or not at all."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from foodvision.core.errors import FoodVisionError
+from foodvision.core.files import outputs_together
+from foodvision.core.params import stage_outputs
 
 
-def run(main: Callable[[], object]) -> NoReturn:
+def run(main: Callable[[], object], stage: str | None = None) -> NoReturn:
+    """Run a stage's `main`; with `stage`, its outputs in dvc.yaml are restored if it fails."""
     try:
-        main()
+        with outputs_together(stage_outputs(stage) if stage else []):
+            main()
         code = 0
     except FoodVisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
