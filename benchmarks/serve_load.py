@@ -2,7 +2,8 @@
 
     python benchmarks/serve_load.py [--model efficientnet_lite0] [--legit 100] [--holders 150] [--idle 2000]
 
-From a separate process, at once: `--holders` clients each send a 20 MB upload but its last KB and hold it
+First 64 honest clients upload the photo at once (is their memory given back?). Then, from a separate
+process, at once: `--holders` clients each send a 20 MB upload but its last KB and hold it
 open, `--idle` connections send nothing, 500 send half a header and wait (each of these reopens as soon as
 the server closes it), and 8 clients post a lossless WebP of a few dozen bytes declaring 16383x10000 pixels
 (3 GB decoded) in a loop. Meanwhile `--legit` uploads of a 3024x4032 phone photo, 4 at a time: how many got
@@ -155,6 +156,11 @@ def under_attack(onnx_path: Path, photo: bytes, n: int, holders: int, idle: int)
     try:
         want = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)}, timeout=60).json()["class"]
         before = rss_mb(proc.pid)
+        with ThreadPoolExecutor(64) as pool:  # a burst of honest clients: is their memory given back?
+            burst = list(pool.map(lambda _: requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)},
+                                                          timeout=120).status_code, range(64)))
+        time.sleep(3)
+        after_burst = rss_mb(proc.pid)
         attacker.start()
         time.sleep(10)  # every attacking connection open, the holders' first uploads sent
 
@@ -188,12 +194,14 @@ def under_attack(onnx_path: Path, photo: bytes, n: int, holders: int, idle: int)
     text = log.read()
     latencies = sorted(ms for ms, _, _ in results)
     q = statistics.quantiles(latencies, n=100)
-    print(f"\nunder attack ({holders} holders of 20 MB uploads opened {figures['holders_opened']} uploads; {idle} "
+    print(f"\n64 phone photos uploaded at once: statuses {sorted(set(burst))}; server RSS {before:.0f} MB before, "
+          f"{after_burst:.0f} MB 3 s after")
+    print(f"under attack ({holders} holders of 20 MB uploads opened {figures['holders_opened']} uploads; {idle} "
           f"idle and {HALF_OPEN} half-open connections, {figures['idle_opened']} opened; {BOMBERS} clients sent "
           f"{figures['bombs']} {figures['bomb_size']}-byte WebP bombs, answered {figures['bomb_statuses']}):")
     print(f"  {sum(r for _, _, r in results)}/{n} legitimate uploads answered right (4 at a time; statuses "
           f"{sorted({s for _, s, _ in results})}), p50 {statistics.median(latencies):.0f} ms, p99 {q[98]:.0f} ms")
-    print(f"  server RSS {before:.0f} MB before, peak {peak:.0f} MB, {after:.0f} MB 5 s after the attack; "
+    print(f"  server peak RSS {peak:.0f} MB, {after:.0f} MB 5 s after the attack; "
           f"exit {proc.returncode} on SIGTERM; its log: "
           f"{len(text.splitlines())} lines, {text.count('Traceback')} tracebacks")
     if text.strip():

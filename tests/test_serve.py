@@ -460,9 +460,9 @@ def test_an_ipv6_loopback_host_is_served(onnx_model):
             proc.wait(timeout=20)
 
 
-def test_an_aborted_upload_costs_no_traceback(onnx_model, tmp_path):
+def test_an_aborted_upload_or_a_request_that_is_not_http_costs_no_log_line(onnx_model, tmp_path):
     """A client that closes mid-upload (any browser tab closed during a send) leaves nothing in the log: 20 of
-    them must not flood it with 47-line tracebacks."""
+    them must not flood it with 47-line tracebacks; nor do 20 requests that are not HTTP (each a JSON 400)."""
     import socket
 
     log = tmp_path / "serve.log"
@@ -476,6 +476,11 @@ def test_an_aborted_upload_costs_no_traceback(onnx_model, tmp_path):
             with socket.create_connection((host, int(port))) as s:
                 s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
                           b"boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\npartial")
+        for _ in range(20):  # bytes that are not HTTP: a JSON 400 each, and no log line either
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(b"GARBAGE \x00\x01\r\n\r\n")
+                status, headers, body = answer_of(s)
+                assert status == 400 and headers["content-type"] == "application/json" and "HTTP" in body["error"]
         assert post(url, jpeg("pizza", 1)).status_code == 200, "still serving"
     finally:
         proc.terminate()

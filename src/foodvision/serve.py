@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import sys
@@ -69,6 +70,7 @@ class _Policy:
     seconds: float
     max_connections: int
     cycle: Any
+    conn: Any
     loop: Any
     transport: Any
     server_state: Any
@@ -108,6 +110,17 @@ class _Policy:
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
         super().connection_lost(exc)  # type: ignore[misc]
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP, in JSON like every answer (uvicorn's is plain text)."""
+        import h11
+
+        body = json.dumps({"error": "not an HTTP/1.1 request this server can read"}).encode()
+        for event in (h11.Response(status_code=400, headers=[(b"content-type", b"application/json"),
+                                                             (b"connection", b"close")]),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 def _protocol(seconds: float, max_connections: int) -> type:
@@ -224,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                memory_mb=args.upload_memory_mb, disk_mb=args.upload_disk_mb)
     config = uvicorn.Config(site, log_level="warning", http=_protocol(args.timeout, args.max_connections),
                             timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    # uvicorn warns of every request it cannot parse: a client could fill the log; the client gets a 400
+    logging.getLogger("uvicorn.error").addFilter(lambda record: record.getMessage() != "Invalid HTTP request received.")
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
