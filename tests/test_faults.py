@@ -333,3 +333,30 @@ def test_train_failing_on_its_model_leaves_the_old_metrics_and_history(trained, 
     assert "trained the head" in done.stdout, "it failed after training, with new metrics and history written"
     assert [o.read_bytes() for o in outs] == before, "every output as it was"
     assert not [p for o in outs for p in o.parent.glob(".*.tmp")], "no copy left beside them"
+
+
+def test_an_output_folder_that_is_a_mount_point_is_one_line(tmp_path):
+    """A folder output that is itself a mount point cannot be swapped for the new one (EBUSY): one line naming it,
+    the mount's contents untouched. Needs a private mount namespace (root or user namespaces)."""
+    import shutil
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "--map-root-user", "true"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("no private mount namespace here")
+    dest = tmp_path / "examples"
+    dest.mkdir()
+    code = ("import sys; from pathlib import Path; from foodvision.core.files import atomic_dir; "
+            "from foodvision.core.stage import run\n"
+            "def main():\n"
+            "    with atomic_dir(Path(sys.argv[1])) as tmp:\n"
+            "        (tmp / 'a.jpg').write_text('new')\n"
+            "run(main)\n")
+    script = (f"mount -t tmpfs none {dest} || exit 77; echo old > {dest}/a.jpg; "
+              f"{sys.executable} -c \"$0\" {dest}; code=$?; cat {dest}/a.jpg; exit $code")
+    done = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script, code], capture_output=True,
+                          text=True, timeout=60)
+    if done.returncode == 77:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: cannot write {dest}: the output is busy"), done.stderr
+    assert done.stdout == "old\n", "the mount's contents untouched"
