@@ -626,3 +626,35 @@ def test_a_multipart_body_is_parsed_as_it_arrives(server):
     beside = requests.post(f"{server}/api/predict", timeout=30, data={"caption": "lunch"},
                            files={"image": ("a.jpg", photo)})
     assert beside.status_code == 200 and beside.json()["class"] in ("pizza", "steak", "sushi")
+
+
+def test_a_full_temporary_folder_is_a_503_not_a_traceback(onnx_model, tmp_path):
+    """Uploads past the memory budget go to files in TMPDIR; when that fills up mid-upload the client gets a
+    JSON 503 with Retry-After and the server goes on (here TMPDIR is a 64 KB tmpfs in a private namespace)."""
+    import shutil
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "--map-root-user", "true"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("no private mount namespace here")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    log = tmp_path / "serve.log"
+    script = (f"mount -t tmpfs -o size=64k none {spool} || exit 77; TMPDIR={spool} exec {sys.executable} -m "
+              f"foodvision.serve --model {onnx_model} --port 0 --upload-memory-mb 0")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["unshare", "--mount", "--map-root-user", "sh", "-c", script], stdout=subprocess.PIPE,
+                                stderr=out, text=True)
+    try:
+        banner = proc.stdout.readline()
+        if proc.poll() == 77:
+            pytest.skip("mounting a tmpfs is not allowed here")
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/", banner).group(1)
+        small, big = jpeg("pizza", 1), jpeg("sushi", 3, (900, 700))  # a few KB; 300 KB
+        full = post(url, big)
+        assert full.status_code == 503 and full.headers["Retry-After"].isdigit(), full.text
+        assert "cannot hold the upload" in full.json()["error"]
+        assert post(url, small).status_code == 200, "still serving what fits"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]

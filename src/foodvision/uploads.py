@@ -84,7 +84,11 @@ class Uploads:
                 self.cut_off(victim)
             for in_memory, used, limit in ((True, self.in_memory, self.memory), (False, self.on_disk, self.disk)):
                 if used + size <= limit:
-                    upload = Upload(self, size, in_memory, self.folder)
+                    try:
+                        upload = Upload(self, size, in_memory, self.folder)
+                    except OSError as exc:  # no usable temporary folder (TMPDIR gone, not writable)
+                        raise Busy(f"this server cannot hold uploads in its temporary folder ({exc.strerror or exc})"
+                                   ": try again shortly") from None
                     self.held.add(upload)
                     self.in_memory += size if in_memory else 0
                     self.on_disk += 0 if in_memory else size

@@ -128,6 +128,8 @@ class Site:
             return error(f"the upload took over {self.timeout:g} s", 408)
         except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing to log
             return error("the client closed the connection during the upload", 400)
+        except OSError as exc:  # the temporary folder filled up under this upload
+            return error(f"this server cannot hold the upload now ({exc.strerror or exc}): try again shortly", 503)
         except LookupError as exc:
             return error(str(exc))
         except ValueError as exc:  # a malformed body is the client's error

@@ -138,7 +138,9 @@ def outputs_together(dests: list[Path]) -> Iterator[None]:
     saved = {d: _link_aside(d) for d, ident in before.items() if ident is not None}
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):  # sys.exit(0): a success (a launcher's)
+            raise
         for dest, ident in before.items():
             if _identity(dest) != ident:
                 _remove(dest)
