@@ -66,6 +66,20 @@ def serving(model: Path, examples: Path, *options: str, banner: list[str] | None
         proc.wait(timeout=20)
 
 
+@contextmanager
+def logged(model: Path, log: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str, str, int]]:
+    """`foodvision-serve --port 0` with its log in `log`: (process, URL, host, port); stopped at the end."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(model), "--port", "0",
+                                 *options], stdout=subprocess.PIPE, stderr=out, text=True)
+    try:
+        host, port = re.search(r"on http://(127\.0\.0\.1):(\d+)/", proc.stdout.readline()).groups()
+        yield proc, f"http://{host}:{port}", host, int(port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 @pytest.fixture(scope="module")
 def server(onnx_model) -> Iterator[str]:
     with serving(onnx_model, onnx_model.parent / "predictions.json") as url:
@@ -466,12 +480,7 @@ def test_an_aborted_upload_or_a_request_that_is_not_http_costs_no_log_line(onnx_
     import socket
 
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--port", "0"],
-                                stdout=subprocess.PIPE, stderr=out, text=True)
-    try:
-        url = re.search(r"on (http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
-        host, port = url.removeprefix("http://").split(":")
+    with logged(onnx_model, log) as (proc, url, host, port):
         for _ in range(20):
             with socket.create_connection((host, int(port))) as s:
                 s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
@@ -482,9 +491,6 @@ def test_an_aborted_upload_or_a_request_that_is_not_http_costs_no_log_line(onnx_
                 status, headers, body = answer_of(s)
                 assert status == 400 and headers["content-type"] == "application/json" and "HTTP" in body["error"]
         assert post(url, jpeg("pizza", 1)).status_code == 200, "still serving"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     text = log.read_text()
     assert "Traceback" not in text and len(text.splitlines()) <= 2, text[-2000:]
 
@@ -517,13 +523,7 @@ def test_uploads_share_one_budget_a_stalled_one_gives_way_and_a_full_server_says
     import time
 
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--port", "0",
-                                 "--upload-memory-mb", "1", "--upload-disk-mb", "2"], stdout=subprocess.PIPE,
-                                stderr=out, text=True)
-    try:
-        url = re.search(r"on (http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
-        host, port = url.removeprefix("http://").split(":")
+    with logged(onnx_model, log, "--upload-memory-mb", "1", "--upload-disk-mb", "2") as (proc, url, host, port):
         photo = jpeg("sushi", 3, (900, 700))  # 300 KB
         want = post(url, photo).json()["class"]
         holders = [socket.create_connection((host, int(port))) for _ in range(3)]
@@ -554,9 +554,6 @@ def test_uploads_share_one_budget_a_stalled_one_gives_way_and_a_full_server_says
         assert status == 503 and headers["retry-after"].isdigit() and "stalled" in body["error"]
         for s in holders:
             s.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
 
 
@@ -588,12 +585,7 @@ def test_sigterm_during_uploads_ends_quietly(onnx_model, tmp_path):
     import time
 
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), "--port", "0"],
-                                stdout=subprocess.PIPE, stderr=out, text=True)
-    try:
-        url = re.search(r"on (http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
-        host, port = url.removeprefix("http://").split(":")
+    with logged(onnx_model, log) as (proc, url, host, port):
         uploads = [socket.create_connection((host, int(port))) for _ in range(5)]
         for s in uploads:
             s.sendall(upload_head(5_000_000) + b"x" * 100_000)
@@ -604,9 +596,6 @@ def test_sigterm_during_uploads_ends_quietly(onnx_model, tmp_path):
         assert time.monotonic() - start < 4, "not the graceful-shutdown timeout"
         for s in uploads:
             s.close()
-    finally:
-        proc.kill()
-        proc.wait()
     text = log.read_text()
     assert "Traceback" not in text and "CancelledError" not in text and len(text.splitlines()) <= 2, text[-2000:]
 
