@@ -367,7 +367,12 @@ def test_bad_ports_hosts_and_model_metadata_fail_at_start(onnx_model, tmp_path):
     import onnx
 
     for args, expected in ((["--port", "70000"], "not a port number from 0 to 65535"),
-                           (["--host", ""], "--host is empty")):
+                           (["--host", ""], "--host is empty"),
+                           (["--max-connections", "0"], "'0' is not a number from 1 up"),
+                           (["--upload-memory-mb", "-1"], "'-1' is not a number from 0 up"),
+                           (["--upload-disk-mb", "nan"], "'nan' is not a number from 0 up"),
+                           (["--upload-disk-mb", "inf"], "'inf' is not a number from 0 up"),
+                           (["--timeout", "0"], "'0' is not a number from 0.1 up")):
         run = subprocess.run([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_model), *args],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and expected in run.stderr, run.stderr

@@ -1,7 +1,8 @@
 """foodvision-serve: a local web page and a JSON endpoint for the exported classifier.
 
     foodvision-serve [--model MODEL.onnx] [--examples PREDICTIONS.json] [--photos DIR] [--host 127.0.0.1]
-                     [--port 8000] [--token SECRET]
+                     [--port 8000] [--token SECRET] [--timeout 30] [--max-connections 2000]
+                     [--upload-memory-mb 128] [--upload-disk-mb 4096]
 
 Inside the project the files default to the stages' outputs named in dvc.yaml (`paths.onnx`,
 `paths.predictions_json`, `paths.examples`); outside it, give --model. The application is `web.py`.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -149,6 +151,19 @@ def _more_file_descriptors(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _at_least(low: float, kind: type = float) -> Any:
+    """An argparse type: a number (of `kind`) not under `low`, else one line saying so."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value < math.inf:  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from {low:g} up")
+        return value
+    return parse
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 0 to 65535")
@@ -183,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
                         "served (default: paths.examples)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (then use --token)")
     parser.add_argument("--port", type=_port, default=8000, help="0 picks a free port (the banner names it)")
-    parser.add_argument("--timeout", type=float, default=REQUEST_SECONDS,
+    parser.add_argument("--timeout", type=_at_least(0.1), default=REQUEST_SECONDS,
                         help="seconds a client has to send its whole request (slow or stalled clients are cut off)")
-    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+    parser.add_argument("--max-connections", type=_at_least(1, int), default=MAX_CONNECTIONS, metavar="N",
                         help="open at once; past it the quietest idle one is closed for a newcomer")
-    parser.add_argument("--upload-memory-mb", type=float, default=MEMORY_MB, metavar="MB",
+    parser.add_argument("--upload-memory-mb", type=_at_least(0), default=MEMORY_MB, metavar="MB",
                         help="uploads held in memory at once, all clients together (then in temporary files)")
-    parser.add_argument("--upload-disk-mb", type=float, default=DISK_MB, metavar="MB",
+    parser.add_argument("--upload-disk-mb", type=_at_least(0), default=DISK_MB, metavar="MB",
                         help="uploads held in temporary files (TMPDIR) at once; past both, stalled uploads are cut off "
                         "for newcomers, else 503 with Retry-After")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
