@@ -481,7 +481,8 @@ def test_an_ipv6_loopback_host_is_served(onnx_model):
 
 def test_an_aborted_upload_or_a_request_that_is_not_http_costs_no_log_line(onnx_model, tmp_path):
     """A client that closes mid-upload (any browser tab closed during a send) leaves nothing in the log: 20 of
-    them must not flood it with 47-line tracebacks; nor do 20 requests that are not HTTP (each a JSON 400)."""
+    them must not flood it with 47-line tracebacks; nor do 20 malformed bodies or 20 requests that are not HTTP
+    (each a JSON 400)."""
     import socket
 
     log = tmp_path / "serve.log"
@@ -490,6 +491,10 @@ def test_an_aborted_upload_or_a_request_that_is_not_http_costs_no_log_line(onnx_
             with socket.create_connection((host, int(port))) as s:
                 s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
                           b"boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\npartial")
+        for _ in range(20):  # a malformed multipart body: a JSON 400 each, no log line
+            broken = requests.post(f"{url}/api/predict", data=b"--b\r\n\x00garbage", timeout=30,
+                                   headers={"Content-Type": "multipart/form-data; boundary=b"})
+            assert broken.status_code == 400 and "not a multipart/form-data upload" in broken.json()["error"]
         for _ in range(20):  # bytes that are not HTTP: a JSON 400 each, and no log line either
             with socket.create_connection((host, int(port))) as s:
                 s.sendall(b"GARBAGE \x00\x01\r\n\r\n")

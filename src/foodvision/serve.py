@@ -252,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                memory_mb=args.upload_memory_mb, disk_mb=args.upload_disk_mb)
     config = uvicorn.Config(site, log_level="warning", http=_protocol(args.timeout, args.max_connections),
                             timeout_keep_alive=5, timeout_graceful_shutdown=5)
-    # uvicorn warns of every request it cannot parse: a client could fill the log; the client gets a 400
+    # uvicorn warns of every request it cannot parse, python-multipart of every malformed body: a client could
+    # fill the log with them; the client gets its 400, the log nothing
     logging.getLogger("uvicorn.error").addFilter(lambda record: record.getMessage() != "Invalid HTTP request received.")
+    logging.getLogger("python_multipart").setLevel(logging.CRITICAL)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

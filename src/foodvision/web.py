@@ -39,7 +39,7 @@ class BadImage(ValueError):
 
 
 class Classifier(OnnxClassifier):
-    """The exported model, answering the endpoint: an upload's bytes in, a JSON-ready answer out."""
+    """The exported model, answering the endpoint: an upload (a file) in, a JSON-ready answer out."""
 
     def __call__(self, photo: IO[bytes]) -> dict[str, Any]:
         """Class, probability, every class's probability (highest first) and the milliseconds it took."""
