@@ -68,6 +68,12 @@ def test_every_stage_reruns_on_any_code_change(stage):
     assert not {d for d in deps if d.startswith(("src/", "stages/"))} - {"src/foodvision"}
 
 
+@pytest.mark.parametrize("stage", sorted(s for s in STAGES if STAGES[s].get("outs")))
+def test_every_stage_with_outputs_moves_them_together(stage):
+    """`run(main, "<stage>")` restores the stage's dvc.yaml outs when it fails; `run(main)` would not."""
+    assert f'run(main, "{stage}")' in (ROOT / "stages" / f"{stage}.py").read_text()
+
+
 PATHS = {k: v for item in PIPELINE["vars"] if "paths" in item for k, v in item["paths"].items()}
 
 
