@@ -119,10 +119,11 @@ def label_benchmark(name: str, archive: Path, work: Path, model: str) -> None:
     figures = run_to_audit(project, flipped_zip)
     suspects = [i["path"] for i in issues(project) if i["issue"] == "label"]
     k = len(moved)
-    right = len(set(suspects) & moved)
+    suspected = set(suspects)
+    right = len(suspected & moved)
     probs, labels, paths = out_of_sample_of(project)
     ranked = [paths[i] for i in np.argsort(probs[np.arange(len(labels)), labels], kind="stable")]
-    everyone = suspects + [p for p in ranked if p not in set(suspects)]  # the suspects, then by the same score
+    everyone = suspects + [p for p in ranked if p not in suspected]  # the suspects, then by the same score
     print(f"{name}: {k} of {len(paths)} train labels moved; audit: {len(suspects)} suspects, {right} of them moved "
           f"(precision {right / max(len(suspects), 1):.3f}, recall {right / k:.3f}); every train image ranked "
           f"(suspects first): top-{k} precision {len(set(everyone[:k]) & moved) / k:.3f}; "
@@ -177,8 +178,8 @@ def copies_benchmark(archive: Path, work: Path, model: str) -> None:
         print(f"  {edit}: similarity to the original min {mine.min():.3f}, 5th percentile "
               f"{np.percentile(mine, 5):.3f}, median {np.median(mine):.3f}", flush=True)
     print(f"copies: the most similar two distinct photos of the data: {distinct:.3f}", flush=True)
-    others = [i for i in found if (i["path"], i["match"]) not in {(c, o) for c, (o, _) in planted.items()}
-              and (i["match"], i["path"]) not in {(c, o) for c, (o, _) in planted.items()}]
+    known = {(c, o) for c, (o, _) in planted.items()}
+    others = [i for i in found if (i["path"], i["match"]) not in known and (i["match"], i["path"]) not in known]
     print(f"copies: {len(others)} other pairs (look at them: a false pair, or a real copy in the data)", flush=True)
     for i in others:
         print(f"  {i['issue']} {i['score']} {i['path']} ~ {i['match']}", flush=True)

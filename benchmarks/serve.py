@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -106,19 +107,21 @@ def exported(model: torch.nn.Module, transform: dict, name: str) -> bytes:
                         name)
 
 
-def start_server(onnx_path: Path) -> tuple[subprocess.Popen, str]:
-    """`foodvision-serve --port 0` as a user starts it; (process, base URL) once its banner is out."""
+def start_server(onnx_path: Path, log: Any = None) -> tuple[subprocess.Popen, str]:
+    """`foodvision-serve --port 0` as a user starts it (its stderr to `log` when given); (process, base URL) once
+    its banner is out."""
     proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_path), "--port", "0",
-                             "--examples", os.devnull], stdout=subprocess.PIPE, text=True)
+                             "--examples", os.devnull], stdout=subprocess.PIPE, stderr=log, text=True)
     found = re.search(r"on (http://[^/]+)/", proc.stdout.readline())
     if not found:
         raise SystemExit("the server did not start")
     return proc, found.group(1)
 
 
-def peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak RSS (VmHWM), or its RSS now with `field="VmRSS"`, in MB."""
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) / 1024
+    return int(next(line.split()[1] for line in status if line.startswith(field))) / 1024
 
 
 def serve(onnx_path: Path, photo: bytes, n: int) -> None:

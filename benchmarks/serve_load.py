@@ -5,8 +5,8 @@
 First 64 honest clients upload the photo at once (is their memory given back?). Then, from a separate
 process, at once: `--holders` clients each send a 20 MB upload but its last KB and hold it
 open, `--idle` connections send nothing, 500 send half a header and wait (each of these reopens as soon as
-the server closes it), and 8 clients post a lossless WebP of a few dozen bytes declaring 16383x10000 pixels
-(3 GB decoded) in a loop. Meanwhile `--legit` uploads of a 3024x4032 phone photo, 4 at a time: how many got
+the server closes it), 8 clients post a lossless WebP of a few dozen bytes declaring 16383x10000 pixels
+(3 GB decoded) in a loop, 50 send a 2 MB upload at 1 KB/s, and 4 post photos from another site's page. Meanwhile `--legit` uploads of a 3024x4032 phone photo, 4 at a time: how many got
 the right class, their p50/p99 latency, the server's peak RSS, its RSS once the attack ended, and whether
 its log holds a traceback (SIGTERM during uploads is tests/test_serve.py's).
 Targets (issue 35, a 2-core CPU): every answer right, p99 < 3 s, peak RSS < 1 GB, after < 400 MB, no
@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
-import os
-import re
 import resource
 import selectors
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,12 +33,14 @@ import requests
 import torch
 from PIL import Image
 from scale import cpu_name
-from serve import exported, peak_rss_mb, phone_photo
+from serve import exported, peak_rss_mb, phone_photo, start_server
 
 from foodvision.model import build_backbone, eval_transform, replace_head
 
 HALF_OPEN = 500
 BOMBERS = 8
+SLOW = 50  # clients sending a 2 MB upload at 1 KB/s
+FOREIGN = 4  # clients posting from another site's page (Origin elsewhere), in a loop
 UPLOAD = 20 * 2**20 - 4096  # just under the server's 20 MB limit, framing included
 
 
@@ -51,11 +49,6 @@ def webp_bomb() -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (16383, 10000)).save(buffer, "WEBP", lossless=True, quality=0, method=0)
     return buffer.getvalue()
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return int(next(line.split()[1] for line in status if line.startswith("VmRSS"))) / 1024
 
 
 def holder(address: tuple[str, int], stop: threading.Event, opened: list[int]) -> None:
@@ -79,6 +72,30 @@ def holder(address: tuple[str, int], stop: threading.Event, opened: list[int]) -
                         continue
         except OSError:
             time.sleep(0.05)
+
+
+def slow(address: tuple[str, int], stop: threading.Event, opened: list[int]) -> None:
+    """Declares a 2 MB upload and sends it a KB a second; again when the server closes it."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(address, timeout=60) as s:
+                opened[0] += 1
+                s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                          b"boundary=b\r\nContent-Length: 2000000\r\n\r\n--b\r\nContent-Disposition: form-data; "
+                          b'name="image"; filename="x.jpg"\r\n\r\n')
+                while not stop.wait(1.0):
+                    s.sendall(b"\0" * 1024)
+        except OSError:
+            time.sleep(0.05)
+
+
+def foreign(url: str, photo: bytes, stop: threading.Event, statuses: list[int]) -> None:
+    while not stop.is_set():
+        try:
+            statuses.append(requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)}, timeout=60,
+                                          headers={"Origin": "https://evil.example"}).status_code)
+        except requests.RequestException:
+            statuses.append(0)
 
 
 def bomber(url: str, bomb: bytes, stop: threading.Event, statuses: list[int]) -> None:
@@ -121,23 +138,27 @@ def idlers(address: tuple[str, int], idle: int, stop: threading.Event, opened: l
         key.fileobj.close()
 
 
-def attack(url: str, holders: int, idle: int, stop: multiprocessing.Event, report: multiprocessing.Queue) -> None:
+def attack(url: str, holders: int, idle: int, photo: bytes, stop: multiprocessing.Event,
+           report: multiprocessing.Queue) -> None:
     """The attacker's process: every kind of client above, until `stop`; then what they did, to `report`."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     host, port = url.removeprefix("http://").rsplit(":", 1)
     address = (host, int(port))
     done = threading.Event()
-    held, silent, statuses = [0], [0], []
+    held, silent, slowed, statuses, refused = [0], [0], [0], [], []
     bomb = webp_bomb()
     threads = [threading.Thread(target=idlers, args=(address, idle, done, silent))]
     threads += [threading.Thread(target=holder, args=(address, done, held)) for _ in range(holders)]
     threads += [threading.Thread(target=bomber, args=(url, bomb, done, statuses)) for _ in range(BOMBERS)]
+    threads += [threading.Thread(target=slow, args=(address, done, slowed)) for _ in range(SLOW)]
+    threads += [threading.Thread(target=foreign, args=(url, photo, done, refused)) for _ in range(FOREIGN)]
     for t in threads:
         t.daemon = True
         t.start()
     stop.wait()
     report.put({"holders_opened": held[0], "idle_opened": silent[0], "bombs": len(statuses),
-                "bomb_statuses": sorted(set(statuses)), "bomb_size": len(bomb)})
+                "bomb_statuses": sorted(set(statuses)), "bomb_size": len(bomb), "slow_opened": slowed[0],
+                "foreign": len(refused), "foreign_statuses": sorted(set(refused))})
     done.set()
     for t in threads:
         t.join(timeout=5)
@@ -145,22 +166,17 @@ def attack(url: str, holders: int, idle: int, stop: multiprocessing.Event, repor
 
 def under_attack(onnx_path: Path, photo: bytes, n: int, holders: int, idle: int) -> None:
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-m", "foodvision.serve", "--model", str(onnx_path), "--port", "0",
-                             "--examples", os.devnull], stdout=subprocess.PIPE, stderr=log, text=True)
-    found = re.search(r"on (http://[^/]+)/", proc.stdout.readline())
-    if not found:
-        raise SystemExit("the server did not start")
-    url = found.group(1)
+    proc, url = start_server(onnx_path, log)
     stop, report = multiprocessing.Event(), multiprocessing.Queue()
-    attacker = multiprocessing.Process(target=attack, args=(url, holders, idle, stop, report))
+    attacker = multiprocessing.Process(target=attack, args=(url, holders, idle, photo, stop, report))
     try:
         want = requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)}, timeout=60).json()["class"]
-        before = rss_mb(proc.pid)
+        before = peak_rss_mb(proc.pid, "VmRSS")
         with ThreadPoolExecutor(64) as pool:  # a burst of honest clients: is their memory given back?
             burst = list(pool.map(lambda _: requests.post(f"{url}/api/predict", files={"image": ("p.jpg", photo)},
                                                           timeout=120).status_code, range(64)))
         time.sleep(3)
-        after_burst = rss_mb(proc.pid)
+        after_burst = peak_rss_mb(proc.pid, "VmRSS")
         attacker.start()
         time.sleep(10)  # every attacking connection open, the holders' first uploads sent
 
@@ -180,7 +196,7 @@ def under_attack(onnx_path: Path, photo: bytes, n: int, holders: int, idle: int)
         figures = report.get(timeout=30)
         attacker.join(timeout=30)
         time.sleep(5)  # the server notices the closed connections
-        after = rss_mb(proc.pid)
+        after = peak_rss_mb(proc.pid, "VmRSS")
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
@@ -198,7 +214,9 @@ def under_attack(onnx_path: Path, photo: bytes, n: int, holders: int, idle: int)
           f"{after_burst:.0f} MB 3 s after")
     print(f"under attack ({holders} holders of 20 MB uploads opened {figures['holders_opened']} uploads; {idle} "
           f"idle and {HALF_OPEN} half-open connections, {figures['idle_opened']} opened; {BOMBERS} clients sent "
-          f"{figures['bombs']} {figures['bomb_size']}-byte WebP bombs, answered {figures['bomb_statuses']}):")
+          f"{figures['bombs']} {figures['bomb_size']}-byte WebP bombs, answered {figures['bomb_statuses']}; {SLOW} "
+          f"slow clients at 1 KB/s opened {figures['slow_opened']} uploads; {FOREIGN} clients from another site sent "
+          f"{figures['foreign']} photos, answered {figures['foreign_statuses']}):")
     print(f"  {sum(r for _, _, r in results)}/{n} legitimate uploads answered right (4 at a time; statuses "
           f"{sorted({s for _, s, _ in results})}), p50 {statistics.median(latencies):.0f} ms, p99 {q[98]:.0f} ms")
     print(f"  server peak RSS {peak:.0f} MB, {after:.0f} MB 5 s after the attack; "

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from foodvision import distributed
 from foodvision.core.params import load_params, load_paths
-from foodvision.core.stage import run
+from foodvision.core.stage import run, under_torchrun
 
 
 def main() -> None:
     params = load_params()
-    if params.featurize.processes > 1 and not distributed.under_torchrun():
+    if params.featurize.processes > 1 and not under_torchrun():
         sys.exit(distributed.launch(Path(__file__), params.featurize.processes))
-    if distributed.under_torchrun():
+    if under_torchrun():
         distributed.die_with_parent()  # a rank: down with torchrun, not an orphan
     from torch.distributed.elastic.multiprocessing.errors import record  # a failing rank's error, for the launcher
 

@@ -117,11 +117,14 @@ def confident_learning(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     return confident & (suggested != labels), suggested
 
 
-def _blocks(files: list[FeatureFile]) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(first row, file number, L2-normalised block) over the files as one sequence of rows."""
+def _blocks(files: list[FeatureFile], first: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(first row, file number, L2-normalised block) over the files as one sequence of rows, from the block
+    that starts at row `first` (one this yields: the inner loop of `similar_pairs` reads nothing before it)."""
     start = 0
     for number, file in enumerate(files):
-        for feats, _ in file.batches(BLOCK):
+        skip = min(max(first - start, 0), len(file))
+        start += skip
+        for feats, _ in file.batches(BLOCK, skip):
             norms = np.linalg.norm(feats, axis=1, keepdims=True)
             yield start, number, feats / np.maximum(norms, 1e-12)
             start += len(feats)
@@ -140,9 +143,7 @@ def similar_pairs(files: list[FeatureFile], threshold: float) -> tuple[list[tupl
     best_sim = np.full((len(files), total), -np.inf, dtype=np.float32)  # per file: each row's closest in it
     best_row = np.zeros((len(files), total), dtype=np.int64)
     for a0, a_file, a in _blocks(files):
-        for b0, b_file, b in _blocks(files):
-            if b0 < a0:
-                continue
+        for b0, b_file, b in _blocks(files, a0):
             sims = a @ b.T
             if a0 == b0:
                 np.fill_diagonal(sims, -np.inf)  # an image is not its own neighbour

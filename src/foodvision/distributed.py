@@ -55,10 +55,6 @@ def current() -> Rank:
                 int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ
-
-
 def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies. torchrun starts each rank in a session of its
     own, so a SIGKILL to `dvc repro`'s process group would otherwise leave the ranks running as orphans;

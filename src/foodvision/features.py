@@ -165,9 +165,9 @@ class FeatureFile:
                 raise DatasetError(f"{self.path} ended before row {i}; run `dvc repro featurize`")
         return out
 
-    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Consecutive (features, labels) blocks in the stored order, one read each."""
-        for start in range(0, self.rows, batch_size):
+    def batches(self, batch_size: int, first: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Consecutive (features, labels) blocks in the stored order from row `first`, one read each."""
+        for start in range(first, self.rows, batch_size):
             count = min(batch_size, self.rows - start)
             yield self._read_into(np.empty((count, self.cols), dtype=DTYPE), start), self.labels[start:start + count]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
+import functools
 import io
 import tempfile
 import time
@@ -78,22 +78,33 @@ class Uploads:
 
     def book(self, size: int) -> Upload:
         """An upload of up to `size` bytes: in memory if it fits, else on disk, else in a stalled one's place."""
+        upload = self._fit(size)
         now = time.monotonic()
-        for victim in [None, *sorted((u for u in self.held if u.stalled(now)), key=lambda u: u.last)]:
-            if victim is not None:
-                self.cut_off(victim)
-            for in_memory, used, limit in ((True, self.in_memory, self.memory), (False, self.on_disk, self.disk)):
-                if used + size <= limit:
-                    try:
-                        upload = Upload(self, size, in_memory, self.folder)
-                    except OSError as exc:  # no usable temporary folder (TMPDIR gone, not writable)
-                        raise Busy(f"this server cannot hold uploads in its temporary folder ({exc.strerror or exc})"
-                                   ": try again shortly") from None
-                    self.held.add(upload)
-                    self.in_memory += size if in_memory else 0
-                    self.on_disk += 0 if in_memory else size
-                    return upload
-        raise Busy(f"{len(self.held)} uploads in progress fill this server's {self.limit_text()}: try again shortly")
+        stalled = sorted((u for u in self.held if u.stalled(now)), key=lambda u: u.last) if upload is None else []
+        for victim in stalled:
+            self.cut_off(victim)
+            upload = self._fit(size)
+            if upload is not None:
+                break
+        if upload is None:
+            raise Busy(f"{len(self.held)} uploads in progress fill this server's {self.limit_text()}: try again "
+                       "shortly")
+        return upload
+
+    def _fit(self, size: int) -> Upload | None:
+        """A new upload in memory if `size` fits there, else on disk if it fits there, else None."""
+        for in_memory, used, limit in ((True, self.in_memory, self.memory), (False, self.on_disk, self.disk)):
+            if used + size <= limit:
+                try:
+                    upload = Upload(self, size, in_memory, self.folder)
+                except OSError as exc:  # no usable temporary folder (TMPDIR gone, not writable)
+                    raise Busy(f"this server cannot hold uploads in its temporary folder ({exc.strerror or exc}): "
+                               "try again shortly") from None
+                self.held.add(upload)
+                self.in_memory += size if in_memory else 0
+                self.on_disk += 0 if in_memory else size
+                return upload
+        return None
 
     def cut_off(self, upload: Upload) -> None:
         """Free its booking now and stop its reader (which answers it)."""
@@ -208,10 +219,11 @@ def keep_big_buffers_out_of_the_heap() -> None:
         libc.mallopt(-1, 4 * 2**20)  # M_TRIM_THRESHOLD: free heap above 4 MB goes back at once
 
 
+@functools.cache
 def _libc() -> Any:
-    name = ctypes.util.find_library("c")
+    """glibc, where this process has it (the symbols already loaded: no library search)."""
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:
+        libc = ctypes.CDLL(None)
+    except OSError:  # Windows
         return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None

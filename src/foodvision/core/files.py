@@ -76,12 +76,8 @@ def remove_stale(dest: Path) -> None:
     """Delete what killed earlier runs left beside `dest`; temporaries of live writers are left alone."""
     dest = Path(dest)
     for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
-        if _writer_alive(stale.name, dest.name):
-            continue
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+        if not _writer_alive(stale.name, dest.name):
+            _remove(stale)
 
 
 def _temp_name(dest: Path, tag: str = "") -> Path:
@@ -132,7 +128,8 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
 def outputs_together(dests: list[Path]) -> Iterator[None]:
     """A stage's outputs change together or not at all. Each existing one is hard-linked aside first (no bytes
     copied); if the block fails (an error, a full disk, Ctrl-C), every output it replaced goes back to what it
-    was, and one it created is removed: never a new history beside an old model. (`dvc repro` deletes a
+    was, and one it created is removed: never a new history beside an old model. (On a file system without
+    hard links a replaced output cannot go back: it is removed, none rather than a mix.) (`dvc repro` deletes a
     stage's outputs before running it: there, a failed stage leaves none.)"""
     before = {Path(d): _identity(Path(d)) for d in dests}
     saved = {d: _link_aside(d) for d, ident in before.items() if ident is not None}

@@ -293,8 +293,10 @@ def read_yaml(path: Path) -> Any:
 
 def load_paths(path: Path = PIPELINE) -> PathsParams:
     """`paths:` from the `vars:` of dvc.yaml, validated: DVC itself would only refuse a bad one after the work."""
-    path = Path(path)
-    pipeline = read_yaml(path) or {}
+    return _paths_in(read_yaml(Path(path)) or {}, Path(path))
+
+
+def _paths_in(pipeline: Any, path: Path) -> PathsParams:
     if not isinstance(pipeline, dict):
         raise ParamsError(f"{path} must be a mapping of keys (stages:, vars:, ...)")
     found = [v["paths"] for v in pipeline.get("vars") or [] if isinstance(v, dict) and "paths" in v]
@@ -307,8 +309,9 @@ def load_paths(path: Path = PIPELINE) -> PathsParams:
 def stage_outputs(stage: str, path: Path = PIPELINE) -> list[Path]:
     """The files and folders dvc.yaml says `stage` writes (its `outs:`, `${paths.*}` filled in): what moves
     together (`core.files.outputs_together`)."""
-    paths = load_paths(path)
-    stages = (read_yaml(Path(path)) or {}).get("stages") or {}
+    pipeline = read_yaml(Path(path)) or {}
+    paths = _paths_in(pipeline, Path(path))
+    stages = pipeline.get("stages") or {}
     outs = (stages.get(stage) or {}).get("outs") or [] if isinstance(stages, dict) else []
     names = [next(iter(out)) if isinstance(out, dict) else out for out in outs]
     return [Path(re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(getattr(paths, m.group(1))), str(name))) for name in names]

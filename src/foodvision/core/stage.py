@@ -15,10 +15,16 @@ from foodvision.core.files import outputs_together
 from foodvision.core.params import stage_outputs
 
 
+def under_torchrun() -> bool:
+    """A rank torchrun started (featurize.processes > 1): the launching process owns the stage's outputs."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def run(main: Callable[[], object], stage: str | None = None) -> NoReturn:
-    """Run a stage's `main`; with `stage`, its outputs in dvc.yaml are restored if it fails."""
+    """Run a stage's `main`; with `stage`, its outputs in dvc.yaml are restored if it fails (by the launching
+    process only: its ranks' failures end it too)."""
     try:
-        with outputs_together(stage_outputs(stage) if stage else []):
+        with outputs_together(stage_outputs(stage) if stage and not under_torchrun() else []):
             main()
         code = 0
     except FoodVisionError as exc:
