@@ -6,8 +6,9 @@ First 64 honest clients upload the photo at once (is their memory given back?). 
 process, at once: `--holders` clients each send a 20 MB upload but its last KB and hold it
 open, `--idle` connections send nothing, 500 send half a header and wait (each of these reopens as soon as
 the server closes it), 8 clients post a lossless WebP of a few dozen bytes declaring 16383x10000 pixels
-(3 GB decoded) in a loop, 50 send a 2 MB upload at 1 KB/s, and 4 post photos from another site's page. Meanwhile `--legit` uploads of a 3024x4032 phone photo, 4 at a time: how many got
-the right class, their p50/p99 latency, the server's peak RSS, its RSS once the attack ended, and whether
+(3 GB decoded) in a loop, 50 send a 2 MB upload at 1 KB/s, and 4 post photos from another site's page.
+Meanwhile `--legit` uploads of a 3024x4032 phone photo, 4 at a time: how many got the right class, their
+p50/p99 latency, the server's peak RSS, its RSS once the attack ended, and whether
 its log holds a traceback (SIGTERM during uploads is tests/test_serve.py's).
 Targets (issue 35, a 2-core CPU): every answer right, p99 < 3 s, peak RSS < 1 GB, after < 400 MB, no
 traceback.
