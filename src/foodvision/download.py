@@ -190,10 +190,9 @@ def _check_tree(members: list[_Member], name: str) -> None:
     if clash:
         raise ArchiveError(f"{name}: {str(clash[0])[:80]!r} is both a file and a folder; refusing the archive")
     folded: dict[str, PurePosixPath] = {}
-    for path in sorted(dirs | set(files)):
-        for part in path.parts:
-            _check_name(part, path, name)
-        if any(len(part.encode("utf-8")) > 255 for part in path.parts):
+    for path in sorted(dirs | set(files)):  # every parent folder is in `dirs` and sorts first: one name each
+        _check_name(path.name, path, name)
+        if len(path.name.encode("utf-8")) > 255:
             raise ArchiveError(f"{name}: {str(path)[:80]!r}… has a name over 255 bytes, which no common file "
                                "system holds; rename it")
         other = folded.setdefault(str(path).casefold(), path)
